@@ -1,0 +1,106 @@
+"""`prod-st`: command-line entry point. Parses arguments, calls the library, prints with rich, and turns
+every `ProdStError` into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prod_st.errors import ProdStError
+
+app = typer.Typer(
+    name="prod-st",
+    help="PROD progressive distillation for dense retrievers, on sentence-transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "sentence_transformers", "transformers", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Model folder, Hub id, or packaged name (all-MiniLM-L6-v2).")],
+    data: Annotated[str, typer.Argument(help="BEIR folder, embedded name (wordnet-gloss) or BEIR name.")],
+    split: Annotated[str, typer.Option(help="qrels split to evaluate.")] = "test",
+    output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+    top_k: Annotated[int, typer.Option(help="Documents retrieved per query.")] = 1000,
+    index: Annotated[str, typer.Option(help="faiss index factory string ('Flat' = exact).")] = "Flat",
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
+    relevance_level: Annotated[int, typer.Option(help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
+    max_queries: Annotated[Optional[int], typer.Option(help="Evaluate only the first N judged queries.")] = None,
+) -> None:
+    """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval."""
+    from prod_st.data import load_retrieval_data
+    from prod_st.distributed import is_main
+    from prod_st.evaluation import evaluate_model
+    from prod_st.models import load_model
+
+    if not is_main():
+        return  # evaluation is rank 0's job; other ranks have nothing to write
+    dataset = load_retrieval_data(data, split)
+    encoder = load_model(model)
+    result = evaluate_model(
+        encoder, dataset, top_k=top_k, index_factory=index, batch_size=batch_size,
+        relevance_level=relevance_level, max_queries=max_queries,
+    )
+    table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
+    for name in result.metrics:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
+    console.print(table)
+    console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
+    if output is not None:
+        payload = {
+            "model": model, "data": data, "split": split, "num_queries": result.num_queries,
+            "num_docs": result.num_docs, "top_k": top_k, "index": index, "metrics": result.metrics,
+            "seconds": result.seconds,
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"metrics written to {output}")
+
+
+@app.command("student")
+def student_command(
+    base: Annotated[str, typer.Argument(help="Encoder to cut: folder, Hub id or packaged name.")],
+    output: Annotated[Path, typer.Argument(help="Folder to save the student in.")],
+    layers: Annotated[int, typer.Option(help="Number of first transformer layers kept.")] = 6,
+) -> None:
+    """Build PROD's student: the first LAYERS layers of BASE, saved as a SentenceTransformer folder."""
+    from prod_st.models import build_student
+
+    build_student(base, layers, output)
+    console.print(f"student with the first {layers} layers of {base} saved to {output}")
+
+
+def main() -> None:
+    """Console-script entry: Typer handles usage errors (exit 2); a ProdStError becomes one line, exit 2."""
+    try:
+        app()
+    except ProdStError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

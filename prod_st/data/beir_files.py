@@ -1,0 +1,113 @@
+"""Readers for the files of a BEIR-format folder: corpus.jsonl, queries.jsonl (or an MS MARCO / TREC
+topics style queries.tsv), qrels/<split>.tsv (BEIR's header format or TREC's `qid Q0 docid rel`). Plain or gzipped.
+
+Corpus and queries become memory-mapped Arrow tables (`datasets.Dataset`) cached under the prod-st cache,
+keyed by the file's path, size and modification time, so a large corpus is parsed once and never held
+twice in memory. Every malformed line is reported as `file:line: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+
+from prod_st.errors import ProdStError
+from prod_st.paths import cache_dir
+
+CORPUS_FEATURES = datasets.Features(
+    {"_id": datasets.Value("string"), "title": datasets.Value("string"), "text": datasets.Value("string")}
+)
+QUERY_FEATURES = datasets.Features({"_id": datasets.Value("string"), "text": datasets.Value("string")})
+
+
+def open_text(path: Path):
+    """Open a text file, transparently gunzipping `*.gz`."""
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def find_file(folder: Path, *names: str) -> Path | None:
+    """The first of `names` (each also tried with `.gz`) that exists in `folder`."""
+    for name in names:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _jsonl_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict]:
+    # size and mtime_ns are unused here: they are part of the cache key of Dataset.from_generator.
+    with open_text(Path(path)) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProdStError(f"{path}:{line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text"), str):
+                raise ProdStError(f'{path}:{line_no}: expected an object with "_id" and a string "text"')
+            out = {"_id": str(row["_id"]), "text": row["text"]}
+            if kind == "corpus":
+                out["title"] = str(row.get("title") or "")
+            yield out
+
+
+def _tsv_query_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict]:
+    with open_text(Path(path)) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                raise ProdStError(f"{path}:{line_no}: expected `query-id<TAB>text`, found {len(parts)} fields")
+            yield {"_id": parts[0], "text": parts[1]}
+
+
+def read_table(path: Path, kind: str) -> datasets.Dataset:
+    """Read a corpus (`kind="corpus"`) or queries file into a memory-mapped, cached Arrow dataset."""
+    path = path.resolve()
+    stat = path.stat()
+    generator = _jsonl_rows if ".jsonl" in path.name else _tsv_query_rows  # .tsv/.txt: `id<TAB>text`
+    features = CORPUS_FEATURES if kind == "corpus" else QUERY_FEATURES
+    try:
+        return datasets.Dataset.from_generator(
+            generator,
+            features=features,
+            gen_kwargs={"path": str(path), "kind": kind, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            cache_dir=str(cache_dir("arrow")),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, ProdStError):
+            raise e.__cause__ from None
+        raise ProdStError(f"{path}: could not read ({e.__cause__ or e})") from None
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """Relevance judgements as {query id: {doc id: grade}}, from BEIR's `query-id corpus-id score` TSV
+    (header line optional) or a TREC qrels file (`qid Q0 docid grade`, whitespace separated)."""
+    qrels: dict[str, dict[str, int]] = {}
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if line_no == 1 and parts[-1].lower() == "score":
+                continue  # BEIR header
+            if len(parts) == 3:
+                qid, docid, grade = parts
+            elif len(parts) == 4:
+                qid, _, docid, grade = parts
+            else:
+                raise ProdStError(
+                    f"{path}:{line_no}: expected `query-id corpus-id score` or TREC `qid Q0 docid grade`, "
+                    f"found {len(parts)} fields"
+                )
+            try:
+                qrels.setdefault(qid, {})[docid] = int(float(grade))
+            except ValueError:
+                raise ProdStError(f"{path}:{line_no}: relevance grade {grade!r} is not a number") from None
+    return qrels

@@ -1,0 +1,148 @@
+"""Data progressive distillation (DPD): pick the training queries the student nearly gets right.
+
+See PROD.md, "Data progressive distillation (DPD)": the strongest teacher reranks the student's top
+results of every training query; queries where the student is a near miss and the teacher is right
+are kept, with the student's hardest negatives, for a further round of distillation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "select_queries"]
+
+Variant = Literal["msmarco", "nq"]
+DROP_REASONS = ("student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels")
+
+
+def first_relevant_rank(ranked_doc_ids: Iterable[str], relevant_ids: Container[str]) -> int | None:
+    """1-based rank of the first relevant document in ``ranked_doc_ids``, or None if none is retrieved."""
+    for rank, doc_id in enumerate(ranked_doc_ids, start=1):
+        if doc_id in relevant_ids:
+            return rank
+    return None
+
+
+def drop_reason(
+    student_rank: int | None,
+    teacher_rank: int | None,
+    *,
+    student_min: int = 2,
+    student_max: int = 15,
+    teacher_max: int = 1,
+    variant: Variant = "msmarco",
+) -> str | None:
+    """Why :func:`keep_query` drops a query (one of ``DROP_REASONS`` but ``no_qrels``), or None if kept.
+
+    Checks run in this order: student_missed, student_top1, student_too_far (msmarco only), teacher_wrong.
+    """
+    if variant not in ("msmarco", "nq"):
+        raise ValueError(f"variant must be 'msmarco' or 'nq', got {variant!r}.")
+    if student_rank is None:
+        return "student_missed"
+    if student_rank < student_min:
+        return "student_top1"
+    if variant == "msmarco":
+        if student_rank > student_max:
+            return "student_too_far"
+        if teacher_rank is None or teacher_rank > teacher_max:
+            return "teacher_wrong"
+        return None
+    if teacher_rank is None or teacher_rank >= student_rank or teacher_rank > student_max:
+        return "teacher_wrong"
+    return None
+
+
+def keep_query(
+    student_rank: int | None,
+    teacher_rank: int | None,
+    *,
+    student_min: int = 2,
+    student_max: int = 15,
+    teacher_max: int = 1,
+    variant: Variant = "msmarco",
+) -> bool:
+    """PROD's DPD rule (PROD.md, "Data progressive distillation"), on 1-based ranks of the first relevant
+    document (None = not retrieved).
+
+    - ``"msmarco"``: keep when ``student_min <= student_rank <= student_max`` (a near miss, 2..15 by
+      default) and the teacher ranks a relevant document within ``teacher_max`` (first, by default).
+    - ``"nq"``: keep when ``student_rank >= student_min`` and the teacher does better than the student
+      within the window: ``teacher_rank < student_rank`` and ``teacher_rank <= student_max``
+      (``teacher_max`` is unused).
+    """
+    return (
+        drop_reason(
+            student_rank,
+            teacher_rank,
+            student_min=student_min,
+            student_max=student_max,
+            teacher_max=teacher_max,
+            variant=variant,
+        )
+        is None
+    )
+
+
+@dataclass
+class DPDSelection:
+    """Result of :func:`select_queries`.
+
+    Attributes:
+        kept: kept query id -> its hardest negatives (non-relevant, in the student's rank order).
+        counts: ``kept`` plus one count per drop reason; every query is counted exactly once.
+    """
+
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("kept", *DROP_REASONS), 0))
+
+
+def select_queries(
+    student_runs: Mapping[str, Sequence[str]],
+    teacher_runs: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    *,
+    num_negatives: int = 15,
+    student_min: int = 2,
+    student_max: int = 15,
+    teacher_max: int = 1,
+    variant: Variant = "msmarco",
+) -> DPDSelection:
+    """Apply :func:`keep_query` to every query of ``student_runs``.
+
+    Args:
+        student_runs: query id -> the student's retrieved doc ids, best first.
+        teacher_runs: query id -> the teacher's reranking of the student's list, best first
+            (a query without one counts as ``teacher_wrong``).
+        qrels: query id -> {doc id: relevance}; relevance > 0 is relevant.
+        num_negatives: at most this many negatives per kept query.
+        student_min, student_max, teacher_max, variant: see :func:`keep_query`.
+
+    A query with no relevant document in ``qrels`` counts as ``no_qrels``; the others count under
+    the first failing check of :func:`drop_reason`, or as ``kept``.
+    """
+    if num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0, got {num_negatives}.")
+    selection = DPDSelection()
+    for qid, student_run in student_runs.items():
+        relevant = {doc_id for doc_id, rel in qrels.get(qid, {}).items() if rel > 0}
+        if not relevant:
+            selection.counts["no_qrels"] += 1
+            continue
+        reason = drop_reason(
+            first_relevant_rank(student_run, relevant),
+            first_relevant_rank(teacher_runs.get(qid, ()), relevant),
+            student_min=student_min,
+            student_max=student_max,
+            teacher_max=teacher_max,
+            variant=variant,
+        )
+        if reason is not None:
+            selection.counts[reason] += 1
+            continue
+        negatives = [doc_id for doc_id in dict.fromkeys(student_run) if doc_id not in relevant]
+        selection.kept[qid] = negatives[:num_negatives]
+        selection.counts["kept"] += 1
+    return selection

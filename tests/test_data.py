@@ -1,0 +1,156 @@
+"""The data layer: embedded benchmark, BEIR folders, TREC-format files, and every bad-input error."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, TOY_QRELS, write_beir
+from prod_st.data import load_retrieval_data
+from prod_st.data.beir_files import read_qrels, read_table
+from prod_st.errors import ProdStError
+
+DL19 = FIXTURES / "trec-dl19"
+
+
+def test_beir_folder_loads_corpus_queries_and_split_qrels(toy_beir):
+    data = load_retrieval_data(toy_beir, "test")
+    assert len(data.corpus) == 6 and len(data.queries) == 4
+    assert data.qrels == TOY_QRELS
+    assert data.corpus[1] == {"_id": "d2", "title": "bank", "text": "sloping land beside a body of water"}
+    assert data.split_queries()["q3"] == "the cat purred on my lap"
+
+
+def test_corpus_is_a_memory_mapped_arrow_table_reused_across_loads(toy_beir):
+    first = load_retrieval_data(toy_beir).corpus
+    second = load_retrieval_data(toy_beir).corpus
+    assert first.cache_files and first.cache_files == second.cache_files  # parsed once, then mapped
+    assert Path(first.cache_files[0]["filename"]).suffix == ".arrow"
+
+
+def test_gzipped_beir_files_and_integer_ids(tmp_path):
+    folder = tmp_path / "gz"
+    (folder / "qrels").mkdir(parents=True)
+    with gzip.open(folder / "corpus.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"_id": 7, "text": "seven"}) + "\n")  # no title, integer id
+    with gzip.open(folder / "queries.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"_id": 1, "text": "what is seven"}) + "\n")
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n1\t7\t1\n")
+    data = load_retrieval_data(folder, "dev")
+    assert data.corpus[0] == {"_id": "7", "title": "", "text": "seven"}
+    assert data.qrels == {"1": {"7": 1}}
+
+
+def test_real_trec_dl19_passage_qrels_and_topics():
+    qrels = read_qrels(DL19 / "qrels.dl19-passage.txt")
+    assert len(qrels) == 43
+    assert sum(len(v) for v in qrels.values()) == 9260
+    grades = [g for judged in qrels.values() for g in judged.values()]
+    assert {g: grades.count(g) for g in set(grades)} == {0: 5158, 1: 1601, 2: 1804, 3: 697}
+    topics = read_table(DL19 / "topics.dl19-passage.txt", "queries")
+    assert len(topics) == 43
+    assert topics[0] == {"_id": "156493", "text": "do goldfish grow"}
+    assert set(topics["_id"]) == set(qrels)
+
+
+def test_trec_format_folder_end_to_end(tmp_path):
+    """A BEIR-like folder with MS MARCO-style queries.tsv and TREC qrels: the DL19 layout."""
+    folder = tmp_path / "dl19"
+    (folder / "qrels").mkdir(parents=True)
+    shutil.copy(DL19 / "topics.dl19-passage.txt", folder / "queries.tsv")
+    shutil.copy(DL19 / "qrels.dl19-passage.txt", folder / "qrels" / "test.tsv")
+    doc_ids = {d for judged in read_qrels(DL19 / "qrels.dl19-passage.txt").values() for d in judged}
+    with open(folder / "corpus.jsonl", "w") as f:
+        for doc_id in sorted(doc_ids):
+            f.write(json.dumps({"_id": doc_id, "text": f"passage {doc_id}"}) + "\n")
+    data = load_retrieval_data(folder, "test")
+    assert len(data.qrels) == 43 and len(data.corpus) == len(doc_ids)
+    assert data.qrels["19335"]["1017759"] == 0
+
+
+def test_embedded_wordnet_gloss():
+    data = load_retrieval_data("wordnet-gloss", "test")
+    assert len(data.corpus) == 117_659  # every WordNet 3.0 synset with a definition
+    bank = data.corpus.filter(lambda row: row["_id"] == "n08420278")[0]
+    assert bank["title"] == "depository financial institution, bank, banking concern, banking company"
+    assert bank["text"].startswith("a financial institution that accepts deposits")
+    sizes = {split: len(load_retrieval_data("wordnet-gloss", split, check_ids=False).qrels) for split in ("train", "dev")}
+    assert sizes == {"train": 25_830, "dev": 3_229} and len(data.qrels) == 3_228
+    # one positive per query, and no synset (document) in two splits
+    positives = {split: {d for j in load_retrieval_data("wordnet-gloss", split, check_ids=False).qrels.values() for d in j}
+                 for split in ("train", "dev", "test")}
+    assert not positives["train"] & positives["test"] and not positives["dev"] & positives["test"]
+    assert all(len(j) == 1 for j in data.qrels.values())
+
+
+# ---- bad input: one-line ProdStError naming what is wrong ----
+
+def test_missing_folder():
+    with pytest.raises(ProdStError, match="does not exist"):
+        load_retrieval_data("/no/such/folder")
+
+
+def test_unknown_dataset_name_lists_what_is_accepted():
+    with pytest.raises(ProdStError, match=r"unknown dataset 'wordnet-glos'.*wordnet-gloss.*scifact"):
+        load_retrieval_data("wordnet-glos")
+
+
+def test_beir_name_offline_says_how_to_pass_a_folder(monkeypatch):
+    import beir.util
+
+    def offline(url, out_dir):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(beir.util, "download_and_unzip", offline)
+    with pytest.raises(ProdStError, match=r"could not download BEIR dataset 'scifact'.*pass the folder"):
+        load_retrieval_data("scifact")
+
+
+def test_malformed_jsonl_line_names_file_and_line(toy_beir):
+    lines = (toy_beir / "corpus.jsonl").read_text().splitlines()
+    lines[2] = '{"_id": "d3", "text": "broken'
+    (toy_beir / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ProdStError, match=r"corpus\.jsonl:3: malformed JSON"):
+        load_retrieval_data(toy_beir)
+
+
+def test_jsonl_line_without_text(toy_beir):
+    with open(toy_beir / "queries.jsonl", "a") as f:
+        f.write('{"_id": "q9"}\n')
+    with pytest.raises(ProdStError, match=r"queries\.jsonl:5: expected an object"):
+        load_retrieval_data(toy_beir)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [("q1\tnope\t1", r"1 document id\(s\) not in the corpus, e\.g\. 'nope'"),
+     ("q404\td1\t1", r"1 query id\(s\) not in the queries file, e\.g\. 'q404'")],
+)
+def test_qrels_naming_unknown_ids(toy_beir, line, message):
+    with open(toy_beir / "qrels" / "test.tsv", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(ProdStError, match=message):
+        load_retrieval_data(toy_beir)
+
+
+def test_malformed_qrels_line(toy_beir):
+    with open(toy_beir / "qrels" / "test.tsv", "a") as f:
+        f.write("q1 d1\n")
+    with pytest.raises(ProdStError, match=r"test\.tsv:6: expected"):
+        load_retrieval_data(toy_beir)
+
+
+def test_unknown_split_lists_available(toy_beir):
+    with pytest.raises(ProdStError, match=r"no qrels for split 'dev' \(available: test\)"):
+        load_retrieval_data(toy_beir, "dev")
+
+
+def test_folder_without_corpus(tmp_path):
+    write_beir(tmp_path / "x", {}, {}, {})
+    (tmp_path / "x" / "corpus.jsonl").unlink()
+    with pytest.raises(ProdStError, match="no corpus.jsonl"):
+        load_retrieval_data(tmp_path / "x")

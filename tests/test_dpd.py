@@ -1,0 +1,143 @@
+"""DPD query selection (PROD.md, "Data progressive distillation")."""
+
+from __future__ import annotations
+
+import pytest
+
+from prod_st.dpd import DPDSelection, drop_reason, first_relevant_rank, keep_query, select_queries
+
+
+@pytest.mark.parametrize(
+    ("student_rank", "teacher_rank", "keep", "reason"),
+    [
+        (1, 1, False, "student_top1"),
+        (2, 1, True, None),
+        (15, 1, True, None),
+        (16, 1, False, "student_too_far"),
+        (None, 1, False, "student_missed"),
+        (2, 2, False, "teacher_wrong"),
+        (15, 2, False, "teacher_wrong"),
+        (5, None, False, "teacher_wrong"),
+        (1, None, False, "student_top1"),
+        (16, None, False, "student_too_far"),
+        (None, None, False, "student_missed"),
+    ],
+)
+def test_msmarco_rule(student_rank, teacher_rank, keep, reason):
+    assert keep_query(student_rank, teacher_rank) is keep
+    assert drop_reason(student_rank, teacher_rank) == reason
+
+
+@pytest.mark.parametrize(
+    ("student_rank", "teacher_rank", "kwargs", "keep"),
+    [
+        (3, 1, {"student_min": 4}, False),
+        (20, 1, {"student_max": 20}, True),
+        (21, 1, {"student_max": 20}, False),
+        (5, 3, {"teacher_max": 3}, True),
+        (5, 4, {"teacher_max": 3}, False),
+    ],
+)
+def test_msmarco_rule_bounds_are_configurable(student_rank, teacher_rank, kwargs, keep):
+    assert keep_query(student_rank, teacher_rank, **kwargs) is keep
+
+
+@pytest.mark.parametrize(
+    ("student_rank", "teacher_rank", "keep", "reason"),
+    [
+        (1, 1, False, "student_top1"),
+        (2, 1, True, None),
+        (15, 2, True, None),  # teacher better, not necessarily first
+        (15, 14, True, None),
+        (15, 15, False, "teacher_wrong"),  # not better than the student
+        (5, 7, False, "teacher_wrong"),
+        (30, 15, True, None),  # student beyond the window, teacher inside it
+        (30, 16, False, "teacher_wrong"),  # teacher better but outside the window
+        (8, None, False, "teacher_wrong"),
+        (None, 1, False, "student_missed"),
+        (None, None, False, "student_missed"),
+    ],
+)
+def test_nq_rule(student_rank, teacher_rank, keep, reason):
+    assert keep_query(student_rank, teacher_rank, variant="nq") is keep
+    assert drop_reason(student_rank, teacher_rank, variant="nq") == reason
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(ValueError, match="'msmarco' or 'nq'"):
+        keep_query(2, 1, variant="trec")
+
+
+@pytest.mark.parametrize(
+    ("ranked", "relevant", "rank"),
+    [
+        (["a", "b", "c"], {"a"}, 1),
+        (["a", "b", "c"], {"c", "b"}, 2),
+        (["a", "b", "c"], {"z"}, None),
+        ([], {"a"}, None),
+    ],
+)
+def test_first_relevant_rank(ranked, relevant, rank):
+    assert first_relevant_rank(ranked, relevant) == rank
+
+
+def test_select_queries_counts_and_negatives():
+    student_runs = {
+        "kept": ["n1", "n2", "pos", "n3", "n1", "n4"],  # student rank 3; duplicate n1 kept once
+        "top1": ["pos", "n1"],
+        "far": [f"n{i}" for i in range(20)] + ["pos"],  # rank 21
+        "missed": ["n1", "n2"],
+        "teacher_wrong": ["n1", "pos", "n2"],
+        "no_qrels": ["n1", "pos"],
+        "only_zero_rel": ["n1", "pos"],
+        "no_teacher_run": ["n1", "pos"],
+    }
+    teacher_runs = {
+        "kept": ["pos", "n1", "n2", "n3", "n4"],
+        "top1": ["pos", "n1"],
+        "far": ["pos"],
+        "missed": ["n1", "n2"],
+        "teacher_wrong": ["n1", "pos", "n2"],
+        "no_qrels": ["pos"],
+        "only_zero_rel": ["pos"],
+    }
+    qrels = {qid: {"pos": 1} for qid in student_runs if qid not in ("no_qrels", "only_zero_rel")}
+    qrels["kept"] = {"pos": 1, "n2": 0}  # rel 0 is not relevant: n2 stays a negative
+    qrels["only_zero_rel"] = {"pos": 0}
+
+    selection = select_queries(student_runs, teacher_runs, qrels, num_negatives=3)
+    assert isinstance(selection, DPDSelection)
+    assert selection.kept == {"kept": ["n1", "n2", "n3"]}
+    assert selection.counts == {
+        "kept": 1,
+        "student_top1": 1,
+        "student_too_far": 1,
+        "student_missed": 1,
+        "teacher_wrong": 2,
+        "no_qrels": 2,
+    }
+    assert sum(selection.counts.values()) == len(student_runs)
+
+
+def test_select_queries_excludes_every_relevant_doc_from_negatives():
+    selection = select_queries(
+        {"q": ["n1", "p2", "p1", "n2"]}, {"q": ["p1", "p2", "n1", "n2"]}, {"q": {"p1": 2, "p2": 1}}
+    )
+    assert selection.kept == {"q": ["n1", "n2"]}
+
+
+def test_select_queries_nq_variant():
+    student_runs = {"a": ["n1", "n2", "n3", "pos"], "b": ["n1", "n2", "pos"], "c": ["pos", "n1"]}
+    teacher_runs = {"a": ["n1", "pos", "n2", "n3"], "b": ["n1", "n2", "pos"], "c": ["pos", "n1"]}
+    qrels = {qid: {"pos": 1} for qid in student_runs}
+    selection = select_queries(student_runs, teacher_runs, qrels, variant="nq", num_negatives=15)
+    assert selection.kept == {"a": ["n1", "n2", "n3"]}
+    assert selection.counts["kept"] == 1
+    assert selection.counts["teacher_wrong"] == 1  # b: teacher no better than the student
+    assert selection.counts["student_top1"] == 1
+    assert selection.counts["student_too_far"] == 0
+
+
+def test_select_queries_rejects_negative_num_negatives():
+    with pytest.raises(ValueError, match="num_negatives"):
+        select_queries({}, {}, {}, num_negatives=-1)

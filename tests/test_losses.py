@@ -1,0 +1,369 @@
+"""PROD loss maths and PRODLoss against hand-computed values (formulas of PROD.md, "Losses")."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prod_st.losses import PRODLoss, prod_distill_loss
+
+INF = math.inf
+
+
+# ---- reference maths, written from PROD.md with plain floats -------------------------------------------------
+
+
+def softmax(xs: list[float]) -> list[float]:
+    top = max(xs)
+    exps = [math.exp(x - top) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def hard_ref(s: list[float], pos: int) -> float:
+    return -math.log(softmax(s)[pos])
+
+
+def kd_ref(t: list[float], s: list[float], temperature: float) -> float:
+    return temperature**2 * kl(softmax([x / temperature for x in t]), softmax([x / temperature for x in s]))
+
+
+def expected(student, teacher, positives, temperature=4.0, previous=None, weights=(0.1, 0.9, 1.0)):
+    n = len(student)
+    hard = sum(hard_ref(s, p) for s, p in zip(student, positives)) / n
+    kd = sum(kd_ref(t, s, temperature) for t, s in zip(teacher, student)) / n
+    reg = 0.0 if previous is None else sum(kd_ref(r, s, temperature) for r, s in zip(previous, student)) / n
+    return {"hard": weights[0] * hard, "kd": weights[1] * kd, "reg": weights[2] * reg}
+
+
+def assert_components(got: dict[str, torch.Tensor], want: dict[str, float]) -> None:
+    assert set(got) == {"hard", "kd", "reg"}
+    for name, value in want.items():
+        assert got[name].ndim == 0
+        assert got[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# ---- prod_distill_loss ---------------------------------------------------------------------------------------
+
+
+def test_hard_component_matches_hand_value():
+    out = prod_distill_loss(t([[1.0, 2.0, 0.0]]), t([[0.0, 0.0, 0.0]]), hard_weight=1.0)
+    # -log(e^1 / (e^1 + e^2 + e^0))
+    assert out["hard"].item() == pytest.approx(-(1.0 - math.log(math.e + math.e**2 + 1.0)), rel=1e-6)
+    default = prod_distill_loss(t([[1.0, 2.0, 0.0]]), t([[0.0, 0.0, 0.0]]))
+    assert default["hard"].item() == pytest.approx(0.1 * (math.log(math.e + math.e**2 + 1.0) - 1.0), rel=1e-6)
+
+
+def test_kd_component_matches_hand_value():
+    student, teacher = [1.0, 0.0, -1.0], [2.0, 0.0, 1.0]
+    out = prod_distill_loss(t([student]), t([teacher]), temperature=2.0, kd_weight=1.0)
+    p = [math.exp(1.0), 1.0, math.exp(0.5)]  # exp(teacher / 2)
+    q = [math.exp(0.5), 1.0, math.exp(-0.5)]  # exp(student / 2)
+    p = [x / sum(p) for x in p]
+    q = [x / sum(q) for x in q]
+    want = 4.0 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert out["kd"].item() == pytest.approx(want, rel=1e-5)
+    assert out["reg"].item() == 0.0
+
+
+def test_kd_temperature_squared_scaling():
+    student, teacher = [[3.0, 1.0, 0.0, -2.0]], [[0.0, 2.0, 1.0, 4.0]]
+    kd2 = prod_distill_loss(t(student), t(teacher), temperature=2.0, kd_weight=1.0)["kd"].item()
+    kd4 = prod_distill_loss(t(student), t(teacher), temperature=4.0, kd_weight=1.0)["kd"].item()
+    want2, want4 = kd_ref(teacher[0], student[0], 2.0), kd_ref(teacher[0], student[0], 4.0)
+    assert kd2 == pytest.approx(want2, rel=1e-5)
+    assert kd4 == pytest.approx(want4, rel=1e-5)
+    # The T^2 factor: doubling T multiplies the prefactor by 4, times the ratio of the two KLs.
+    kl2 = kl(softmax([x / 2 for x in teacher[0]]), softmax([x / 2 for x in student[0]]))
+    kl4 = kl(softmax([x / 4 for x in teacher[0]]), softmax([x / 4 for x in student[0]]))
+    assert kd4 / kd2 == pytest.approx(4.0 * kl4 / kl2, rel=1e-5)
+
+
+def test_reg_component_and_defaults_on_a_batch():
+    student = [[1.0, 0.5, -0.5], [0.0, 2.0, 1.0]]
+    teacher = [[4.0, 1.0, 0.0], [3.0, 2.5, -1.0]]
+    previous = [[2.0, 0.0, 0.0], [1.0, 1.0, 1.5]]
+    out = prod_distill_loss(t(student), t(teacher), t(previous))
+    assert_components(out, expected(student, teacher, [0, 0], previous=previous))
+
+
+def test_reg_is_zero_without_previous_or_weight():
+    student, teacher = t([[1.0, 0.0]]).double(), t([[0.0, 1.0]]).double()
+    for out in (
+        prod_distill_loss(student, teacher),
+        prod_distill_loss(student, teacher, t([[5.0, -5.0]]), reg_weight=0.0),
+    ):
+        assert out["reg"].item() == 0.0
+        assert out["reg"].ndim == 0
+        assert out["reg"].dtype == torch.float64
+        assert out["reg"].device == student.device
+
+
+def test_weights_scale_each_component():
+    student, teacher, previous = [[1.0, -1.0, 0.5]], [[0.0, 1.0, 2.0]], [[1.0, 1.0, 0.0]]
+    weights = (0.3, 2.0, 0.7)
+    out = prod_distill_loss(
+        t(student), t(teacher), t(previous), temperature=3.0, hard_weight=0.3, kd_weight=2.0, reg_weight=0.7
+    )
+    assert_components(out, expected(student, teacher, [0], 3.0, previous, weights))
+
+
+def test_per_row_positive_index():
+    student = [[0.0, 1.0, 2.0], [2.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    teacher = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 3.0, 0.0]]
+    positives = [2, 0, 1]
+    out = prod_distill_loss(t(student), t(teacher), positive_index=torch.tensor(positives))
+    assert_components(out, expected(student, teacher, positives))
+
+
+def test_missing_candidate_equals_dropping_its_column():
+    # Row 0 has only 2 of 3 candidates (teacher -inf); the student's score there is arbitrary.
+    student = t([[1.0, 0.0, 7.0], [0.5, 1.5, -1.0]]).requires_grad_()
+    teacher = t([[2.0, 1.0, -INF], [1.0, 0.0, 2.0]])
+    previous = t([[0.0, 1.0, 9.0], [1.0, 1.0, 1.0]])
+    out = prod_distill_loss(student, teacher, previous, hard_weight=1.0, kd_weight=1.0)
+    want = expected(
+        [[1.0, 0.0], [0.5, 1.5, -1.0]],
+        [[2.0, 1.0], [1.0, 0.0, 2.0]],
+        [0, 0],
+        previous=[[0.0, 1.0], [1.0, 1.0, 1.0]],
+        weights=(1.0, 1.0, 1.0),
+    )
+    assert_components(out, want)
+    sum(out.values()).backward()
+    assert torch.isfinite(student.grad).all()
+    assert student.grad[0, 2].item() == 0.0
+
+    # Row by row, the masked row gives exactly what its two-column version gives.
+    row = prod_distill_loss(student[:1].detach(), teacher[:1], previous[:1])
+    dropped = prod_distill_loss(t([[1.0, 0.0]]), t([[2.0, 1.0]]), t([[0.0, 1.0]]))
+    for name in row:
+        assert row[name].item() == pytest.approx(dropped[name].item(), rel=1e-6)
+
+
+def test_all_negatives_missing_gives_zero_loss_and_no_nan():
+    student = t([[1.0, 2.0, 3.0]]).requires_grad_()
+    out = prod_distill_loss(student, t([[1.0, -INF, -INF]]), t([[0.0, 1.0, 2.0]]))
+    total = sum(out.values())
+    assert total.item() == pytest.approx(0.0, abs=1e-7)
+    total.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_gradients_reach_the_student_only():
+    student = t([[1.0, 0.0, -1.0]]).double().requires_grad_()
+    teacher = t([[0.0, 1.0, 0.0]]).double().requires_grad_()
+    previous = t([[2.0, 0.0, 0.0]]).double().requires_grad_()
+    out = prod_distill_loss(student, teacher, previous)
+    sum(out.values()).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert teacher.grad is None
+    assert previous.grad is None
+    # d/ds of hard + kd + reg: softmax(s) - onehot, then T * (softmax(s/T) - softmax(r/T)) per KL term.
+    s, tt, r, temperature = [1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [2.0, 0.0, 0.0], 4.0
+    ps, pst = softmax(s), softmax([x / temperature for x in s])
+    pt, pr = softmax([x / temperature for x in tt]), softmax([x / temperature for x in r])
+    want = [
+        0.1 * (ps[i] - (i == 0)) + 0.9 * temperature * (pst[i] - pt[i]) + 1.0 * temperature * (pst[i] - pr[i])
+        for i in range(3)
+    ]
+    assert student.grad[0].tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"teacher_scores": t([[0.0] * 8] * 4)},
+            r"teacher_scores has shape \(4, 8\) but student_scores has \(4, 16\): pass one score per candidate",
+        ),
+        ({"previous_scores": t([[0.0] * 16] * 3)}, r"previous_scores has shape \(3, 16\)"),
+        ({"student_scores": t([0.0] * 16), "teacher_scores": t([0.0] * 16)}, "batch_size, num_candidates"),
+        ({"positive_index": 16}, r"positive_index must lie in \[0, 15\]"),
+        ({"positive_index": torch.tensor([0, 1])}, r"integer tensor of shape \(4,\)"),
+        ({"temperature": 0.0}, "temperature must be a positive"),
+        ({"kd_weight": -1.0}, "kd_weight must be a non-negative"),
+        ({"teacher_scores": t([[float("nan")] * 16] * 4)}, "NaN"),
+    ],
+)
+def test_input_errors_say_what_to_do(kwargs, message):
+    args = {"student_scores": t([[0.0] * 16] * 4), "teacher_scores": t([[0.0] * 16] * 4), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        prod_distill_loss(**args)
+
+
+def test_missing_positive_is_an_error():
+    with pytest.raises(ValueError, match=r"-inf at the positive column of rows \[1\].*finite teacher score"):
+        prod_distill_loss(t([[0.0, 1.0], [0.0, 1.0]]), t([[0.0, -INF], [-INF, 1.0]]))
+
+
+# ---- PRODLoss ------------------------------------------------------------------------------------------------
+
+
+class FakeModel(nn.Module):
+    """Maps {'input_ids': (B, L)} to {'sentence_embedding': mean token embedding}, like a SentenceTransformer."""
+
+    def __init__(self, vocab: int = 10, dim: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embedding = nn.Embedding(vocab, dim)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features["sentence_embedding"] = self.embedding(features["input_ids"]).mean(dim=1)
+        return features
+
+
+def test_list_mode_from_embeddings():
+    # 2 queries, positive + 2 negatives each; D = 2, dot product, scale 2.
+    queries = t([[1.0, 0.0], [0.0, 1.0]])
+    positives = t([[1.0, 1.0], [0.0, 2.0]])
+    negatives_1 = t([[0.5, 0.0], [1.0, 0.0]])
+    negatives_2 = t([[-1.0, 3.0], [1.0, 1.0]])
+    # Student scores by hand: scale * q . d  -> row 0: 2*[1, 0.5, -1], row 1: 2*[2, 0, 1]
+    student = [[2.0, 1.0, -2.0], [4.0, 0.0, 2.0]]
+    teacher = [[5.0, 1.0, 0.0], [3.0, -INF, 2.0]]  # row 1 lacks its first negative
+    loss = PRODLoss(nn.Identity(), scale=2.0)
+    total = loss.compute_loss_from_embeddings([queries, positives, negatives_1, negatives_2], t(teacher))
+    # The masked column behaves as if dropped.
+    want = expected([student[0], [4.0, 2.0]], [teacher[0], [3.0, 2.0]], [0, 0])
+    assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
+    assert loss.last_components == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_list_mode_previous_embeddings():
+    queries, positives, negatives = t([[1.0, 0.0]]), t([[2.0, 0.0]]), t([[0.0, 1.0]])
+    previous = [t([[0.0, 1.0]]), t([[1.0, 1.0]]), t([[0.0, 3.0]])]  # scores [1, 3]
+    loss = PRODLoss(nn.Identity())
+    loss.compute_loss_from_embeddings([queries, positives, negatives], t([[1.0, 0.0]]), previous)
+    want = expected([[2.0, 0.0]], [[1.0, 0.0]], [0], previous=[[1.0, 3.0]])
+    assert loss.last_components == pytest.approx(want, rel=1e-5)
+
+
+def test_in_batch_mode_3x3_from_embeddings():
+    # 3 queries, 1 positive each, no negatives: every query scores the 3 positives of the batch.
+    queries = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    positives = t([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    # Student S[i][j] = q_i . p_j
+    student = [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [1.0, 1.0, 1.0]]
+    # Teacher embeddings per row: [query, positive]; D_t = 3 differs from the student's D.
+    labels = t(
+        [
+            [[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+            [[0.0, 2.0, 0.0], [0.0, 1.0, 0.0]],
+            [[1.0, 1.0, 1.0], [1.0, 1.0, 2.0]],
+        ]
+    )
+    # Teacher T[i][j] = tq_i . tp_j
+    teacher = [[2.0, 0.0, 2.0], [0.0, 2.0, 2.0], [1.0, 1.0, 4.0]]
+    loss = PRODLoss(nn.Identity(), candidate_mode="in_batch", reg_weight=0.0)
+    total = loss.compute_loss_from_embeddings([queries, positives], labels)
+    want = expected(student, teacher, [0, 1, 2])
+    assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
+    assert loss.last_components == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_in_batch_mode_orders_positives_then_negatives():
+    # B = 2, N = 1: candidate columns are [p_0, p_1, n_0, n_1]; query i's positive is column i.
+    queries = t([[1.0, 0.0], [0.0, 1.0]])
+    positives, negatives = t([[1.0, 0.0], [0.0, 2.0]]), t([[3.0, 0.0], [1.0, 1.0]])
+    student = [[1.0, 0.0, 3.0, 1.0], [0.0, 2.0, 0.0, 1.0]]
+    labels = t([[[1.0], [1.0], [2.0]], [[2.0], [3.0], [-1.0]]])  # D_t = 1: [q, p, n]
+    teacher = [[1.0, 3.0, 2.0, -1.0], [2.0, 6.0, 4.0, -2.0]]
+    previous = [queries * 0.5, positives, negatives]
+    previous_scores = [[0.5 * x for x in row] for row in student]
+    loss = PRODLoss(nn.Identity(), candidate_mode="in_batch", scale=2.0, gather_across_devices=True)
+    total = loss.compute_loss_from_embeddings([queries, positives, negatives], labels, previous)
+    scaled = [[2.0 * x for x in row] for row in student]
+    want = expected(scaled, teacher, [0, 1], previous=[[2.0 * x for x in row] for row in previous_scores])
+    assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "columns", "labels", "message"),
+    [
+        ("list", 3, None, r"labels of shape \(batch_size, N\+1\) = \(2, 2\).*got no labels"),
+        ("list", 3, torch.zeros(2, 3), r"\(2, 2\).*got labels of shape \(2, 3\)"),
+        ("list", 2, torch.zeros(2, 1), "at least 3 columns"),
+        ("in_batch", 2, torch.zeros(2, 2), r"\(batch_size, N\+2, D_t\) = \(2, 2, D_t\)"),
+        ("in_batch", 3, None, "no labels and no teacher module"),
+    ],
+)
+def test_prodloss_label_errors(mode, columns, labels, message):
+    loss = PRODLoss(nn.Identity(), candidate_mode=mode)
+    with pytest.raises(ValueError, match=message):
+        loss.compute_loss_from_embeddings([torch.ones(2, 2)] * columns, labels)
+
+
+def _features(*rows: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.tensor(column)} for column in rows]
+
+
+def test_forward_delegates_and_previous_model_gets_no_gradient():
+    model = FakeModel()
+    previous = copy.deepcopy(model)
+    with torch.no_grad():
+        previous.embedding.weight.add_(0.5)
+    previous.train()
+    loss = PRODLoss(model, previous_model=previous)
+    assert not any(p.requires_grad for p in previous.parameters())
+    trainable = [p for p in loss.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is model.embedding.weight
+
+    features = _features([[1, 2], [3, 4]], [[5, 6], [7, 8]], [[9, 1], [2, 3]])
+    labels = t([[2.0, 0.0], [1.0, 0.5]])
+    total = loss(features, labels)
+    total.backward()
+
+    with torch.no_grad():
+        embed = [model.embedding(f["input_ids"]).mean(1) for f in features]
+        previous_embed = [previous.embedding(f["input_ids"]).mean(1) for f in features]
+    reference = PRODLoss(nn.Identity()).compute_loss_from_embeddings(embed, labels, previous_embed)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert loss.last_components["reg"] > 0
+    assert model.embedding.weight.grad is not None
+    assert previous.embedding.weight.grad is None
+    assert not previous.training
+
+
+def test_forward_in_batch_with_online_teacher():
+    model, teacher = FakeModel(seed=0), FakeModel(vocab=10, dim=4, seed=1)
+    loss = PRODLoss(model, candidate_mode="in_batch", teacher=teacher)
+    features = _features([[1, 2], [3, 4], [5, 5]], [[6, 7], [8, 9], [0, 1]])
+    total = loss(features, None)
+    total.backward()
+    with torch.no_grad():
+        labels = torch.stack([teacher.embedding(f["input_ids"]).mean(1) for f in features], dim=1)
+        embed = [model.embedding(f["input_ids"]).mean(1) for f in features]
+    reference = PRODLoss(nn.Identity(), candidate_mode="in_batch").compute_loss_from_embeddings(embed, labels)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert teacher.embedding.weight.grad is None
+
+
+def test_config_and_citation():
+    loss = PRODLoss(nn.Identity(), candidate_mode="in-batch", temperature=2.0, scale=3.0)
+    config = loss.get_config_dict()
+    assert config == {
+        "candidate_mode": "in_batch",
+        "temperature": 2.0,
+        "hard_weight": 0.1,
+        "kd_weight": 0.9,
+        "reg_weight": 1.0,
+        "scale": 3.0,
+        "similarity_fct": "dot_score",
+        "gather_across_devices": False,
+    }
+    assert "@inproceedings{lin2023prod" in loss.citation
+    assert "2209.13335" in loss.citation
+    with pytest.raises(ValueError, match="candidate_mode"):
+        PRODLoss(nn.Identity(), candidate_mode="pairs")

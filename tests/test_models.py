@@ -1,0 +1,53 @@
+"""Packaged model resolution and PROD's first-k-layers student."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from prod_st.errors import ProdStError
+from prod_st.models import build_student, load_model, resolve_model_path
+
+
+def test_packaged_minilm_resolves_to_a_local_folder(minilm_path):
+    assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == minilm_path
+    assert (__import__("pathlib").Path(minilm_path) / "modules.json").is_file()
+
+
+def test_student_is_the_first_k_layers(tmp_path, minilm_path):
+    teacher = SentenceTransformer(minilm_path)
+    out = tmp_path / "student"
+    build_student("all-MiniLM-L6-v2", 3, out)
+    student = SentenceTransformer(str(out))  # a normal SentenceTransformer folder
+    bert = student[0].auto_model
+    assert bert.config.num_hidden_layers == 3 and len(bert.encoder.layer) == 3
+    # Its token embeddings are exactly the full model's hidden states after layer 3.
+    features = teacher.tokenize(["the cat purred on my lap"])
+    with torch.no_grad():
+        hidden = teacher[0].auto_model(**features, output_hidden_states=True).hidden_states[3]
+        got = student[0].auto_model(**features).last_hidden_state
+    torch.testing.assert_close(got, hidden)
+    # Layer 3's weights are the teacher's layer 3 (index 2), not re-initialised.
+    torch.testing.assert_close(
+        bert.encoder.layer[2].output.dense.weight, teacher[0].auto_model.encoder.layer[2].output.dense.weight
+    )
+    # pooling + normalisation kept: unit-norm embeddings of the original width
+    emb = student.encode(["hello world"], convert_to_tensor=True)
+    assert emb.shape == (1, 384) and torch.linalg.norm(emb).item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 7])
+def test_student_layer_count_out_of_range(k):
+    with pytest.raises(ProdStError, match="between 1 and 6"):
+        build_student("all-MiniLM-L6-v2", k)
+
+
+def test_unknown_model_is_one_line_error():
+    with pytest.raises(ProdStError, match=r"unknown model 'nobody/no-such-model'.*packaged model"):
+        load_model("nobody/no-such-model")
+
+
+def test_missing_model_folder():
+    with pytest.raises(ProdStError, match="model folder './no/such/dir' does not exist"):
+        load_model("./no/such/dir")
