@@ -32,7 +32,8 @@ def minilm_path() -> str:
 def tiny_model_dir(tmp_path_factory, minilm_path) -> str:
     """A 2-layer, 32-wide BERT SentenceTransformer (mean pooling) with MiniLM's tokenizer: fast to run."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -45,8 +46,8 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> str:
     raw = folder / "raw"
     BertModel(config).save_pretrained(raw)
     tokenizer.save_pretrained(raw)
-    transformer = models.Transformer(str(raw), max_seq_length=64)
-    pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
+    transformer = Transformer(str(raw), max_seq_length=64)
+    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
     model = SentenceTransformer(modules=[transformer, pooling])
     model.save(str(folder / "st"))
     return str(folder / "st")

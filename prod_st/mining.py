@@ -1,0 +1,114 @@
+"""Hard-negative mining: retrieve each training query's top-k with a model (faiss), drop the positives, and
+take N negatives from a rank window, sampled (PROD's stages) or hardest first (DPD).
+
+The expensive part, the ranked top-k run, is cached per model checkpoint (weights fingerprint), corpus,
+queries and settings, so re-mining with the same model (a resumed stage, DPD's reuse of the student's
+ranking, another window) does no encoding. sentence-transformers' `mine_hard_negatives` works on texts and
+re-encodes the corpus on every call; prod-st needs ids (qrels, DPD ranks) and the cached run, so it keeps
+its own few lines around the same faiss search that evaluation uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from sentence_transformers import SentenceTransformer
+
+from prod_st.data import RetrievalData
+from prod_st.distributed import barrier, is_main
+from prod_st.evaluation import build_index, search
+from prod_st.paths import cache_dir
+from prod_st.teachers.fingerprint import model_fingerprint, text_key
+
+logger = logging.getLogger(__name__)
+Strategy = Literal["sample", "hardest"]
+
+
+@dataclass(frozen=True)
+class NegativeWindow:
+    """Where negatives come from in a query's ranking: 1-based ranks `start..end` (inclusive, counted
+    over the retrieved list, positives included), `count` of them, sampled or hardest first."""
+
+    start: int = 1
+    end: int = 100
+    count: int = 15
+    strategy: Strategy = "sample"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= self.end:
+            raise ValueError(f"negative window needs 1 <= start <= end, got {self.start}..{self.end}")
+        if self.count < 1:
+            raise ValueError(f"negative count must be >= 1, got {self.count}")
+
+
+def retrieve_ranked(
+    model: SentenceTransformer,
+    data: RetrievalData,
+    queries: dict[str, str],
+    *,
+    top_k: int = 100,
+    index_factory: str = "Flat",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, list[str]]:
+    """Each query's top-`top_k` doc ids in rank order, cached on disk (rank 0 computes, others read)."""
+    key = text_key(
+        model_fingerprint(model), data.corpus._fingerprint, *(f"{q}\t{t}" for q, t in queries.items()),
+        settings={"top_k": top_k, "index": index_factory},
+    )
+    path = cache_dir("runs") / f"{key}.json"
+    if not path.exists() and is_main():
+        index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
+        run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({q: list(docs) for q, docs in run.items()}))
+        os.replace(tmp, path)  # atomic: a killed process never leaves a half-written run
+    else:
+        logger.info("ranked run for %d queries read from cache", len(queries))
+    barrier()
+    return json.loads(path.read_text())
+
+
+def pick_negatives(
+    ranked: dict[str, list[str]],
+    qrels: dict[str, dict[str, int]],
+    window: NegativeWindow,
+    *,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Negatives per query from `window` of its ranking, relevant documents (grade > 0) excluded.
+    "hardest" keeps rank order; "sample" draws uniformly without replacement, seeded per query."""
+    negatives = {}
+    for qid, docs in ranked.items():
+        relevant = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
+        pool = [d for d in docs[window.start - 1 : window.end] if d not in relevant]
+        if window.strategy == "sample" and len(pool) > window.count:
+            picked = set(random.Random(f"{seed}:{qid}").sample(range(len(pool)), window.count))
+            pool = [d for i, d in enumerate(pool) if i in picked]  # sampled, still in rank order
+        negatives[qid] = pool[: window.count]
+    return negatives
+
+
+def mine_negatives(
+    model: SentenceTransformer,
+    data: RetrievalData,
+    window: NegativeWindow = NegativeWindow(),
+    *,
+    top_k: int | None = None,
+    seed: int = 0,
+    **retrieve_kwargs,
+) -> dict[str, list[str]]:
+    """Hard negatives for the judged queries of `data.split`, mined with `model`."""
+    queries = data.split_queries()
+    ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
+    negatives = pick_negatives(ranked, data.qrels, window, seed=seed)
+    short = sum(len(v) < window.count for v in negatives.values())
+    if short:
+        logger.warning("%d of %d queries have fewer than %d negatives in ranks %d..%d",
+                       short, len(negatives), window.count, window.start, window.end)
+    return negatives

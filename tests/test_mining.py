@@ -1,0 +1,58 @@
+"""Hard-negative mining: rank windows, strategies, positives dropped, and the per-model run cache."""
+
+from __future__ import annotations
+
+import pytest
+
+import prod_st.mining as mining
+from prod_st.data import load_retrieval_data
+from prod_st.mining import NegativeWindow, mine_negatives, pick_negatives
+from prod_st.models import load_model
+
+RANKED = {"q1": ["d5", "d1", "d2", "d3", "d4", "d6"], "q2": ["d2", "d3"]}
+QRELS = {"q1": {"d1": 1, "d6": 0}, "q2": {"d2": 2}}
+
+
+def test_hardest_first_keeps_rank_order_and_drops_positives():
+    got = pick_negatives(RANKED, QRELS, NegativeWindow(1, 100, 3, "hardest"))
+    assert got == {"q1": ["d5", "d2", "d3"], "q2": ["d3"]}  # q2 has only one non-positive candidate
+
+
+def test_window_counts_ranks_over_the_retrieved_list():
+    # ranks 3..6 of q1 are d2 d3 d4 d6; grade 0 (d6) is a negative, not a positive
+    got = pick_negatives(RANKED, QRELS, NegativeWindow(3, 6, 10, "hardest"))
+    assert got["q1"] == ["d2", "d3", "d4", "d6"]
+
+
+def test_sampling_is_seeded_per_query_and_stays_in_the_window():
+    window = NegativeWindow(1, 6, 2, "sample")
+    draws = {tuple(pick_negatives(RANKED, QRELS, window, seed=s)["q1"]) for s in range(20)}
+    assert len(draws) > 1  # really sampled
+    assert all(set(d) <= {"d5", "d2", "d3", "d4", "d6"} and len(d) == 2 for d in draws)
+    assert pick_negatives(RANKED, QRELS, window, seed=3) == pick_negatives(RANKED, QRELS, window, seed=3)
+
+
+@pytest.mark.parametrize("args", [(0, 5, 1), (5, 4, 1), (1, 5, 0)])
+def test_bad_window(args):
+    with pytest.raises(ValueError):
+        NegativeWindow(*args)
+
+
+def test_mining_caches_the_run_per_model(toy_beir, tiny_model_dir, monkeypatch):
+    data = load_retrieval_data(toy_beir)
+    model = load_model(tiny_model_dir)
+    calls = []
+    real = mining.build_index
+    monkeypatch.setattr(mining, "build_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    window = NegativeWindow(1, 6, 2, "hardest")
+    first = mine_negatives(model, data, window, progress=False)
+    assert calls == [1]
+    assert set(first) == set(data.qrels)
+    for qid, negs in first.items():
+        assert len(negs) == 2 and not set(negs) & set(data.qrels[qid])
+    assert mine_negatives(model, data, window, progress=False) == first
+    assert calls == [1]  # same model, same data: no second encoding
+    with __import__("torch").no_grad():
+        next(model.parameters()).add_(0.01)  # another checkpoint -> another key
+    mine_negatives(model, data, window, progress=False)
+    assert calls == [1, 1]
