@@ -234,7 +234,7 @@ def test_list_mode_from_embeddings():
     student = [[2.0, 1.0, -2.0], [4.0, 0.0, 2.0]]
     teacher = [[5.0, 1.0, 0.0], [3.0, -INF, 2.0]]  # row 1 lacks its first negative
     loss = PRODLoss(nn.Identity(), scale=2.0)
-    total = loss.compute_loss_from_embeddings([queries, positives, negatives_1, negatives_2], t(teacher))
+    total = sum(loss.compute_loss_from_embeddings([queries, positives, negatives_1, negatives_2], t(teacher)).values())
     # The masked column behaves as if dropped.
     want = expected([student[0], [4.0, 2.0]], [teacher[0], [3.0, 2.0]], [0, 0])
     assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
@@ -267,7 +267,7 @@ def test_in_batch_mode_3x3_from_embeddings():
     # Teacher T[i][j] = tq_i . tp_j
     teacher = [[2.0, 0.0, 2.0], [0.0, 2.0, 2.0], [1.0, 1.0, 4.0]]
     loss = PRODLoss(nn.Identity(), candidate_mode="in_batch", reg_weight=0.0)
-    total = loss.compute_loss_from_embeddings([queries, positives], labels)
+    total = sum(loss.compute_loss_from_embeddings([queries, positives], labels).values())
     want = expected(student, teacher, [0, 1, 2])
     assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
     assert loss.last_components == pytest.approx(want, rel=1e-5, abs=1e-7)
@@ -283,7 +283,7 @@ def test_in_batch_mode_orders_positives_then_negatives():
     previous = [queries * 0.5, positives, negatives]
     previous_scores = [[0.5 * x for x in row] for row in student]
     loss = PRODLoss(nn.Identity(), candidate_mode="in_batch", scale=2.0, gather_across_devices=True)
-    total = loss.compute_loss_from_embeddings([queries, positives, negatives], labels, previous)
+    total = sum(loss.compute_loss_from_embeddings([queries, positives, negatives], labels, previous).values())
     scaled = [[2.0 * x for x in row] for row in student]
     want = expected(scaled, teacher, [0, 1], previous=[[2.0 * x for x in row] for row in previous_scores])
     assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
@@ -322,13 +322,13 @@ def test_forward_delegates_and_previous_model_gets_no_gradient():
 
     features = _features([[1, 2], [3, 4]], [[5, 6], [7, 8]], [[9, 1], [2, 3]])
     labels = t([[2.0, 0.0], [1.0, 0.5]])
-    total = loss(features, labels)
+    total = sum(loss(features, labels).values())
     total.backward()
 
     with torch.no_grad():
         embed = [model.embedding(f["input_ids"]).mean(1) for f in features]
         previous_embed = [previous.embedding(f["input_ids"]).mean(1) for f in features]
-    reference = PRODLoss(nn.Identity()).compute_loss_from_embeddings(embed, labels, previous_embed)
+    reference = sum(PRODLoss(nn.Identity()).compute_loss_from_embeddings(embed, labels, previous_embed).values())
     assert total.item() == pytest.approx(reference.item(), rel=1e-6)
     assert loss.last_components["reg"] > 0
     assert model.embedding.weight.grad is not None
@@ -340,12 +340,12 @@ def test_forward_in_batch_with_online_teacher():
     model, teacher = FakeModel(seed=0), FakeModel(vocab=10, dim=4, seed=1)
     loss = PRODLoss(model, candidate_mode="in_batch", teacher=teacher)
     features = _features([[1, 2], [3, 4], [5, 5]], [[6, 7], [8, 9], [0, 1]])
-    total = loss(features, None)
+    total = sum(loss(features, None).values())
     total.backward()
     with torch.no_grad():
         labels = torch.stack([teacher.embedding(f["input_ids"]).mean(1) for f in features], dim=1)
         embed = [model.embedding(f["input_ids"]).mean(1) for f in features]
-    reference = PRODLoss(nn.Identity(), candidate_mode="in_batch").compute_loss_from_embeddings(embed, labels)
+    reference = sum(PRODLoss(nn.Identity(), candidate_mode="in_batch").compute_loss_from_embeddings(embed, labels).values())
     assert total.item() == pytest.approx(reference.item(), rel=1e-6)
     assert teacher.embedding.weight.grad is None
 

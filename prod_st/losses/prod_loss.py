@@ -111,7 +111,8 @@ class PRODLoss(nn.Module):
         """Weighted ``hard``, ``kd`` and ``reg`` of the last call, as floats (for logging callbacks)."""
         return {name: float(value) for name, value in self._last_components.items()}
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
+        """The weighted components {"hard", "kd", "reg"}: the trainer sums them into the loss and logs each."""
         features = list(sentence_features)
         # Models write their outputs into the feature dicts: give the frozen models clean copies.
         pristine = [dict(column) for column in features]
@@ -134,8 +135,9 @@ class PRODLoss(nn.Module):
         embeddings: list[Tensor],
         labels: Tensor | None,
         previous_embeddings: list[Tensor] | None = None,
-    ) -> Tensor:
-        """PROD loss from per-column ``(B, D)`` embeddings ``[query, positive, neg_1..neg_N]``."""
+    ) -> dict[str, Tensor]:
+        """PROD loss components from per-column ``(B, D)`` embeddings ``[query, positive, neg_1..neg_N]``;
+        the total loss is their sum."""
         if previous_embeddings is not None and len(previous_embeddings) != len(embeddings):
             raise ValueError(
                 f"previous_embeddings has {len(previous_embeddings)} columns but embeddings has {len(embeddings)}: "
@@ -156,7 +158,7 @@ class PRODLoss(nn.Module):
             positive_index=positive_index,
         )
         self._last_components = {name: value.detach() for name, value in components.items()}
-        return components["hard"] + components["kd"] + components["reg"]
+        return components
 
     def _own_candidate_scores(self, queries: Tensor, docs: list[Tensor]) -> Tensor:
         """``scale * sim(q_b, [pos_b, neg_b1..neg_bN])`` as a ``(B, N+1)`` matrix."""
