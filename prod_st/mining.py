@@ -101,10 +101,13 @@ def mine_negatives(
     *,
     top_k: int | None = None,
     seed: int = 0,
+    query_ids: list[str] | None = None,
     **retrieve_kwargs,
 ) -> dict[str, list[str]]:
-    """Hard negatives for the judged queries of `data.split`, mined with `model`."""
+    """Hard negatives for the judged queries of `data.split` (or those of `query_ids`), mined with `model`."""
     queries = data.split_queries()
+    if query_ids is not None:
+        queries = {q: queries[q] for q in query_ids}
     ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
     negatives = pick_negatives(ranked, data.qrels, window, seed=seed)
     short = sum(len(v) < window.count for v in negatives.values())

@@ -37,6 +37,45 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@app.command("run")
+def run_command(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or an embedded recipe name.")] = "quickstart",
+    output: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output.dir or runs/<name>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Delete the run folder and start over.")] = False,
+) -> None:
+    """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
+    from prod_st.recipe import load_recipe
+    from prod_st.runner import Runner
+
+    loaded = load_recipe(recipe)
+    runner = Runner(loaded, output, force=force)
+    final = runner.run()
+    table = Table(title=f"{loaded.name}: test ({final['num_test_queries']} queries, {final['num_docs']} docs)")
+    table.add_column("model")
+    for name in ("nDCG@10", "MRR@10", "R@100"):
+        table.add_column(name, justify="right")
+    test = final["test"]
+    rows = [("student before training", test["student_before_training"]), ("student after PROD", test["student"])]
+    rows += [(f"teacher {n} ({m['as']})", m) for n, m in test["teachers"].items()]
+    for label, metrics in rows:
+        table.add_row(label, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")))
+    console.print(table)
+    console.print(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
+
+
+@app.command("validate")
+def validate_command(
+    recipes: Annotated[list[str], typer.Argument(help="Recipe YAML files or embedded recipe names.")],
+) -> None:
+    """Check recipes without running them."""
+    from prod_st.recipe import load_recipe
+
+    for recipe in recipes:
+        loaded = load_recipe(recipe)
+        stages = " -> ".join(s.name for s in loaded.stages) + (f" -> dpd x{loaded.dpd.rounds}" if loaded.dpd else "")
+        console.print(f"{recipe}: valid ({stages})")
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder, Hub id, or packaged name (all-MiniLM-L6-v2).")],

@@ -1,0 +1,531 @@
+"""The recipe: a YAML file that says what to train, validated by a pydantic v2 schema.
+
+A recipe is one record per step of PROD's schedule (see PROD.md): the data, the student, the teachers
+(pretrained, or trained by prod-st from a backbone), an ordered list of stages (a warm-up, then one
+distillation stage per teacher), an optional DPD step, the evaluation and the output folder.
+
+- Every model forbids unknown keys, so a typo (``stages.0.lrr``) is an error, not a silently ignored key.
+- Cross-references are checked: stages and DPD name defined teachers, ``in_batch`` candidates need a
+  bi-encoder teacher, a negative miner named like a teacher must be a bi-encoder.
+- Every problem is reported with its dotted field path, all of them on one line (:class:`ProdStError`).
+
+``load_recipe`` reads a YAML path or an embedded recipe name (``quickstart``, ``wordnet-full``, ...);
+``Recipe.resolved_yaml`` is the recipe with every default filled in (what a run folder stores) and
+``Recipe.fingerprint`` its hash (a run folder refuses a different recipe).
+
+This module knows nothing of torch: it can be imported and tested without any model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+
+from prod_st.errors import ProdStError
+
+__all__ = [
+    "Data",
+    "DPD",
+    "DPDRule",
+    "Evaluation",
+    "Loss",
+    "Negatives",
+    "Output",
+    "Recipe",
+    "Stage",
+    "Student",
+    "Teacher",
+    "TeacherTrain",
+    "embedded_recipes",
+    "load_recipe",
+    "parse_recipe",
+    "recipes_folder",
+]
+
+STUDENT = "student"  # the reserved miner / negatives_from name: the current student
+NAME_PATTERN = r"^[a-z0-9_-]+$"  # stage and teacher names (they become folder names)
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # the recipe name: the default run folder name
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML turns `yes`/`no`/`true` into booleans, which pydantic's lax mode would accept as 1/0.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# Integers are strict (no bools, no "3", no 2.0); floats are lax only so that YAML's `1e-5` (read by PyYAML
+# as a string: YAML 1.1 wants a dot in the mantissa) still works, but booleans are refused.
+Int = Annotated[int, Strict()]
+PosInt = Annotated[int, Strict(), Field(ge=1)]
+PosFloat = Annotated[float, BeforeValidator(_no_bool), Field(gt=0)]
+NonNegFloat = Annotated[float, BeforeValidator(_no_bool), Field(ge=0)]
+WarmupRatio = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, lt=1)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+class Data(_Model):
+    """The benchmark and the (seeded) subsets a quick recipe uses."""
+
+    dataset: NonEmptyStr = Field(description="embedded name (wordnet-gloss), BEIR folder or BEIR name")
+    train_split: NonEmptyStr = "train"
+    dev_split: NonEmptyStr = "dev"
+    test_split: NonEmptyStr = "test"
+    train_queries: Optional[PosInt] = Field(None, description="seeded subset of the training queries (None = all)")
+    dev_queries: Optional[PosInt] = None
+    test_queries: Optional[PosInt] = None
+    corpus_size: Optional[PosInt] = Field(
+        None, description="seeded random documents + every document judged for the used queries (None = all)"
+    )
+    relevance_level: PosInt = Field(1, description="qrels grades >= this are relevant (TREC DL: 2)")
+
+
+class Student(_Model):
+    """The student dual encoder: the first `num_layers` layers of `init`."""
+
+    init: NonEmptyStr = Field(description="path, Hub id or packaged name")
+    num_layers: Optional[PosInt] = Field(None, description="keep the first k layers (None = all)")
+    max_query_length: PosInt = 32
+    max_doc_length: PosInt = 144
+
+
+class TeacherTrain(_Model):
+    """How prod-st trains a teacher from a backbone (PROD trains its own teachers on the training data).
+
+    A bi-encoder is trained contrastively (in-batch + hard negatives), a cross-encoder with a listwise
+    softmax cross-entropy over 1 positive + `num_negatives` hard negatives."""
+
+    backbone: NonEmptyStr
+    epochs: PosFloat = 1.0
+    max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
+    lr: PosFloat = 2.0e-5
+    batch_size: PosInt = 32
+    num_negatives: PosInt = 7
+    train_queries: Optional[PosInt] = Field(None, description="seeded subset of the training queries")
+    max_length: Optional[PosInt] = Field(
+        None, description="truncation while training: the (query, doc) pair for a cross-encoder, each text for "
+        "a bi-encoder (None = the model's)"
+    )
+    negatives_from: Optional[NonEmptyStr] = Field(
+        None, description="'student' or another bi-encoder teacher that mines the negatives (None = the backbone)"
+    )
+
+
+class Teacher(_Model):
+    """A teacher: pretrained (`model`) or trained by prod-st (`train`), exactly one of the two."""
+
+    kind: Literal["bi-encoder", "cross-encoder"]
+    model: Optional[NonEmptyStr] = Field(None, description="pretrained path / Hub id / packaged name")
+    train: Optional[TeacherTrain] = None
+    max_length: Optional[PosInt] = Field(None, description="scoring truncation (cross-encoder pair length)")
+    batch_size: PosInt = Field(64, description="scoring batch size")
+
+    @model_validator(mode="after")
+    def _model_or_train(self) -> Teacher:
+        if (self.model is None) == (self.train is None):
+            got = "both" if self.model is not None else "neither"
+            raise ValueError(
+                f"give exactly one of `model` (a pretrained teacher) or `train` (a training spec), got {got}"
+            )
+        return self
+
+
+class Negatives(_Model):
+    """Hard negatives, refreshed before each stage: `count` of the miner's 1-based ranks `start..end`
+    (positives removed), sampled or hardest first."""
+
+    miner: NonEmptyStr = Field(
+        STUDENT, description="'student' (the current student), a bi-encoder teacher's name, or a model path/id"
+    )
+    start: PosInt = 1
+    end: PosInt = 100
+    count: PosInt = 15
+    strategy: Literal["sample", "hardest"] = "sample"
+
+    @model_validator(mode="after")
+    def _window(self) -> Negatives:
+        if self.start > self.end:
+            raise ValueError(f"the rank window needs start <= end, got start {self.start} > end {self.end}")
+        if self.count > self.end - self.start + 1:
+            raise ValueError(
+                f"count {self.count} is more than the {self.end - self.start + 1} ranks of the window "
+                f"{self.start}..{self.end}"
+            )
+        return self
+
+
+class Loss(_Model):
+    """L = hard_weight * L_hard + kd_weight * T^2 KL(teacher || student) + reg_weight * T^2 KL(frozen || student).
+
+    A warm-up stage ignores this block: it trains on L_hard alone."""
+
+    temperature: PosFloat = 4.0
+    hard_weight: NonNegFloat = 0.1
+    kd_weight: NonNegFloat = 0.9
+    reg_weight: NonNegFloat = Field(0.0, description="1.0 in PROD's cross-encoder stages and DPD")
+
+
+class Stage(_Model):
+    """One step of the schedule. `warmup`: contrastive training on the hard loss only, no teacher (the loss
+    block is ignored). `distill`: PROD's loss against `teacher`."""
+
+    name: Name
+    kind: Literal["warmup", "distill"] = "distill"
+    teacher: Optional[NonEmptyStr] = Field(None, description="required for distill, forbidden for warmup")
+    candidates: Literal["list", "in_batch"] = Field(
+        "list", description="list: the query's positive + its negatives; in_batch: every passage of the batch"
+    )
+    negatives: Negatives = Field(default_factory=Negatives)
+    loss: Loss = Field(default_factory=Loss)
+    lr: PosFloat = 5.0e-5
+    epochs: PosFloat = 1.0
+    max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
+    batch_size: PosInt = 64
+    warmup_ratio: WarmupRatio = 0.1
+
+
+class DPDRule(_Model):
+    """Keep a training query when the student's first relevant document is at rank student_min..student_max
+    and the teacher ranks a relevant one within teacher_max (nq: better than the student, <= student_max)."""
+
+    student_min: PosInt = 2
+    student_max: PosInt = 15
+    teacher_max: PosInt = 1
+    variant: Literal["msmarco", "nq"] = "msmarco"
+
+    @model_validator(mode="after")
+    def _order(self) -> DPDRule:
+        if self.student_min > self.student_max:
+            raise ValueError(f"student_min ({self.student_min}) must be <= student_max ({self.student_max})")
+        return self
+
+
+class DPD(_Model):
+    """Data progressive distillation: `rounds` rounds of re-selecting near-miss queries and distilling on them."""
+
+    rounds: PosInt = 1
+    teacher: NonEmptyStr
+    rerank_depth: PosInt = Field(50, description="the student's top-k reranked by the teacher")
+    rule: DPDRule = Field(default_factory=DPDRule)
+    num_negatives: PosInt = Field(15, description="the student's hardest negatives, in rank order")
+    loss: Loss = Field(default_factory=lambda: Loss(reg_weight=1.0))
+    lr: PosFloat = 1.0e-5
+    epochs: PosFloat = 1.0
+    max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
+    batch_size: PosInt = 64
+    warmup_ratio: WarmupRatio = 0.1
+
+    @model_validator(mode="after")
+    def _depth(self) -> DPD:
+        if self.rerank_depth < self.rule.student_max:
+            raise ValueError(
+                f"rerank_depth ({self.rerank_depth}) must be >= rule.student_max ({self.rule.student_max}): the "
+                "teacher must see every near miss the rule can keep"
+            )
+        return self
+
+
+class Evaluation(_Model):
+    top_k: PosInt = 1000
+    index: NonEmptyStr = Field("Flat", description="faiss index factory string")
+    batch_size: PosInt = 64
+    teacher_rerank_depth: Annotated[int, Strict(), Field(ge=0)] = Field(
+        50, description="dev: a cross-encoder teacher is measured as a reranker of the student's top-k (0 = off)"
+    )
+    beir: list[NonEmptyStr] = Field(default_factory=list, description="BEIR names or folders, zero-shot at the end")
+
+
+class Output(_Model):
+    dir: Optional[Path] = Field(None, description="the run folder (None = runs/<name>)")
+
+
+# ----------------------------------------------------------------------------------------------- recipe
+class Recipe(_Model):
+    name: Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
+    seed: Int = 13
+    data: Data
+    student: Student
+    teachers: dict[Name, Teacher] = Field(default_factory=dict)
+    stages: list[Stage] = Field(min_length=1)
+    dpd: Optional[DPD] = None
+    eval: Evaluation = Field(default_factory=Evaluation)
+    output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Recipe:
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
+        defined = ", ".join(self.teachers) if self.teachers else "none"
+
+        def unknown(path: str, name: str) -> None:
+            problems.append(f"{path}: unknown teacher {name!r} (defined: {defined})")
+
+        if STUDENT in self.teachers:
+            problems.append(f"teachers.{STUDENT}: the name {STUDENT!r} is reserved for the student")
+
+        for name, teacher in self.teachers.items():
+            source = teacher.train.negatives_from if teacher.train else None
+            path = f"teachers.{name}.train.negatives_from"
+            if source is None or source == STUDENT:
+                continue
+            if source == name:
+                problems.append(f"{path}: a teacher cannot mine its own training negatives")
+            elif source not in self.teachers:
+                unknown(path, source)
+            elif self.teachers[source].kind != "bi-encoder":
+                problems.append(f"{path}: {source!r} is a cross-encoder; only a bi-encoder or 'student' can mine")
+        cycle = None if problems else self._negatives_from_cycle()
+        if cycle:
+            problems.append(f"teachers: negatives_from goes round in a circle ({' -> '.join(cycle)})")
+
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            path = f"stages.{i}"
+            if stage.name in seen:
+                problems.append(f"{path}.name: duplicate stage name {stage.name!r} (also stages.{seen[stage.name]})")
+            seen.setdefault(stage.name, i)
+            teacher = None
+            if stage.kind == "warmup":
+                if stage.teacher is not None:
+                    problems.append(f"{path}.teacher: a warmup stage trains on the hard loss only and takes no "
+                                    f"teacher (got {stage.teacher!r}); use kind: distill")
+            elif stage.teacher is None:
+                problems.append(f"{path}.teacher: a distill stage needs a teacher (defined: {defined})")
+            elif stage.teacher not in self.teachers:
+                unknown(f"{path}.teacher", stage.teacher)
+            else:
+                teacher = self.teachers[stage.teacher]
+            if stage.kind == "distill" and teacher is not None and stage.candidates == "in_batch" \
+                    and teacher.kind != "bi-encoder":
+                problems.append(f"{path}.candidates: in_batch needs a bi-encoder teacher, {stage.teacher!r} is a "
+                                f"{teacher.kind} (use candidates: list)")
+            miner = stage.negatives.miner
+            if miner in self.teachers and self.teachers[miner].kind != "bi-encoder":
+                problems.append(f"{path}.negatives.miner: {miner!r} is a cross-encoder teacher; only 'student', a "
+                                "bi-encoder teacher or a bi-encoder model path/id can mine negatives")
+
+        if self.dpd is not None and self.dpd.teacher not in self.teachers:
+            unknown("dpd.teacher", self.dpd.teacher)
+        return problems
+
+    def _negatives_from_cycle(self) -> list[str] | None:
+        for start in self.teachers:
+            chain = [start]
+            current = start
+            while True:
+                train = self.teachers[current].train
+                nxt = train.negatives_from if train else None
+                if nxt is None or nxt == STUDENT or nxt not in self.teachers or nxt == current:
+                    break
+                if nxt in chain:
+                    return chain[chain.index(nxt):] + [nxt]
+                chain.append(nxt)
+                current = nxt
+        return None
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def resolved_yaml(self) -> str:
+        """The recipe with every default filled in, keys in schema order (what a run folder stores)."""
+        return yaml.safe_dump(
+            self.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of :meth:`resolved_yaml` (32 hex characters): two recipes that would run the same match."""
+        return hashlib.sha256(self.resolved_yaml().encode("utf-8")).hexdigest()[:32]
+
+    def run_dir(self, override: Path | str | None = None) -> Path:
+        """The run folder: `override` if given, else `output.dir`, else `runs/<name>` (relative to the cwd)."""
+        if override is not None:
+            return Path(override).expanduser()
+        if self.output.dir is not None:
+            return self.output.dir.expanduser()
+        return Path("runs") / self.name
+
+
+# ----------------------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (PyYAML would silently keep the last one)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: let PyYAML report it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def recipes_folder() -> Path:
+    """The embedded recipes: the package `prod_st.recipes`, or `<repo>/recipes` in a source checkout."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("prod_st.recipes")))
+        if folder.is_dir():
+            return folder
+    except (ImportError, TypeError, ValueError, AttributeError, NotADirectoryError):
+        pass
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def embedded_recipes() -> list[str]:
+    """Names of the embedded recipes (`quickstart`, `wordnet-full`, ...), sorted."""
+    folder = recipes_folder()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The annotation without Optional / Annotated wrappers."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema model at a pydantic error location (to suggest the field a typo meant)."""
+    current: Any = Recipe
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+_PATTERN_HELP = {
+    NAME_PATTERN: "lowercase letters, digits, '-' and '_'",
+    RUN_NAME_PATTERN: "letters, digits, '.', '-' and '_' (it names the run folder)",
+}
+
+
+def _format_error(error: dict) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in loc)
+    if error["type"] == "value_error" and "error" in error.get("ctx", {}):
+        message = str(error["ctx"]["error"])
+    else:
+        message = error["msg"]
+    if error["type"] == "extra_forbidden" and loc:
+        model = _model_at(loc[:-1])
+        if model is not None:
+            fields = list(model.model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "") + \
+                f"; allowed: {', '.join(fields)}"
+    elif error["type"] == "missing":
+        message = "required key missing"
+    elif error["type"] == "string_pattern_mismatch":
+        allowed = _PATTERN_HELP.get(error.get("ctx", {}).get("pattern"))
+        if allowed:
+            message = f"{error['input']!r} is not a valid name: use {allowed}"
+    if loc and loc[-1] == "[key]":  # a dict key (a teacher name): name the key itself
+        loc = loc[:-1]
+        path = ".".join(str(p) for p in loc)
+    message = _one_line(message)
+    return f"{path}: {message}" if path else message
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate an already-parsed mapping; every problem is reported on one line prefixed by `source`."""
+    if not isinstance(data, dict):
+        kind = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ProdStError(f"{source}: the top level must be a mapping of recipe sections (name, data, student, "
+                          f"teachers, stages, ...), got {kind}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ProdStError(f"{source}: " + "; ".join(_format_error(e) for e in exc.errors())) from None
+
+
+def _resolve(path_or_name: str | Path) -> tuple[Path, str]:
+    """(file, how to name it in messages) for a path or an embedded recipe name."""
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    looks_like_path = isinstance(path_or_name, Path) or path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text
+    if path.is_file() or looks_like_path:
+        if not path.exists():
+            raise ProdStError(f"recipe file not found: {text}")
+        if not path.is_file():
+            raise ProdStError(f"recipe path is not a file: {text}")
+        return path, text
+    embedded = recipes_folder() / f"{text}.yaml"
+    if embedded.is_file():
+        return embedded, f"{text}.yaml"
+    names = ", ".join(embedded_recipes()) or "none found"
+    raise ProdStError(f"recipe {text!r} not found: no such file, and not an embedded recipe (embedded: {names})")
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Load and validate a recipe from a YAML file or an embedded recipe name; any problem is a one-line
+    :class:`ProdStError`."""
+    path, source = _resolve(path_or_name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProdStError(f"{source}: not a UTF-8 text file ({_one_line(exc)})") from None
+    except OSError as exc:
+        raise ProdStError(f"{source}: cannot read the recipe ({_one_line(exc.strerror or exc)})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        raise ProdStError(f"{source}: invalid YAML{where}: {_one_line(what)}") from None
+    except yaml.YAMLError as exc:
+        raise ProdStError(f"{source}: invalid YAML: {_one_line(exc)}") from None
+    return parse_recipe(data, source)

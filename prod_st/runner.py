@@ -1,0 +1,406 @@
+"""The PROD schedule: recipe -> stages (mine -> score -> [DPD filter] -> train -> evaluate) -> report.
+
+Run folder (what resume reads):
+    <run>/recipe.yaml         the resolved recipe; a different recipe refuses to run here (unless --force)
+    <run>/00-init/            the untrained student (first k layers) and its dev metrics
+    <run>/NN-<stage>/         negatives.json, train_data/ (rows + teacher labels), checkpoints/, student/,
+                              metrics.json, DONE
+    <run>/student/            the final student, a SentenceTransformer folder
+    <run>/final.json          test metrics; <run>/report.md, report.png
+
+A step whose DONE marker exists is skipped; mining and teacher work are cached by content (model
+fingerprint + texts), and training resumes from the stage's last checkpoint, so a killed run picks up where
+it stopped. Only rank 0 writes run files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+
+from prod_st.distributed import barrier, is_main, world_size
+from prod_st.dpd import select_queries
+from prod_st.errors import ProdStError
+from prod_st.evaluation import evaluate_model
+from prod_st.losses import PRODLoss
+from prod_st.mining import NegativeWindow, mine_negatives, retrieve_ranked
+from prod_st.models import build_student
+from prod_st.stage_data import RunData, TrainingRows, build_rows, load_run_data
+from prod_st.student_training import contrastive_loss, score_scale, train_student
+from prod_st.teacher_eval import gap, rerank, rerank_metrics, top_candidates
+from prod_st.teacher_setup import TeacherPool
+from prod_st.teachers import BiEncoderTeacher
+
+logger = logging.getLogger("prod_st.run")
+HEADLINE = "nDCG@10"
+
+
+def write_json(path: Path, payload) -> None:
+    """Atomic JSON write (temp file + rename), rank 0 only."""
+    if not is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def step(what: str, seconds: dict, key: str):
+    """Log one line per step with its duration, and record the duration under `seconds[key]`."""
+    start = time.perf_counter()
+    yield
+    seconds[key] = round(time.perf_counter() - start, 1)
+    logger.info("%s: done in %.1fs", what, seconds[key])
+
+
+@dataclass
+class StageRecord:
+    """What a finished stage leaves in its metrics.json (and what the report reads)."""
+
+    index: int
+    name: str
+    kind: str
+    teacher: str | None = None
+    student_dev: dict = field(default_factory=dict)
+    teacher_dev: dict = field(default_factory=dict)
+    teacher_measured_as: str | None = None
+    gap_before: dict = field(default_factory=dict)
+    gap_after: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+
+class Runner:
+    def __init__(self, recipe, run_dir: Path | None = None, *, force: bool = False) -> None:
+        self.recipe = recipe
+        self.dir = Path(run_dir) if run_dir else recipe.run_dir()
+        self.force = force
+
+    # ---- run folder ----------------------------------------------------------------------------------
+    def prepare_folder(self) -> None:
+        stored = self.dir / "recipe.yaml"
+        mine = self.recipe.resolved_yaml()
+        if stored.exists() and not self.force:
+            if stored.read_text() != mine:
+                raise ProdStError(
+                    f"{self.dir} holds a run of a different recipe; use another output.dir (or --output), "
+                    "or --force to start over"
+                )
+            logger.info("resuming the run in %s", self.dir)
+        elif is_main():
+            if self.force and self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            stored.write_text(mine)
+        barrier()
+
+    # ---- the schedule --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.prepare_folder()
+        r = self.recipe
+        if (self.dir / "final.json").exists():
+            logger.info("run already finished: %s", self.dir)
+            from prod_st.report import write_report
+
+            write_report(self.dir)
+            return json.loads((self.dir / "final.json").read_text())
+        d = r.data
+        with step("load data", {}, "data"):
+            self.data = load_run_data(
+                d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
+                sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size, seed=r.seed,
+            )
+        self.teachers = TeacherPool(r.teachers, self.data, seed=r.seed, eval_batch_size=r.eval.batch_size, index=r.eval.index)
+        records = [self.init_stage()]
+        for i, stage in enumerate(r.stages, 1):
+            records.append(self.run_stage(i, stage, records))
+        if r.dpd is not None:
+            for round_no in range(1, r.dpd.rounds + 1):
+                records.append(self.run_dpd(len(records), round_no, records))
+        final = self.finish(records, time.perf_counter() - started)
+        from prod_st.report import write_report
+
+        write_report(self.dir)
+        return final
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.dir / f"{index:02d}-{name}"
+
+    def load_student(self, folder: Path) -> SentenceTransformer:
+        model = SentenceTransformer(str(folder / "student"))
+        model.max_seq_length = self.recipe.student.max_doc_length
+        return model
+
+    def done(self, folder: Path) -> StageRecord | None:
+        if (folder / "DONE").exists():
+            logger.info("%s: finished earlier, skipped", folder.name)
+            return StageRecord(**json.loads((folder / "metrics.json").read_text()))
+        return None
+
+    def finish_stage(self, folder: Path, student: SentenceTransformer, record: StageRecord) -> StageRecord:
+        if is_main():
+            student.save(str(folder / "student"))
+            write_json(folder / "metrics.json", record.__dict__)
+            (folder / "DONE").write_text("")
+        barrier()
+        for warning in record.warnings:
+            logger.warning("%s: %s", record.name, warning)
+        return record
+
+    def evaluate_dev(self, student: SentenceTransformer, folder: Path, seconds: dict) -> dict:
+        """Dev metrics of the student; its dev run (top `teacher_rerank_depth`) is kept for teacher checks."""
+        e = self.recipe.eval
+        with step(f"{folder.name}: dev evaluation", seconds, "eval"):
+            result = evaluate_model(student, self.data.dev, top_k=e.top_k, index_factory=e.index,
+                                    batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level,
+                                    keep_run=True)
+        run = top_candidates(result.run, e.teacher_rerank_depth)
+        scores = {q: {doc: result.run[q][doc] for doc in docs} for q, docs in run.items()}
+        write_json(folder / "dev_run.json", scores)
+        logger.info("%s: student dev %s", folder.name, _fmt(result.metrics))
+        return result.metrics
+
+    def dev_run(self, folder: Path) -> dict:
+        return json.loads((folder / "dev_run.json").read_text())
+
+    # ---- stage 0: the student before training --------------------------------------------------------
+    def init_stage(self) -> StageRecord:
+        folder = self.stage_dir(0, "init")
+        if record := self.done(folder):
+            return record
+        s = self.recipe.student
+        record = StageRecord(0, "init", "init")
+        with step("init: build the student", record.seconds, "build"):
+            student = build_student(s.init, s.num_layers) if s.num_layers else build_student(s.init, _layers(s.init))
+            student.max_seq_length = s.max_doc_length
+        record.student_dev = self.evaluate_dev(student, folder, record.seconds)
+        return self.finish_stage(folder, student, record)
+
+    # ---- warm-up and distillation stages -------------------------------------------------------------
+    def run_stage(self, index: int, stage, records: list[StageRecord]) -> StageRecord:
+        folder = self.stage_dir(index, stage.name)
+        if record := self.done(folder):
+            return record
+        previous_folder = self.stage_dir(records[-1].index, records[-1].name)
+        student = self.load_student(previous_folder)
+        record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
+        neg = stage.negatives
+        with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
+            miner = self.teachers.miner_model(neg.miner, student)
+            negatives = mine_negatives(
+                miner, self.data.train, NegativeWindow(neg.start, neg.end, neg.count, neg.strategy),
+                seed=self.recipe.seed + index, index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size,
+            )
+            write_json(folder / "negatives.json", negatives)
+        in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
+        rows = build_rows(self.data, negatives, neg.count, drop_incomplete=in_batch)
+        if not rows.queries:
+            raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
+
+        if stage.kind == "warmup":
+            loss, dataset = contrastive_loss(student), rows.to_dataset()
+        else:
+            teacher = self.check_teacher(stage.teacher, student, previous_folder, record, records)
+            with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
+                dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates))
+            loss = self.prod_loss(student, stage.candidates, stage.loss)
+        self.save_train_data(folder, dataset)
+        with step(f"{stage.name}: train ({len(dataset)} queries)", record.seconds, "train"):
+            record.train = train_student(
+                student, dataset, loss, workdir=folder / "checkpoints", lr=stage.lr, epochs=stage.epochs,
+                max_steps=stage.max_steps, batch_size=stage.batch_size, warmup_ratio=stage.warmup_ratio,
+                seed=self.recipe.seed, no_duplicates=in_batch,
+            )
+        record.student_dev = self.evaluate_dev(student, folder, record.seconds)
+        if stage.teacher:
+            record.gap_after = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student, record.seconds)
+        return self.finish_stage(folder, student, record)
+
+    def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:
+        previous = None
+        if spec.reg_weight > 0:
+            previous = copy.deepcopy(student)  # the frozen stage-start student (learning without forgetting)
+        return PRODLoss(
+            student, candidate_mode=candidates, temperature=spec.temperature, hard_weight=spec.hard_weight,
+            kd_weight=spec.kd_weight, reg_weight=spec.reg_weight, scale=score_scale(student),
+            previous_model=previous, gather_across_devices=world_size() > 1,
+        )
+
+    def labels(self, teacher_name: str, rows: TrainingRows, candidates: str) -> list:
+        """The loss's label column: teacher scores over [positive, negatives] (list mode; -inf for fillers),
+        or teacher embeddings of [query, positive, negatives] (in-batch mode), in the student's logit scale."""
+        teacher = self.teachers.get(teacher_name)
+        scale = self.teachers.scale(teacher_name)
+        if candidates == "in_batch":
+            if not isinstance(teacher, BiEncoderTeacher):
+                raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {teacher_name!r} is not one")
+            embeddings = teacher.embeddings_for_rows(rows.queries, rows.candidates())
+            embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
+            return embeddings.tolist()
+        scores = teacher.score(rows.queries, rows.candidates())
+        return [
+            [scale * s if not gone else float("-inf") for s, gone in zip(row, [False, *missing])]
+            for row, missing in zip(scores, rows.missing)
+        ]
+
+    def save_train_data(self, folder: Path, dataset) -> None:
+        if is_main() and not (folder / "train_data").exists():
+            dataset.save_to_disk(str(folder / "train_data"))
+
+    # ---- teacher checks: is the teacher stronger than the student it teaches? -------------------------
+    def check_teacher(self, name: str, student, previous_folder: Path, record: StageRecord, records) -> object:
+        with step(f"{record.name}: teacher {name!r} ready and measured on dev", record.seconds, "teacher"):
+            teacher = self.teachers.get(name, student)
+            measured = self.measure_teacher(name, previous_folder)
+        record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
+        record.gap_before = self.measure_gap(name, previous_folder, 4.0, None, record.seconds)
+        teacher_score = record.teacher_dev[HEADLINE]
+        student_score = records[-1].student_dev[HEADLINE]
+        logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
+                    record.teacher_measured_as, student_score)
+        if teacher_score <= student_score:
+            record.warnings.append(
+                f"teacher {name!r} ({HEADLINE} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
+                f"stronger than the student it teaches ({student_score:.4f}): PROD needs a stronger teacher"
+            )
+        earlier = [r for r in records if r.teacher_dev and r.teacher != name]
+        if earlier and teacher_score < earlier[-1].teacher_dev[HEADLINE]:
+            record.warnings.append(
+                f"teacher {name!r} ({teacher_score:.4f}) is weaker than the previous stage's teacher "
+                f"{earlier[-1].teacher!r} ({earlier[-1].teacher_dev[HEADLINE]:.4f}): the chain should get stronger"
+            )
+        return teacher
+
+    def measure_teacher(self, name: str, student_folder: Path) -> dict:
+        """A bi-encoder teacher as a retriever (cached per run); a cross-encoder as a reranker of the
+        student's dev top-k."""
+        teacher = self.teachers.get(name)
+        e = self.recipe.eval
+        if isinstance(teacher, BiEncoderTeacher):
+            cached = self.dir / "teachers" / name / "dev_metrics.json"
+            if not cached.exists():
+                result = evaluate_model(teacher.model, self.data.dev, top_k=e.top_k, index_factory=e.index,
+                                        batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level)
+                write_json(cached, result.metrics)
+            return {"as": "retriever", "metrics": json.loads(cached.read_text())}
+        run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
+        metrics = rerank_metrics(run, self.data.dev.qrels, self.recipe.data.relevance_level)
+        return {"as": f"reranker of the student's top {e.teacher_rerank_depth}", "metrics": metrics}
+
+    def measure_gap(self, name: str, student_folder: Path, temperature: float, student, seconds: dict) -> dict:
+        """KL and rank agreement between teacher and student over the student's dev top-k."""
+        teacher = self.teachers.get(name)
+        student_run = self.dev_run(student_folder)
+        teacher_run = rerank(teacher, student_run, self.data.dev.split_queries(), self.data,
+                             self.recipe.eval.teacher_rerank_depth, scale=self.teachers.scale(name))
+        scale = score_scale(student) if student is not None else score_scale(self.load_student(student_folder))
+        return gap(student_run, teacher_run, student_scale=scale, temperature=temperature)
+
+    # ---- data progressive distillation ---------------------------------------------------------------
+    def run_dpd(self, index: int, round_no: int, records: list[StageRecord]) -> StageRecord:
+        spec = self.recipe.dpd
+        name = f"dpd-{round_no}"
+        folder = self.stage_dir(index, name)
+        if record := self.done(folder):
+            return record
+        previous_folder = self.stage_dir(records[-1].index, records[-1].name)
+        student = self.load_student(previous_folder)
+        record = StageRecord(index, name, "dpd", teacher=spec.teacher)
+        teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records)
+        queries = self.data.train.split_queries()
+        with step(f"{name}: student top-{spec.rerank_depth} on {len(queries)} training queries", record.seconds, "mine"):
+            ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
+                                     index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
+        with step(f"{name}: teacher reranks them", record.seconds, "score"):
+            qids = list(ranked)
+            scores = teacher.score([queries[q] for q in qids], [self.data.doc_texts(ranked[q]) for q in qids])
+            teacher_runs = {q: [d for _, d in sorted(zip(s, ranked[q]), key=lambda x: -x[0])] for q, s in zip(qids, scores)}
+        rule = spec.rule
+        selection = select_queries(
+            ranked, teacher_runs, self.data.train.qrels, num_negatives=spec.num_negatives,
+            student_min=rule.student_min, student_max=rule.student_max, teacher_max=rule.teacher_max,
+            variant=rule.variant,
+        )
+        record.selection = dict(selection.counts)
+        write_json(folder / "selection.json", {"counts": selection.counts, "kept": selection.kept})
+        logger.info("%s: kept %d of %d training queries %s", name, len(selection.kept), len(ranked), selection.counts)
+        if not selection.kept:
+            record.warnings.append("no training query passed the DPD rule: nothing to train on")
+            record.student_dev = records[-1].student_dev
+            write_json(folder / "dev_run.json", self.dev_run(previous_folder))
+            return self.finish_stage(folder, student, record)
+        rows = build_rows(self.data, selection.kept, spec.num_negatives)
+        with step(f"{name}: teacher scores", record.seconds, "score_rows"):
+            dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list"))
+        self.save_train_data(folder, dataset)
+        loss = self.prod_loss(student, "list", spec.loss)
+        with step(f"{name}: train ({len(dataset)} queries)", record.seconds, "train"):
+            record.train = train_student(
+                student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
+                max_steps=spec.max_steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
+                seed=self.recipe.seed, no_duplicates=False,
+            )
+        record.student_dev = self.evaluate_dev(student, folder, record.seconds)
+        record.gap_after = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student, record.seconds)
+        return self.finish_stage(folder, student, record)
+
+    # ---- final test evaluation -----------------------------------------------------------------------
+    def finish(self, records: list[StageRecord], seconds: float) -> dict:
+        last = self.stage_dir(records[-1].index, records[-1].name)
+        if is_main():
+            if (self.dir / "student").exists():
+                shutil.rmtree(self.dir / "student")
+            shutil.copytree(last / "student", self.dir / "student")
+        e, test = self.recipe.eval, self.data.test
+        kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size,
+                      relevance_level=self.recipe.data.relevance_level)
+        timing: dict = {}
+        with step("final: test evaluation", timing, "test"):
+            final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
+            initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)
+            teachers = {}
+            queries = test.split_queries()
+            for name in self.recipe.teachers:
+                if name not in self.teachers._built:
+                    continue
+                teacher = self.teachers.get(name)
+                if isinstance(teacher, BiEncoderTeacher):
+                    teachers[name] = {"as": "retriever", **evaluate_model(teacher.model, test, **kwargs).metrics}
+                else:
+                    run = rerank(teacher, final.run, queries, self.data, e.teacher_rerank_depth)
+                    teachers[name] = {"as": f"reranker of the student's top {e.teacher_rerank_depth}",
+                                      **rerank_metrics(run, test.qrels, self.recipe.data.relevance_level)}
+        payload = {
+            "recipe": self.recipe.name,
+            "test": {"student": final.metrics, "student_before_training": initial.metrics, "teachers": teachers},
+            "num_test_queries": final.num_queries,
+            "num_docs": final.num_docs,
+            "seconds": {"run": round(seconds + timing["test"], 1), "test_eval": timing["test"]},
+        }
+        write_json(self.dir / "final.json", payload)
+        logger.info("final test: student %s (before training %s)", _fmt(final.metrics), _fmt(initial.metrics))
+        return payload
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100") if k in metrics)
+
+
+def _layers(init: str) -> int:
+    from prod_st.models import load_model
+
+    model = load_model(init)
+    return model[0].auto_model.config.num_hidden_layers

@@ -1,0 +1,123 @@
+"""The data a run works on: the recipe's (seeded) subsets of queries and corpus, and the training rows
+(query, positive, negatives) that every stage builds from mined negatives."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import datasets
+
+from prod_st.data import RetrievalData, document_text, load_retrieval_data
+
+logger = logging.getLogger(__name__)
+FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
+
+
+@dataclass
+class RunData:
+    """train / dev / test splits sharing one corpus (the recipe's subset of it)."""
+
+    train: RetrievalData
+    dev: RetrievalData
+    test: RetrievalData
+
+    def __post_init__(self) -> None:
+        ids = self.train.corpus["_id"]
+        self._row_of = {doc_id: i for i, doc_id in enumerate(ids)}
+
+    def doc_texts(self, doc_ids: list[str]) -> list[str]:
+        """Encoded text (title + text) of each doc id, fetched from the memory-mapped corpus."""
+        rows = self.train.corpus.select([self._row_of[d] for d in doc_ids])
+        return [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
+
+
+def _sample_qrels(qrels: dict, n: int | None, rng: random.Random) -> dict:
+    if n is None or n >= len(qrels):
+        return qrels
+    keep = set(rng.sample(sorted(qrels), n))
+    return {q: judged for q, judged in qrels.items() if q in keep}
+
+
+def load_run_data(
+    dataset: str,
+    *,
+    splits: tuple[str, str, str] = ("train", "dev", "test"),
+    sizes: tuple[int | None, int | None, int | None] = (None, None, None),
+    corpus_size: int | None = None,
+    seed: int = 13,
+) -> RunData:
+    """Load the three splits, keep a seeded subset of each split's queries, and (with `corpus_size`) a
+    seeded subset of the corpus that always contains every document judged for the kept queries."""
+    rng = random.Random(seed)
+    loaded = [load_retrieval_data(dataset, split) for split in splits]
+    for data, n in zip(loaded, sizes):
+        data.qrels = _sample_qrels(data.qrels, n, rng)
+    corpus: datasets.Dataset = loaded[0].corpus
+    if corpus_size is not None and corpus_size < len(corpus):
+        judged = {d for data in loaded for j in data.qrels.values() for d in j}
+        ids = corpus["_id"]
+        needed = [i for i, d in enumerate(ids) if d in judged]
+        others = [i for i, d in enumerate(ids) if d not in judged]
+        extra = rng.sample(others, max(0, corpus_size - len(needed)))
+        corpus = corpus.select(sorted(needed + extra))  # an index mapping over the same Arrow file, no copy
+        for data in loaded:
+            data.corpus = corpus
+    logger.info(
+        "data %s: %d train / %d dev / %d test queries, %d documents",
+        dataset, *(len(d.qrels) for d in loaded), len(corpus),
+    )
+    return RunData(*loaded)
+
+
+@dataclass
+class TrainingRows:
+    """One row per training query: its text, its positive's text and `count` negative texts (FILLER where
+    the query had fewer), with `missing[i][j]` True for a filler."""
+
+    query_ids: list[str]
+    queries: list[str]
+    positives: list[str]
+    negatives: list[list[str]]
+    missing: list[list[bool]]
+
+    def candidates(self) -> list[list[str]]:
+        return [[p, *negs] for p, negs in zip(self.positives, self.negatives)]
+
+    def to_dataset(self, labels: list | None = None) -> datasets.Dataset:
+        """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect."""
+        columns = {"query": self.queries, "positive": self.positives}
+        for j in range(len(self.negatives[0]) if self.negatives else 0):
+            columns[f"negative_{j + 1}"] = [negs[j] for negs in self.negatives]
+        if labels is not None:
+            columns["label"] = labels
+        return datasets.Dataset.from_dict(columns)
+
+
+def build_rows(
+    data: RunData, negatives: dict[str, list[str]], count: int, *, drop_incomplete: bool = False
+) -> TrainingRows:
+    """Training rows from mined negatives: the positive is the query's highest-graded document; a query with
+    fewer than `count` negatives is padded with FILLER (or dropped with `drop_incomplete`, as in-batch
+    candidates cannot be masked)."""
+    split = data.train
+    queries = split.split_queries()
+    kept = []
+    for qid, negs in negatives.items():
+        judged = split.qrels.get(qid, {})
+        best = max(judged.items(), key=lambda kv: kv[1], default=(None, 0))
+        if best[1] <= 0 or (drop_incomplete and len(negs) < count):
+            continue
+        kept.append((qid, best[0], negs[:count]))
+    if len(kept) < len(negatives):
+        logger.info("training rows: %d of %d queries kept", len(kept), len(negatives))
+    doc_ids = sorted({d for _, pos, negs in kept for d in (pos, *negs)})
+    text_of = dict(zip(doc_ids, data.doc_texts(doc_ids))) if doc_ids else {}
+    return TrainingRows(
+        query_ids=[q for q, _, _ in kept],
+        queries=[queries[q] for q, _, _ in kept],
+        positives=[text_of[p] for _, p, _ in kept],
+        negatives=[[text_of[d] for d in negs] + [FILLER] * (count - len(negs)) for _, _, negs in kept],
+        missing=[[False] * len(negs) + [True] * (count - len(negs)) for _, _, negs in kept],
+    )

@@ -1,0 +1,76 @@
+"""Training the student for one stage with SentenceTransformerTrainer: checkpoints in the stage folder, so a
+killed stage resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import cos_sim, dot_score
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+COSINE_SCALE = 20.0  # MultipleNegativesRankingLoss's scale for cosine similarities (a softmax over [-1, 1] is flat)
+
+
+def score_scale(model: SentenceTransformer) -> float:
+    """Multiplier that turns the model's similarity into a logit: 20 for cosine models, 1 for dot product.
+    The same scale is applied to a bi-encoder teacher's scores so both sides of the KL are comparable."""
+    return COSINE_SCALE if model.similarity_fn_name in (None, "cosine") else 1.0
+
+
+def contrastive_loss(model: SentenceTransformer) -> MultipleNegativesRankingLoss:
+    """In-batch + hard-negative contrastive loss in the model's own similarity (PROD's warm-up)."""
+    cosine = model.similarity_fn_name in (None, "cosine")
+    return MultipleNegativesRankingLoss(model, scale=score_scale(model), similarity_fct=cos_sim if cosine else dot_score)
+
+
+def train_student(
+    model: SentenceTransformer,
+    dataset: datasets.Dataset,
+    loss: torch.nn.Module,
+    *,
+    workdir: Path,
+    lr: float,
+    epochs: float,
+    max_steps: int | None,
+    batch_size: int,
+    warmup_ratio: float,
+    seed: int,
+    no_duplicates: bool,
+    checkpoints: int = 4,
+) -> dict[str, float]:
+    """Train `model` in place on `dataset`, resuming from the newest checkpoint under `workdir` if any.
+    About `checkpoints` checkpoints are written over the stage; only the last one is kept."""
+    steps_per_epoch = max(1, -(-len(dataset) // batch_size))
+    total = max_steps or max(1, int(steps_per_epoch * epochs))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(workdir),
+        num_train_epochs=epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=2.0,  # PROD's gradient clip
+        seed=seed,
+        data_seed=seed,
+        save_strategy="steps",
+        save_steps=max(1, total // checkpoints),
+        save_total_limit=1,
+        logging_steps=max(1, total // 10),
+        report_to="none",
+        batch_sampler=BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER,
+        dataloader_drop_last=False,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    if last:
+        logger.info("resuming training from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    return {"steps": result.global_step, "train_loss": result.training_loss}

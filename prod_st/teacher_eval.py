@@ -1,0 +1,51 @@
+"""How strong a teacher is, and how far its student is from it, measured on dev the way PROD cares about:
+the teacher reranks the student's top-k (so both rank the same candidates), and the gap is the KL between
+their temperature softmaxes and their rank agreement over those candidates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from prod_st.evaluation import Run, compute_metrics
+from prod_st.stage_data import RunData
+
+
+def top_candidates(run: Run, depth: int) -> dict[str, list[str]]:
+    """Each query's top-`depth` doc ids in rank order."""
+    return {q: sorted(docs, key=docs.get, reverse=True)[:depth] for q, docs in run.items()}
+
+
+def rerank(teacher, run: Run, queries: dict[str, str], data: RunData, depth: int, *, scale: float = 1.0) -> Run:
+    """The teacher's scores (times `scale`) over each query's top-`depth` candidates of `run`."""
+    candidates = top_candidates(run, depth)
+    qids = [q for q in candidates if candidates[q]]
+    texts = [data.doc_texts(candidates[q]) for q in qids]
+    scores = teacher.score([queries[q] for q in qids], texts)
+    return {q: {d: scale * s for d, s in zip(candidates[q], row)} for q, row in zip(qids, scores)}
+
+
+def rerank_metrics(teacher_run: Run, qrels: dict, relevance_level: int = 1) -> dict[str, float]:
+    return compute_metrics(qrels, teacher_run, relevance_level)
+
+
+def gap(student_run: Run, teacher_run: Run, *, student_scale: float, temperature: float = 4.0) -> dict[str, float]:
+    """Mean over queries of T^2 * KL(softmax(t/T) || softmax(s/T)) on the teacher-reranked candidates, the
+    Kendall tau between the two orderings, and how often both put the same document first."""
+    kls, taus, top1 = [], [], []
+    for qid, t_scores in teacher_run.items():
+        docs = list(t_scores)
+        if len(docs) < 2:
+            continue
+        t = np.array([t_scores[d] for d in docs], dtype=np.float64) / temperature
+        s = np.array([student_run[qid][d] * student_scale for d in docs], dtype=np.float64) / temperature
+        log_p, log_q = t - np.logaddexp.reduce(t), s - np.logaddexp.reduce(s)
+        kls.append(temperature**2 * float(np.sum(np.exp(log_p) * (log_p - log_q))))
+        tau = kendalltau(t, s).statistic
+        taus.append(0.0 if math.isnan(tau) else float(tau))
+        top1.append(float(np.argmax(t) == np.argmax(s)))
+    if not kls:
+        return {"kl": float("nan"), "kendall_tau": float("nan"), "top1_agreement": float("nan")}
+    return {"kl": float(np.mean(kls)), "kendall_tau": float(np.mean(taus)), "top1_agreement": float(np.mean(top1))}

@@ -1,0 +1,82 @@
+"""Turning a recipe's teacher entry into a ready teacher: load a pretrained one, or train PROD's own from a
+backbone (negatives mined by the model the entry names), both cached so a rerun never retrains."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from sentence_transformers import SentenceTransformer
+
+from prod_st.mining import NegativeWindow, mine_negatives
+from prod_st.models import load_model
+from prod_st.stage_data import RunData, build_rows
+from prod_st.student_training import score_scale
+from prod_st.teachers import BiEncoderTeacher, CrossEncoderTeacher, train_bi_encoder, train_cross_encoder
+
+logger = logging.getLogger(__name__)
+TEACHER_NEGATIVE_WINDOW = 30  # teacher training samples its negatives from the miner's top 30
+
+
+class TeacherPool:
+    """The recipe's teachers by name, built on first use and kept for the run."""
+
+    def __init__(self, specs: dict, data: RunData, *, seed: int, eval_batch_size: int = 64, index: str = "Flat"):
+        self.specs = specs
+        self.data = data
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.index = index
+        self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher] = {}
+
+    def get(self, name: str, student: SentenceTransformer | None = None):
+        if name not in self._built:
+            self._built[name] = self._build(name, student)
+        return self._built[name]
+
+    def scale(self, name: str) -> float:
+        """Multiplier turning the teacher's scores into logits (cosine x 20 for a cosine bi-encoder; a
+        cross-encoder's raw logits as they are)."""
+        teacher = self._built[name]
+        return score_scale(teacher.model) if isinstance(teacher, BiEncoderTeacher) else 1.0
+
+    def miner_model(self, miner: str, student: SentenceTransformer) -> SentenceTransformer:
+        """The model a `negatives.miner` entry names: the student, a bi-encoder teacher, or a model id/path."""
+        if miner == "student":
+            return student
+        if miner in self.specs:
+            return self.get(miner, student).model
+        return load_model(miner)
+
+    def _build(self, name: str, student: SentenceTransformer | None):
+        spec = self.specs[name]
+        bi = spec.kind == "bi-encoder"
+        if spec.model is not None:
+            logger.info("teacher %r: pretrained %s", name, spec.model)
+            model = spec.model
+        else:
+            model = self._train(name, spec, student)
+        if bi:
+            return BiEncoderTeacher(model, batch_size=spec.batch_size, name=name)
+        return CrossEncoderTeacher(model, batch_size=spec.batch_size, max_length=spec.max_length, name=name)
+
+    def _train(self, name: str, spec, student: SentenceTransformer | None):
+        train = spec.train
+        miner_name = train.negatives_from
+        miner = self.miner_model(miner_name, student) if miner_name else load_model(train.backbone)
+        query_ids = sorted(self.data.train.qrels)
+        if train.train_queries is not None and train.train_queries < len(query_ids):
+            query_ids = sorted(random.Random(self.seed).sample(query_ids, train.train_queries))
+        window = NegativeWindow(1, TEACHER_NEGATIVE_WINDOW, train.num_negatives, "sample")
+        negatives = mine_negatives(miner, self.data.train, window, seed=self.seed, query_ids=query_ids,
+                                   index_factory=self.index, batch_size=self.eval_batch_size)
+        rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True)
+        triples = list(zip(rows.queries, rows.positives, rows.negatives))
+        epochs = train.epochs
+        if train.max_steps:
+            epochs = train.max_steps / max(1, -(-len(triples) // train.batch_size))
+        logger.info("teacher %r: training a %s from %s on %d queries", name, spec.kind, train.backbone, len(triples))
+        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=self.seed)
+        if spec.kind == "bi-encoder":
+            return train_bi_encoder(train.backbone, triples, max_length=train.max_length, **common)
+        return train_cross_encoder(train.backbone, triples, max_length=train.max_length or 256, **common)

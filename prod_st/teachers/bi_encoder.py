@@ -1,0 +1,101 @@
+"""Bi-encoder teacher: every text embedded once, cached, and scores as dot products of cached vectors.
+
+Also what the frozen stage-start student behind PROD's regulariser is wrapped in: any SentenceTransformer
+whose weights no longer change is a `BiEncoderTeacher`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from prod_st.errors import ProdStError
+from prod_st.evaluation import encode_texts
+from prod_st.models import load_model
+from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
+from prod_st.teachers.cache import EmbeddingCache, fill_missing
+from prod_st.teachers.fingerprint import model_fingerprint, text_key
+
+
+class BiEncoderTeacher:
+    """Scores candidates by the model's own similarity: dot product, or cosine when the model was trained
+    with cosine (its `similarity_fn_name`; vectors are then cached normalised, so a dot product is the cosine).
+
+    Embeddings are cached per text under `<cache_root>/<model fingerprint>/embeddings/`; only texts never
+    seen by these exact weights and settings are encoded, `chunk_size` texts per written shard. The model
+    must not be trained while wrapped (its fingerprint is taken once, here).
+    """
+
+    kind: TeacherKind = "bi-encoder"
+
+    def __init__(
+        self,
+        model: SentenceTransformer | str | Path,
+        *,
+        batch_size: int = 64,
+        cache_root: str | Path | None = None,
+        chunk_size: int = 4096,
+        name: str | None = None,
+    ) -> None:
+        self.model = model if isinstance(model, SentenceTransformer) else load_model(model)
+        self.name = name or model_name(self.model, None if isinstance(model, SentenceTransformer) else model)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.fingerprint = model_fingerprint(self.model)
+        self.cache_folder = teacher_cache_root(cache_root) / self.fingerprint
+        self.cache = EmbeddingCache(self.cache_folder / "embeddings")
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return encode_texts(self.model, texts, batch_size=self.batch_size, show_progress_bar=False)
+
+    def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        """(len(texts), dim) float32 embeddings (normalised for cosine models), encoding only uncached texts."""
+        keys = [text_key(t) for t in texts]
+        fill_missing(
+            self.cache, dict(zip(keys, texts)), self._encode, chunk_size=self.chunk_size, length=len,
+            progress=progress, desc=f"embedding ({self.name})",
+        )
+        if not keys:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return self.cache.matrix(keys)
+
+    @property
+    def dimension(self) -> int:
+        """Embedding width."""
+        return int(self.model.get_embedding_dimension() or 0)
+
+    def score(
+        self, queries: list[str], candidate_lists: list[list[str]], *, progress: bool = True
+    ) -> list[list[float]]:
+        """Per query, its similarity to each of its candidates (raw dot products / cosines)."""
+        check_rows(queries, candidate_lists)
+        flat = [c for cands in candidate_lists for c in cands]
+        vectors = self.embed(list(queries) + flat, progress=progress)
+        q, docs = vectors[: len(queries)], vectors[len(queries) :]
+        scores, start = [], 0
+        for i, cands in enumerate(candidate_lists):
+            block = docs[start : start + len(cands)]
+            scores.append((block @ q[i]).astype(np.float32).tolist())
+            start += len(cands)
+        return scores
+
+    def embeddings_for_rows(self, queries: list[str], candidate_lists: list[list[str]]) -> torch.Tensor:
+        """(B, N+2, D) float32 teacher embeddings of [query, positive, neg_1..neg_N] per row: PRODLoss's
+        in-batch `labels`. Every row needs the same number of candidates."""
+        check_rows(queries, candidate_lists)
+        widths = {len(c) for c in candidate_lists}
+        if len(widths) > 1:
+            raise ProdStError(
+                f"every row needs the same number of candidates for in-batch labels, got {sorted(widths)}"
+            )
+        rows = [[q, *cands] for q, cands in zip(queries, candidate_lists)]
+        if not rows:
+            return torch.zeros((0, 0, self.dimension), dtype=torch.float32)
+        vectors = self.embed([t for row in rows for t in row])
+        return torch.from_numpy(np.ascontiguousarray(vectors)).reshape(len(rows), len(rows[0]), -1)
+
+    def __repr__(self) -> str:
+        return f"BiEncoderTeacher({self.name!r}, fingerprint={self.fingerprint[:12]})"

@@ -1,0 +1,220 @@
+"""Training PROD's own teachers when a recipe has none pretrained, cached like scores.
+
+- `train_cross_encoder`: a backbone + new 1-logit head, listwise softmax cross-entropy over 1 positive + N
+  hard negatives per query (PROD's cross-encoder teacher recipe).
+- `train_bi_encoder`: a SentenceTransformer trained contrastively (in-batch + hard negatives).
+
+Both store the trained model under `<cache_root>/trained/<key>/` with a `DONE` marker, the key hashing the
+base model's weights, the training rows and every hyperparameter: the same inputs return the saved model and
+never train twice. The model is saved to a temp folder and renamed into place before `DONE` is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import datasets
+import transformers
+from sentence_transformers import (
+    CrossEncoder,
+    CrossEncoderTrainer,
+    CrossEncoderTrainingArguments,
+    SentenceTransformer,
+    SentenceTransformerTrainer,
+    SentenceTransformerTrainingArguments,
+)
+from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import cos_sim, dot_score
+
+from prod_st.distributed import barrier, is_main
+from prod_st.errors import ProdStError
+from prod_st.models import load_model
+from prod_st.teachers.base import teacher_cache_root
+from prod_st.teachers.cross_encoder import load_cross_encoder
+from prod_st.teachers.fingerprint import model_fingerprint, text_key
+
+logger = logging.getLogger(__name__)
+
+TrainRow = tuple[str, str, Sequence[str]]  # (query, positive, [hard negatives])
+M = TypeVar("M", CrossEncoder, SentenceTransformer)
+
+
+class ListwiseSoftmaxLoss(CEMultipleNegativesRankingLoss):
+    """Softmax cross-entropy over each query's own list [positive, neg_1..neg_N] of raw logits.
+
+    Why this loss: PROD trains its cross-encoders with -log softmax(logits over 1 positive + N hard negatives)
+    [positive]. sentence-transformers' cross-encoder MultipleNegativesRankingLoss computes exactly
+    CrossEntropy(logits over [positive, in-batch negatives, hard negatives], target = positive), so with no
+    in-batch negatives, no activation (`activation_fn=None`, where its default sigmoid would squash logits to
+    [0, 1]) and `scale=1` it IS that loss. ListNetLoss is not: it targets softmax(labels), so binary labels
+    [1, 0, .., 0] give the positive only e / (e + N - 1) of the target mass instead of all of it.
+    MNRL's `num_negatives=0` cannot express "no in-batch negatives" (torch.multinomial refuses 0 samples),
+    hence this one-method override.
+    """
+
+    def __init__(self, model: CrossEncoder) -> None:
+        super().__init__(model, num_negatives=0, scale=1.0, activation_fn=None)
+
+    def get_in_batch_negatives(self, anchors: list[str], candidates: list[list[str]]):  # noqa: ARG002
+        return iter(())
+
+
+def _rows_dataset(rows: Sequence[TrainRow], *, min_negatives: int) -> datasets.Dataset:
+    """Columns query, positive, negative_1..negative_N (N the same for every row, >= min_negatives)."""
+    if not rows:
+        raise ProdStError("no training rows for the teacher")
+    counts = {len(negs) for _, _, negs in rows}
+    if len(counts) > 1:
+        raise ProdStError(f"every training row needs the same number of hard negatives, got {sorted(counts)}")
+    n = counts.pop()
+    if n < min_negatives:
+        raise ProdStError(f"teacher training needs at least {min_negatives} hard negative(s) per row, got {n}")
+    columns: dict[str, list[str]] = {"query": [r[0] for r in rows], "positive": [r[1] for r in rows]}
+    for j in range(n):
+        columns[f"negative_{j + 1}"] = [r[2][j] for r in rows]
+    return datasets.Dataset.from_dict(columns)
+
+
+def rows_key(rows: Sequence[TrainRow]) -> str:
+    """Hash of the training rows, order and structure included."""
+    return text_key(*(t for q, p, negs in rows for t in (q, p, str(len(negs)), *negs)))
+
+
+def _cached_training(
+    kind: str,
+    base: M,
+    rows: Sequence[TrainRow],
+    settings: dict[str, Any],
+    cache_root: str | Path | None,
+    train: Callable[[M, Path], None],
+    load: Callable[[Path], M],
+) -> M:
+    """Return the model trained from `base` on `rows` with `settings`, training (via `train(model, workdir)`)
+    only when `<cache_root>/trained/<key>/DONE` does not exist yet."""
+    key = text_key(model_fingerprint(base), rows_key(rows), settings={"kind": kind, **settings})
+    trained = teacher_cache_root(cache_root) / "trained"
+    final = trained / key
+    if (final / "DONE").exists():
+        logger.info("%s teacher: cached at %s, no training", kind, final)
+        return load(final)
+    workdir = trained / f".{key}.work-{os.getpid()}"
+    started = time.time()
+    train(base, workdir / "trainer")
+    if is_main():
+        base.save(str(workdir / "model"))
+        if final.exists():  # a half-finished earlier save (renamed, no DONE): not trusted
+            shutil.rmtree(final)
+        os.replace(workdir / "model", final)
+        marker = {"kind": kind, "settings": settings, "rows": len(rows), "seconds": round(time.time() - started, 1)}
+        (final / "DONE.tmp").write_text(json.dumps(marker, indent=1, default=str))
+        os.replace(final / "DONE.tmp", final / "DONE")
+        shutil.rmtree(workdir, ignore_errors=True)
+        logger.info("%s teacher: trained in %.0f s, saved to %s", kind, time.time() - started, final)
+    barrier()
+    return load(final)
+
+
+def _common_args(workdir: Path, epochs: float, batch_size: int, lr: float, seed: int, warmup_ratio: float) -> dict:
+    return dict(
+        output_dir=str(workdir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
+        warmup_ratio=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed, save_strategy="no",
+        report_to="none", logging_steps=50,
+    )
+
+
+def train_cross_encoder(
+    backbone: CrossEncoder | str | Path,
+    train_rows: Sequence[TrainRow],
+    *,
+    output_dir: str | Path | None = None,
+    epochs: float = 1,
+    batch_size: int = 8,
+    lr: float = 3e-5,
+    max_length: int | None = 256,
+    seed: int = 42,
+    warmup_ratio: float = 0.1,
+    cache_root: str | Path | None = None,
+) -> CrossEncoder:
+    """Train a 1-logit cross-encoder teacher with listwise softmax CE over [positive, hard negatives] per
+    query (`ListwiseSoftmaxLoss`) and return it loaded from the cache (raw-logit activation).
+
+    `backbone`: a CrossEncoder with a 1-logit head, or a name/folder (an encoder or SentenceTransformer gets a
+    new 1-logit head, initialised under `seed`). `train_rows`: (query, positive, [N hard negatives]), the same
+    N >= 1 for every row. `output_dir`: the trainer's working folder (logs only, no checkpoints); by default
+    a temp folder in the cache. `max_length`: truncation of the (query, document) pair, None = the model's.
+    """
+    transformers.set_seed(seed)
+    if isinstance(backbone, CrossEncoder):
+        model = backbone
+        if max_length is not None:
+            model.max_seq_length = max_length
+    else:
+        model = load_cross_encoder(backbone, max_length=max_length, num_labels=1)
+    if model.num_labels != 1:
+        raise ProdStError(f"a cross-encoder teacher needs a 1-logit head, this one has {model.num_labels}")
+    dataset = _rows_dataset(train_rows, min_negatives=1)
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length, seed=seed,
+                    warmup_ratio=warmup_ratio, loss="listwise-softmax-ce")
+
+    def train(model: CrossEncoder, workdir: Path) -> None:
+        args = CrossEncoderTrainingArguments(
+            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio)
+        )
+        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=ListwiseSoftmaxLoss(model))
+        trainer.train()
+
+    def load(path: Path) -> CrossEncoder:
+        return load_cross_encoder(path)
+
+    return _cached_training("cross-encoder", model, train_rows, settings, cache_root, train, load)
+
+
+def train_bi_encoder(
+    base: SentenceTransformer | str | Path,
+    train_rows: Sequence[TrainRow],
+    *,
+    output_dir: str | Path | None = None,
+    epochs: float = 1,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    max_length: int | None = None,
+    seed: int = 42,
+    warmup_ratio: float = 0.1,
+    cache_root: str | Path | None = None,
+) -> SentenceTransformer:
+    """Train a bi-encoder teacher contrastively (MultipleNegativesRankingLoss: in-batch negatives plus each
+    row's hard negatives as extra columns, batches without duplicate texts) and return it from the cache.
+
+    The similarity is the model's own: cosine models use cosine x 20 (the loss's default scale), dot-product
+    models the raw dot product. `train_rows`: (query, positive, [N hard negatives]), the same N >= 0 for every
+    row. `output_dir`: the trainer's working folder (logs only); by default a temp folder in the cache.
+    """
+    transformers.set_seed(seed)
+    model = base if isinstance(base, SentenceTransformer) else load_model(base)
+    if max_length is not None:
+        model.max_seq_length = max_length
+    dataset = _rows_dataset(train_rows, min_negatives=0)
+    cosine = model.similarity_fn_name in (None, "cosine")
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length, seed=seed,
+                    warmup_ratio=warmup_ratio, loss="mnrl-cos20" if cosine else "mnrl-dot")
+
+    def train(model: SentenceTransformer, workdir: Path) -> None:
+        loss = MultipleNegativesRankingLoss(
+            model, scale=20.0 if cosine else 1.0, similarity_fct=cos_sim if cosine else dot_score
+        )
+        args = SentenceTransformerTrainingArguments(
+            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio),
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+        )
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+
+    return _cached_training("bi-encoder", model, train_rows, settings, cache_root, train, load_model)

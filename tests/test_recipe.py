@@ -1,0 +1,321 @@
+"""The recipe schema and its loading: fast, no models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prod_st.errors import ProdStError
+from prod_st.recipe import Recipe, embedded_recipes, load_recipe, parse_recipe
+
+MINIMAL = {
+    "name": "mini",
+    "data": {"dataset": "wordnet-gloss"},
+    "student": {"init": "all-MiniLM-L6-v2", "num_layers": 3},
+    "teachers": {
+        "bi": {"kind": "bi-encoder", "model": "all-MiniLM-L6-v2"},
+        "ce": {"kind": "cross-encoder", "train": {"backbone": "all-MiniLM-L6-v2", "negatives_from": "bi"}},
+    },
+    "stages": [
+        {"name": "warmup", "kind": "warmup"},
+        {"name": "bi", "kind": "distill", "teacher": "bi", "candidates": "in_batch"},
+        {"name": "ce", "kind": "distill", "teacher": "ce", "loss": {"reg_weight": 1.0}},
+    ],
+    "dpd": {"teacher": "ce"},
+}
+
+
+def recipe_dict(**changes) -> dict:
+    data = copy.deepcopy(MINIMAL)
+    data.update(changes)
+    return data
+
+
+def write(tmp_path: Path, data, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def error_of(tmp_path: Path, data) -> str:
+    with pytest.raises(ProdStError) as info:
+        load_recipe(write(tmp_path, data))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------------------ embedded recipes
+@pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
+def test_embedded_recipes_load(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert [s.kind for s in recipe.stages] == ["warmup", "distill", "distill"]
+    assert [s.teacher for s in recipe.stages] == [None, "bi", "ce"]
+    assert recipe.dpd is not None and recipe.dpd.teacher == "ce"
+    assert recipe.teachers["ce"].train.negatives_from == "bi"
+    assert name in embedded_recipes()
+
+
+def test_quickstart_is_small():
+    recipe = load_recipe("quickstart")
+    assert recipe.data.dataset == "wordnet-gloss"
+    assert recipe.student.num_layers == 3
+    assert recipe.data.train_queries and recipe.data.corpus_size
+    assert all(stage.max_steps for stage in recipe.stages)
+
+
+def test_wordnet_full_has_no_subsets():
+    data = load_recipe("wordnet-full").data
+    assert (data.train_queries, data.dev_queries, data.test_queries, data.corpus_size) == (None,) * 4
+
+
+def test_embedded_file_path_loads_too():
+    from prod_st.recipe import recipes_folder
+
+    assert load_recipe(recipes_folder() / "quickstart.yaml").fingerprint() == load_recipe("quickstart").fingerprint()
+
+
+# ------------------------------------------------------------------------------------------ defaults, dump, hash
+def test_defaults_filled():
+    recipe = parse_recipe(MINIMAL)
+    assert recipe.seed == 13
+    assert recipe.stages[0].loss.temperature == 4.0
+    assert (recipe.stages[1].loss.hard_weight, recipe.stages[1].loss.kd_weight) == (0.1, 0.9)
+    assert recipe.stages[1].loss.reg_weight == 0.0
+    assert recipe.stages[0].negatives.miner == "student"
+    assert (recipe.stages[0].negatives.start, recipe.stages[0].negatives.end) == (1, 100)
+    assert recipe.stages[0].lr == 5e-5 and recipe.stages[0].batch_size == 64
+    assert recipe.dpd.loss.reg_weight == 1.0 and recipe.dpd.lr == 1e-5 and recipe.dpd.rerank_depth == 50
+    assert recipe.dpd.rule.student_max == 15 and recipe.dpd.rule.variant == "msmarco"
+    assert recipe.student.max_query_length == 32 and recipe.student.max_doc_length == 144
+    assert recipe.teachers["ce"].train.lr == 2e-5 and recipe.teachers["ce"].batch_size == 64
+    assert recipe.eval.top_k == 1000 and recipe.eval.beir == []
+    assert "temperature: 4.0" in recipe.resolved_yaml()
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    first, second = load_recipe(path), load_recipe(path)
+    assert first.fingerprint() == second.fingerprint()
+    assert first.resolved_yaml() == second.resolved_yaml()
+    changed = recipe_dict()
+    changed["stages"][2]["lr"] = 4e-5
+    assert parse_recipe(changed).fingerprint() != first.fingerprint()
+    # Spelling out a default changes nothing.
+    explicit = recipe_dict(seed=13)
+    explicit["stages"][0]["loss"] = {"temperature": 4.0}
+    assert parse_recipe(explicit).fingerprint() == first.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
+def test_resolved_yaml_round_trips(tmp_path, name):
+    recipe = load_recipe(name)
+    again = load_recipe(write(tmp_path, recipe.resolved_yaml()))
+    assert again == recipe
+    assert again.resolved_yaml() == recipe.resolved_yaml()
+    assert again.fingerprint() == recipe.fingerprint()
+
+
+def test_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML reads `1e-5` as a string (YAML 1.1); the schema still takes it as a float.
+    text = write(tmp_path, MINIMAL).read_text().replace("name: warmup", "name: warmup\n  lr: 1e-5", 1)
+    assert load_recipe(write(tmp_path, text)).stages[0].lr == 1e-5
+
+
+def test_run_dir():
+    recipe = parse_recipe(MINIMAL)
+    assert recipe.run_dir() == Path("runs") / "mini"
+    assert recipe.run_dir(Path("/tmp/x")) == Path("/tmp/x")
+    assert parse_recipe(recipe_dict(output={"dir": "elsewhere/run"})).run_dir() == Path("elsewhere/run")
+
+
+# ------------------------------------------------------------------------------------------ schema errors
+def test_typo_key_is_named(tmp_path):
+    data = recipe_dict()
+    data["stages"][0]["lrr"] = 1e-5
+    message = error_of(tmp_path, data)
+    assert message.startswith(f"{tmp_path / 'recipe.yaml'}: ")
+    assert "stages.0.lrr: unknown key (did you mean 'lr'?)" in message
+
+
+def test_typo_top_level_and_nested(tmp_path):
+    data = recipe_dict(stagse=[])
+    data["teachers"]["ce"]["train"]["backbon"] = "x"
+    message = error_of(tmp_path, data)
+    assert "stagse: unknown key (did you mean 'stages'?)" in message
+    assert "teachers.ce.train.backbon: unknown key" in message
+
+
+def test_wrong_types_all_reported(tmp_path):
+    data = recipe_dict()
+    data["data"]["train_queries"] = "many"
+    data["stages"][1]["batch_size"] = True
+    message = error_of(tmp_path, data)
+    assert "data.train_queries: Input should be a valid integer" in message
+    assert "stages.1.batch_size: Input should be a valid integer" in message
+    assert "; " in message
+
+
+def test_missing_required(tmp_path):
+    data = recipe_dict()
+    del data["student"]
+    assert "student: required key missing" in error_of(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    "where, value, expected",
+    [
+        (("stages", 1, "lr"), 0, "stages.1.lr: Input should be greater than 0"),
+        (("stages", 1, "batch_size"), 0, "stages.1.batch_size: Input should be greater than or equal to 1"),
+        (("stages", 1, "epochs"), -1.0, "stages.1.epochs: Input should be greater than 0"),
+        (("stages", 1, "candidates"), "batch", "stages.1.candidates: Input should be 'list' or 'in_batch'"),
+        (("stages", 1, "name"), "Bad Name", "stages.1.name: 'Bad Name' is not a valid name: use lowercase"),
+        (("teachers", "Big"), {"kind": "bi-encoder", "model": "x"}, "teachers.Big: 'Big' is not a valid name"),
+        (("stages", 1, "loss"), {"temperature": 0}, "stages.1.loss.temperature: Input should be greater than 0"),
+        (("stages", 1, "negatives"), {"start": 50, "end": 10}, "stages.1.negatives: the rank window needs start"),
+        (("dpd", "rule"), {"student_max": 60}, "dpd: rerank_depth (50) must be >= rule.student_max (60)"),
+        (("teachers", "bi", "train"), {"backbone": "x", "lr": -1}, "teachers.bi.train.lr: Input should be greater"),
+    ],
+)
+def test_value_constraints(tmp_path, where, value, expected):
+    data = recipe_dict()
+    target = data
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    if where == ("teachers", "bi", "train"):
+        del data["teachers"]["bi"]["model"]
+    assert expected in error_of(tmp_path, data)
+
+
+def test_unknown_teacher_in_stage(tmp_path):
+    data = recipe_dict()
+    data["stages"][2]["teacher"] = "ce2"
+    assert "stages.2.teacher: unknown teacher 'ce2' (defined: bi, ce)" in error_of(tmp_path, data)
+
+
+def test_distill_needs_teacher_and_warmup_refuses_one(tmp_path):
+    data = recipe_dict()
+    del data["stages"][1]["teacher"]
+    data["stages"][0]["teacher"] = "bi"
+    message = error_of(tmp_path, data)
+    assert "stages.1.teacher: a distill stage needs a teacher" in message
+    assert "stages.0.teacher: a warmup stage" in message
+
+
+def test_in_batch_needs_bi_encoder_teacher(tmp_path):
+    data = recipe_dict()
+    data["stages"][2]["candidates"] = "in_batch"
+    message = error_of(tmp_path, data)
+    assert "stages.2.candidates: in_batch needs a bi-encoder teacher, 'ce' is a cross-encoder" in message
+
+
+def test_in_batch_warmup_is_fine():
+    data = recipe_dict()
+    data["stages"][0]["candidates"] = "in_batch"
+    assert parse_recipe(data).stages[0].candidates == "in_batch"
+
+
+def test_teacher_with_both_model_and_train(tmp_path):
+    data = recipe_dict()
+    data["teachers"]["bi"]["train"] = {"backbone": "all-MiniLM-L6-v2"}
+    message = error_of(tmp_path, data)
+    assert "teachers.bi: give exactly one of `model`" in message and "got both" in message
+
+
+def test_teacher_with_neither(tmp_path):
+    data = recipe_dict()
+    del data["teachers"]["bi"]["model"]
+    assert "teachers.bi: give exactly one of `model`" in error_of(tmp_path, data)
+
+
+def test_duplicate_stage_names(tmp_path):
+    data = recipe_dict()
+    data["stages"][2]["name"] = "bi"
+    assert "stages.2.name: duplicate stage name 'bi' (also stages.1)" in error_of(tmp_path, data)
+
+
+def test_miner_names(tmp_path):
+    data = recipe_dict()
+    data["stages"][1]["negatives"] = {"miner": "bi"}
+    data["stages"][2]["negatives"] = {"miner": "sentence-transformers/msmarco-MiniLM-L6-cos-v5"}
+    recipe = parse_recipe(data)  # a bi-encoder teacher, or any model path / id
+    assert recipe.stages[2].negatives.miner.startswith("sentence-transformers/")
+    data["stages"][1]["negatives"] = {"miner": "ce"}
+    assert "stages.1.negatives.miner: 'ce' is a cross-encoder teacher" in error_of(tmp_path, data)
+
+
+def test_negatives_from(tmp_path):
+    data = recipe_dict()
+    data["teachers"]["ce"]["train"]["negatives_from"] = "nope"
+    assert "teachers.ce.train.negatives_from: unknown teacher 'nope'" in error_of(tmp_path, data)
+    data["teachers"]["ce"]["train"]["negatives_from"] = "student"
+    parse_recipe(data)
+    data["teachers"]["bi"] = {"kind": "bi-encoder", "train": {"backbone": "x", "negatives_from": "ce"}}
+    assert "teachers.bi.train.negatives_from: 'ce' is a cross-encoder" in error_of(tmp_path, data)
+
+
+def test_reserved_teacher_name_and_cycles(tmp_path):
+    data = recipe_dict()
+    data["teachers"]["student"] = {"kind": "bi-encoder", "model": "x"}
+    assert "teachers.student: the name 'student' is reserved" in error_of(tmp_path, data)
+    data = recipe_dict()
+    data["teachers"]["b2"] = {"kind": "bi-encoder", "train": {"backbone": "x", "negatives_from": "bi"}}
+    data["teachers"]["bi"] = {"kind": "bi-encoder", "train": {"backbone": "x", "negatives_from": "b2"}}
+    assert "teachers: negatives_from goes round in a circle (bi -> b2 -> bi)" in error_of(tmp_path, data)
+
+
+def test_dpd_teacher_must_exist(tmp_path):
+    message = error_of(tmp_path, recipe_dict(dpd={"teacher": "big"}))
+    assert "dpd.teacher: unknown teacher 'big' (defined: bi, ce)" in message
+
+
+def test_no_stages(tmp_path):
+    assert "stages: List should have at least 1 item" in error_of(tmp_path, recipe_dict(stages=[]))
+
+
+# ------------------------------------------------------------------------------------------ file errors
+def test_yaml_syntax_error_has_line(tmp_path):
+    text = "name: broken\ndata:\n  dataset: wordnet-gloss\nstages: [\n  {name: a\n"
+    message = error_of(tmp_path, text)
+    assert "invalid YAML at line" in message
+
+
+def test_yaml_syntax_error_line_number(tmp_path):
+    text = "name: x\nseed: 1\ndata:\n  dataset: wordnet-gloss\n   bad: indent\n"
+    message = error_of(tmp_path, text)
+    assert "invalid YAML at line 5" in message
+
+
+def test_duplicate_yaml_key(tmp_path):
+    text = "name: x\nseed: 1\nseed: 2\n"
+    message = error_of(tmp_path, text)
+    assert "line 3" in message and "duplicate key 'seed' (first given at line 2)" in message
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "a list"), ("", "an empty file"), ("just text\n", "a str")])
+def test_top_level_must_be_mapping(tmp_path, text, kind):
+    message = error_of(tmp_path, text)
+    assert "top level must be a mapping" in message and kind in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProdStError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(ProdStError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_unknown_embedded_name():
+    with pytest.raises(ProdStError, match=r"recipe 'no-such-recipe' not found.*embedded: .*quickstart"):
+        load_recipe("no-such-recipe")
+
+
+def test_parse_recipe_direct():
+    assert isinstance(parse_recipe(MINIMAL), Recipe)
+    with pytest.raises(ProdStError, match="^my-source: "):
+        parse_recipe(recipe_dict(seed="x"), source="my-source")

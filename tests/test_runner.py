@@ -1,0 +1,172 @@
+"""`prod-st run` end to end on a tiny recipe (tiny models, a slice of wordnet-gloss), resume after a kill,
+and the run command's bad-input cases."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import prod_st.runner as runner_module
+from prod_st.errors import ProdStError
+from prod_st.recipe import load_recipe
+from prod_st.runner import Runner
+from prod_st_cli.main import main
+
+
+def tiny_recipe(model: str) -> dict:
+    negatives = {"miner": "student", "start": 1, "end": 20, "count": 2, "strategy": "sample"}
+    return {
+        "name": "tiny",
+        "seed": 3,
+        "data": {"dataset": "wordnet-gloss", "train_queries": 24, "dev_queries": 8, "test_queries": 8, "corpus_size": 150},
+        "student": {"init": model, "num_layers": 1, "max_query_length": 16, "max_doc_length": 32},
+        "teachers": {
+            "bi": {"kind": "bi-encoder", "train": {"backbone": model, "max_steps": 2, "batch_size": 8, "num_negatives": 1}},
+            "ce": {"kind": "cross-encoder", "train": {"backbone": model, "max_steps": 2, "batch_size": 4,
+                                                      "num_negatives": 2, "negatives_from": "bi", "max_length": 48},
+                   "max_length": 48},
+        },
+        "stages": [
+            {"name": "warmup", "kind": "warmup", "candidates": "in_batch", "negatives": negatives | {"count": 1},
+             "max_steps": 2, "batch_size": 8},
+            {"name": "bi", "teacher": "bi", "candidates": "in_batch", "negatives": negatives | {"count": 1},
+             "max_steps": 2, "batch_size": 8},
+            {"name": "ce", "teacher": "ce", "candidates": "list", "negatives": negatives,
+             "loss": {"reg_weight": 1.0}, "max_steps": 3, "batch_size": 4},
+        ],
+        "dpd": {"teacher": "ce", "rerank_depth": 15, "num_negatives": 2, "max_steps": 2, "batch_size": 4},
+        "eval": {"top_k": 100, "teacher_rerank_depth": 5},
+    }
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_model_dir) -> Path:
+    return write(tmp_path / "tiny.yaml", tiny_recipe(tiny_model_dir))
+
+
+def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    final = Runner(load_recipe(recipe_file), run_dir).run()
+
+    stages = ["00-init", "01-warmup", "02-bi", "03-ce", "04-dpd-1"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == stages
+    for name in stages:
+        assert (run_dir / name / "DONE").exists() and (run_dir / name / "student" / "modules.json").exists()
+    assert (run_dir / "recipe.yaml").read_text() == load_recipe(recipe_file).resolved_yaml()
+    ce = json.loads((run_dir / "03-ce" / "metrics.json").read_text())
+    assert ce["teacher"] == "ce" and ce["teacher_measured_as"].startswith("reranker")
+    assert set(ce["gap_after"]) == {"kl", "kendall_tau", "top1_agreement"}
+    assert ce["train"]["steps"] == 3
+    labels = __import__("datasets").load_from_disk(str(run_dir / "03-ce" / "train_data"))["label"]
+    assert all(len(row) == 3 for row in labels)  # positive + 2 negatives, teacher scores
+    dpd = json.loads((run_dir / "04-dpd-1" / "metrics.json").read_text())
+    assert sum(dpd["selection"].values()) == 24  # every training query counted once
+    assert final["num_test_queries"] == 8
+    assert set(final["test"]["teachers"]) == {"bi", "ce"}
+    assert 0.0 <= final["test"]["student"]["nDCG@10"] <= 1.0
+    student = __import__("sentence_transformers").SentenceTransformer(str(run_dir / "student"))
+    assert student.encode(["a query"]).shape == (1, 32)
+    report = (run_dir / "report.md").read_text()
+    assert "| 3 | ce | ce |" in report and "## Test" in report and (run_dir / "report.png").stat().st_size > 1000
+
+    # A rerun finds final.json and does no work at all: no model is trained or evaluated.
+    monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
+    assert Runner(load_recipe(recipe_file), run_dir).run() == final
+
+
+def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_train = runner_module.train_student
+    calls = []
+
+    def dies_in_ce(*args, **kwargs):
+        calls.append(kwargs["workdir"].parent.name)
+        if kwargs["workdir"].parent.name == "03-ce":
+            raise KeyboardInterrupt  # the process is killed mid-stage
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_student", dies_in_ce)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(load_recipe(recipe_file), run_dir).run()
+    assert (run_dir / "02-bi" / "DONE").exists() and not (run_dir / "03-ce" / "DONE").exists()
+
+    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: calls.append(k["workdir"].parent.name) or real_train(*a, **k))
+    Runner(load_recipe(recipe_file), run_dir).run()
+    # finished stages were not redone; the killed one ran again (DPD trains only if some query passed its rule)
+    assert calls[:4] == ["01-warmup", "02-bi", "03-ce", "03-ce"] and set(calls[4:]) <= {"04-dpd-1"}
+    assert (run_dir / "final.json").exists()
+
+
+def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
+    """A stage killed after a checkpoint restarts from it, not from step 0."""
+    from sentence_transformers import SentenceTransformer
+
+    from prod_st.student_training import contrastive_loss, train_student
+
+    import datasets
+
+    data = datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(16)], "positive": [f"p{i}" for i in range(16)]})
+    model = SentenceTransformer(tiny_model_dir)
+    kwargs = dict(workdir=tmp_path / "ck", lr=1e-4, epochs=1.0, batch_size=2, warmup_ratio=0.0, seed=0, no_duplicates=False)
+    train_student(model, data, contrastive_loss(model), max_steps=4, **kwargs)
+    assert (tmp_path / "ck" / "checkpoint-4").is_dir()
+    # same folder, longer schedule: resumes at step 4 and runs only the remaining steps
+    result = train_student(model, data, contrastive_loss(model), max_steps=6, checkpoints=3, **kwargs)
+    assert result["steps"] == 6
+
+
+# ---- bad input: one line, exit 2, nothing overwritten ----
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["prod-st", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    _, err = capsys.readouterr()
+    return info.value.code, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["stages"][0].update(lrr=1e-4), "stages.0.lrr"),
+        (lambda r: r["stages"][1].update(batch_size="eight"), "stages.1.batch_size"),
+        (lambda r: r["stages"][2].update(teacher="ce2"), "unknown teacher 'ce2'"),
+        (lambda r: r["data"].update(dataset="/no/such/data"), "does not exist"),
+    ],
+)
+def test_bad_recipes_fail_in_one_line(monkeypatch, capsys, tmp_path, tiny_model_dir, change, message):
+    recipe = tiny_recipe(tiny_model_dir)
+    change(recipe)
+    path = write(tmp_path / "bad.yaml", recipe)
+    code, errors = run_cli(monkeypatch, capsys, "run", str(path), "--output", str(tmp_path / "run"))
+    assert code == 2 and len(errors) == 1 and message in errors[0]
+
+
+def test_output_folder_of_another_recipe_is_refused_and_kept(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("name: something-else\n")
+    (run_dir / "precious.txt").write_text("keep me")
+    path = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir))
+    code, errors = run_cli(monkeypatch, capsys, "run", str(path), "--output", str(run_dir))
+    assert code == 2 and "holds a run of a different recipe" in errors[0]
+    assert (run_dir / "precious.txt").read_text() == "keep me"
+    assert (run_dir / "recipe.yaml").read_text() == "name: something-else\n"
+
+
+def test_validate_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prod-st", "validate", "quickstart", "wordnet-full"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert "quickstart: valid (warmup -> bi -> ce -> dpd x1)" in capsys.readouterr().out
