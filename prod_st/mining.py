@@ -23,7 +23,7 @@ from prod_st.data import RetrievalData
 from prod_st.distributed import barrier, is_main
 from prod_st.evaluation import build_index, search
 from prod_st.paths import cache_dir
-from prod_st.teachers.fingerprint import model_fingerprint, text_key
+from prod_st.fingerprint import model_fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 Strategy = Literal["sample", "hardest"]

@@ -242,8 +242,8 @@ class Evaluation(_Model):
     top_k: PosInt = 1000
     index: NonEmptyStr = Field("Flat", description="faiss index factory string")
     batch_size: PosInt = 64
-    teacher_rerank_depth: Annotated[int, Strict(), Field(ge=0)] = Field(
-        50, description="dev: a cross-encoder teacher is measured as a reranker of the student's top-k (0 = off)"
+    teacher_rerank_depth: PosInt = Field(
+        50, description="dev: teachers rerank the student's top-k (teacher strength for a cross-encoder, and the gap)"
     )
     beir: list[NonEmptyStr] = Field(default_factory=list, description="BEIR names or folders, zero-shot at the end")
 

@@ -31,11 +31,11 @@ from prod_st.distributed import barrier, is_main, world_size
 from prod_st.dpd import select_queries
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_model
-from prod_st.losses import PRODLoss
 from prod_st.mining import NegativeWindow, mine_negatives, retrieve_ranked
 from prod_st.models import build_student
 from prod_st.stage_data import RunData, TrainingRows, build_rows, load_run_data
-from prod_st.student_training import contrastive_loss, score_scale, train_student
+from prod_st.losses import PRODLoss, contrastive_loss, score_scale
+from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, top_candidates
 from prod_st.teacher_setup import TeacherPool
 from prod_st.teachers import BiEncoderTeacher
@@ -213,21 +213,25 @@ class Runner:
         if stage.kind == "warmup":
             loss, dataset = contrastive_loss(student), rows.to_dataset()
         else:
-            teacher = self.check_teacher(stage.teacher, student, previous_folder, record, records)
+            self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
                 dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates))
             loss = self.prod_loss(student, stage.candidates, stage.loss)
         self.save_train_data(folder, dataset)
-        with step(f"{stage.name}: train ({len(dataset)} queries)", record.seconds, "train"):
-            record.train = train_student(
-                student, dataset, loss, workdir=folder / "checkpoints", lr=stage.lr, epochs=stage.epochs,
-                max_steps=stage.max_steps, batch_size=stage.batch_size, warmup_ratio=stage.warmup_ratio,
-                seed=self.recipe.seed, no_duplicates=in_batch,
-            )
+        record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
-            record.gap_after = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student, record.seconds)
+            record.gap_after = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
         return self.finish_stage(folder, student, record)
+
+    def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool) -> dict:
+        """Train with the stage's (or DPD's) optimisation settings; checkpoints under <stage>/checkpoints."""
+        with step(f"{record.name}: train ({len(dataset)} queries)", record.seconds, "train"):
+            return train_student(
+                student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
+                max_steps=spec.max_steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
+                seed=self.recipe.seed, no_duplicates=no_duplicates,
+            )
 
     def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:
         previous = None
@@ -261,12 +265,14 @@ class Runner:
             dataset.save_to_disk(str(folder / "train_data"))
 
     # ---- teacher checks: is the teacher stronger than the student it teaches? -------------------------
-    def check_teacher(self, name: str, student, previous_folder: Path, record: StageRecord, records) -> object:
+    def check_teacher(
+        self, name: str, student, previous_folder: Path, record: StageRecord, records, temperature: float
+    ) -> object:
         with step(f"{record.name}: teacher {name!r} ready and measured on dev", record.seconds, "teacher"):
             teacher = self.teachers.get(name, student)
             measured = self.measure_teacher(name, previous_folder)
         record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
-        record.gap_before = self.measure_gap(name, previous_folder, 4.0, None, record.seconds)
+        record.gap_before = self.measure_gap(name, previous_folder, temperature, None)
         teacher_score = record.teacher_dev[HEADLINE]
         student_score = records[-1].student_dev[HEADLINE]
         logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
@@ -300,7 +306,7 @@ class Runner:
         metrics = rerank_metrics(run, self.data.dev.qrels, self.recipe.data.relevance_level)
         return {"as": f"reranker of the student's top {e.teacher_rerank_depth}", "metrics": metrics}
 
-    def measure_gap(self, name: str, student_folder: Path, temperature: float, student, seconds: dict) -> dict:
+    def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> dict:
         """KL and rank agreement between teacher and student over the student's dev top-k."""
         teacher = self.teachers.get(name)
         student_run = self.dev_run(student_folder)
@@ -319,7 +325,7 @@ class Runner:
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
-        teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records)
+        teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
         with step(f"{name}: student top-{spec.rerank_depth} on {len(queries)} training queries", record.seconds, "mine"):
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
@@ -347,14 +353,9 @@ class Runner:
             dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list"))
         self.save_train_data(folder, dataset)
         loss = self.prod_loss(student, "list", spec.loss)
-        with step(f"{name}: train ({len(dataset)} queries)", record.seconds, "train"):
-            record.train = train_student(
-                student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
-                max_steps=spec.max_steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
-                seed=self.recipe.seed, no_duplicates=False,
-            )
+        record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
-        record.gap_after = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student, record.seconds)
+        record.gap_after = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
         return self.finish_stage(folder, student, record)
 
     # ---- final test evaluation -----------------------------------------------------------------------

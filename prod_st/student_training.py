@@ -10,26 +10,9 @@ import datasets
 import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-from sentence_transformers.util import cos_sim, dot_score
 from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
-
-COSINE_SCALE = 20.0  # MultipleNegativesRankingLoss's scale for cosine similarities (a softmax over [-1, 1] is flat)
-
-
-def score_scale(model: SentenceTransformer) -> float:
-    """Multiplier that turns the model's similarity into a logit: 20 for cosine models, 1 for dot product.
-    The same scale is applied to a bi-encoder teacher's scores so both sides of the KL are comparable."""
-    return COSINE_SCALE if model.similarity_fn_name in (None, "cosine") else 1.0
-
-
-def contrastive_loss(model: SentenceTransformer) -> MultipleNegativesRankingLoss:
-    """In-batch + hard-negative contrastive loss in the model's own similarity (PROD's warm-up)."""
-    cosine = model.similarity_fn_name in (None, "cosine")
-    return MultipleNegativesRankingLoss(model, scale=score_scale(model), similarity_fct=cos_sim if cosine else dot_score)
-
 
 def train_student(
     model: SentenceTransformer,
@@ -56,7 +39,7 @@ def train_student(
         max_steps=max_steps or -1,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
-        warmup_ratio=warmup_ratio,
+        warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         max_grad_norm=2.0,  # PROD's gradient clip
         seed=seed,
         data_seed=seed,

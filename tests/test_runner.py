@@ -111,7 +111,8 @@ def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
     """A stage killed after a checkpoint restarts from it, not from step 0."""
     from sentence_transformers import SentenceTransformer
 
-    from prod_st.student_training import contrastive_loss, train_student
+    from prod_st.losses import contrastive_loss
+    from prod_st.student_training import train_student
 
     import datasets
 

@@ -17,7 +17,7 @@ from prod_st.evaluation import encode_texts
 from prod_st.models import load_model
 from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
 from prod_st.teachers.cache import EmbeddingCache, fill_missing
-from prod_st.teachers.fingerprint import model_fingerprint, text_key
+from prod_st.fingerprint import model_fingerprint, text_key
 
 
 class BiEncoderTeacher:

@@ -12,7 +12,7 @@ from prod_st.errors import ProdStError
 from prod_st.models import hub_reachable, resolve_model_path
 from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
 from prod_st.teachers.cache import ScoreCache, fill_missing
-from prod_st.teachers.fingerprint import model_fingerprint, text_key
+from prod_st.fingerprint import model_fingerprint, text_key
 
 
 def load_cross_encoder(

@@ -32,15 +32,14 @@ from sentence_transformers import (
 )
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-from sentence_transformers.util import cos_sim, dot_score
 
+from prod_st.losses.contrastive import contrastive_loss, is_cosine, score_scale
 from prod_st.distributed import barrier, is_main
 from prod_st.errors import ProdStError
 from prod_st.models import load_model
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
-from prod_st.teachers.fingerprint import model_fingerprint, text_key
+from prod_st.fingerprint import model_fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def _cached_training(
 def _common_args(workdir: Path, epochs: float, batch_size: int, lr: float, seed: int, warmup_ratio: float) -> dict:
     return dict(
         output_dir=str(workdir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
-        warmup_ratio=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed, save_strategy="no",
+        warmup_steps=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed, save_strategy="no",
         report_to="none", logging_steps=50,
     )
 
@@ -203,14 +202,11 @@ def train_bi_encoder(
     if max_length is not None:
         model.max_seq_length = max_length
     dataset = _rows_dataset(train_rows, min_negatives=0)
-    cosine = model.similarity_fn_name in (None, "cosine")
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length, seed=seed,
-                    warmup_ratio=warmup_ratio, loss="mnrl-cos20" if cosine else "mnrl-dot")
+                    warmup_ratio=warmup_ratio, loss=f"mnrl-{'cos' if is_cosine(model) else 'dot'}{score_scale(model):g}")
 
     def train(model: SentenceTransformer, workdir: Path) -> None:
-        loss = MultipleNegativesRankingLoss(
-            model, scale=20.0 if cosine else 1.0, similarity_fct=cos_sim if cosine else dot_score
-        )
+        loss = contrastive_loss(model)
         args = SentenceTransformerTrainingArguments(
             **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio),
             batch_sampler=BatchSamplers.NO_DUPLICATES,
