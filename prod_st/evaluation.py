@@ -149,3 +149,19 @@ def evaluate_model(
     seconds = {"encode_corpus": encoded - start, "search": searched - encoded, "total": time.perf_counter() - start}
     logger.info("evaluated %d queries over %d docs in %.1fs", len(queries), len(doc_ids), seconds["total"])
     return EvalResult(metrics, len(queries), len(doc_ids), seconds, run if keep_run else None)
+
+
+def evaluate_beir(
+    model: SentenceTransformer, datasets_: list[str], *, split: str = "test", **kwargs
+) -> dict[str, dict[str, float]]:
+    """Zero-shot evaluation on each BEIR set (a BEIR name, downloaded once with beir's utility, or a local
+    BEIR-format folder), and their average under "average"."""
+    from prod_st.data import load_retrieval_data
+
+    results = {}
+    for name in datasets_:
+        logger.info("BEIR %s: evaluating", name)
+        results[name] = evaluate_model(model, load_retrieval_data(name, split), **kwargs).metrics
+    if results:
+        results["average"] = {k: sum(m[k] for m in results.values()) / len(results) for k in METRICS}
+    return results

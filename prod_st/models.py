@@ -75,6 +75,23 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def set_pooling_and_similarity(model: SentenceTransformer, pooling: str | None, similarity: str | None) -> None:
+    """Switch the Pooling module's mode and the model's similarity in place (None leaves them)."""
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    if pooling is not None:
+        pools = [m for m in model if isinstance(m, Pooling)]
+        if not pools:
+            raise ProdStError(f"the model has no Pooling module to set to {pooling!r}")
+        pools[0].pooling_mode = pooling
+    if similarity == "dot":
+        for name, module in list(model.named_children()):
+            if isinstance(module, Normalize):
+                del model._modules[name]  # dot product on unnormalised vectors, as PROD
+    if similarity is not None:
+        model.similarity_fn_name = similarity
+
+
 def _layer_list(encoder: torch.nn.Module, num_layers: int) -> tuple[torch.nn.Module, str]:
     """The (parent, attribute) holding the encoder's transformer blocks: the ModuleList with one entry per
     hidden layer (`encoder.layer` in BERT/RoBERTa/MPNet/ERNIE, `transformer.layer` in DistilBERT, ...)."""
@@ -85,16 +102,27 @@ def _layer_list(encoder: torch.nn.Module, num_layers: int) -> tuple[torch.nn.Mod
     raise ProdStError(f"cannot find the {num_layers} transformer layers of {type(encoder).__name__}")
 
 
-def build_student(base: str | Path | SentenceTransformer, num_layers: int, output: str | Path | None = None):
+def build_student(
+    base: str | Path | SentenceTransformer,
+    num_layers: int | None,
+    output: str | Path | None = None,
+    *,
+    pooling: str | None = None,
+    similarity: str | None = None,
+):
     """PROD's student: the first `num_layers` transformer layers of `base` (embeddings, pooling and
-    normalisation kept), saved to `output` as a normal SentenceTransformer folder when given."""
+    normalisation kept), saved to `output` as a normal SentenceTransformer folder when given.
+    `pooling` ("cls" / "mean") and `similarity` ("dot" drops a Normalize module, "cosine") override the
+    model's own, e.g. PROD's CLS pooling with dot product for a raw encoder such as ERNIE-2.0."""
     model = base if isinstance(base, SentenceTransformer) else load_model(base)
+    set_pooling_and_similarity(model, pooling, similarity)
     encoder = model[0].auto_model
     config = encoder.config
     key = next((k for k in ("num_hidden_layers", "n_layers", "num_layers") if hasattr(config, k)), None)
     if key is None:
         raise ProdStError(f"{type(encoder).__name__} has no layer count in its config; cannot truncate it")
     total = getattr(config, key)
+    num_layers = total if num_layers is None else num_layers
     if not 1 <= num_layers <= total:
         raise ProdStError(f"num_layers must be between 1 and {total} for this model, got {num_layers}")
     parent, attr = _layer_list(encoder, total)

@@ -91,6 +91,9 @@ class Data(_Model):
         None, description="seeded random documents + every document judged for the used queries (None = all)"
     )
     relevance_level: PosInt = Field(1, description="qrels grades >= this are relevant (TREC DL: 2)")
+    test_relevance_level: Optional[PosInt] = Field(
+        None, description="relevance level of the test split when it differs (TREC DL test, MS MARCO dev: 2 vs 1)"
+    )
 
 
 class Student(_Model):
@@ -98,6 +101,12 @@ class Student(_Model):
 
     init: NonEmptyStr = Field(description="path, Hub id or packaged name")
     num_layers: Optional[PosInt] = Field(None, description="keep the first k layers (None = all)")
+    pooling: Optional[Literal["cls", "mean"]] = Field(
+        None, description="set the pooling (PROD: cls); None keeps the model's own"
+    )
+    similarity: Optional[Literal["dot", "cosine"]] = Field(
+        None, description="set the similarity (PROD: dot, no normalisation); None keeps the model's own"
+    )
     max_query_length: PosInt = 32
     max_doc_length: PosInt = 144
 

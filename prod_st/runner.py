@@ -30,7 +30,7 @@ from sentence_transformers import SentenceTransformer
 from prod_st.distributed import barrier, is_main, world_size
 from prod_st.dpd import select_queries
 from prod_st.errors import ProdStError
-from prod_st.evaluation import evaluate_model
+from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.mining import NegativeWindow, mine_negatives, retrieve_ranked
 from prod_st.models import build_student
 from prod_st.stage_data import RunData, TrainingRows, build_rows, load_run_data
@@ -184,7 +184,7 @@ class Runner:
         s = self.recipe.student
         record = StageRecord(0, "init", "init")
         with step("init: build the student", record.seconds, "build"):
-            student = build_student(s.init, s.num_layers) if s.num_layers else build_student(s.init, _layers(s.init))
+            student = build_student(s.init, s.num_layers, pooling=s.pooling, similarity=s.similarity)
             student.max_seq_length = s.max_doc_length
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         return self.finish_stage(folder, student, record)
@@ -366,8 +366,8 @@ class Runner:
                 shutil.rmtree(self.dir / "student")
             shutil.copytree(last / "student", self.dir / "student")
         e, test = self.recipe.eval, self.data.test
-        kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size,
-                      relevance_level=self.recipe.data.relevance_level)
+        level = self.recipe.data.test_relevance_level or self.recipe.data.relevance_level
+        kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size, relevance_level=level)
         timing: dict = {}
         with step("final: test evaluation", timing, "test"):
             final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
@@ -383,13 +383,18 @@ class Runner:
                 else:
                     run = rerank(teacher, final.run, queries, self.data, e.teacher_rerank_depth)
                     teachers[name] = {"as": f"reranker of the student's top {e.teacher_rerank_depth}",
-                                      **rerank_metrics(run, test.qrels, self.recipe.data.relevance_level)}
+                                      **rerank_metrics(run, test.qrels, level)}
+        beir = {}
+        if e.beir:
+            with step(f"final: zero-shot BEIR ({', '.join(e.beir)})", timing, "beir"):
+                beir = evaluate_beir(self.load_student(last), list(e.beir), **kwargs | {"relevance_level": 1})
         payload = {
             "recipe": self.recipe.name,
+            "beir": beir,
             "test": {"student": final.metrics, "student_before_training": initial.metrics, "teachers": teachers},
             "num_test_queries": final.num_queries,
             "num_docs": final.num_docs,
-            "seconds": {"run": round(seconds + timing["test"], 1), "test_eval": timing["test"]},
+            "seconds": {"run": round(seconds + sum(timing.values()), 1), **timing},
         }
         write_json(self.dir / "final.json", payload)
         logger.info("final test: student %s (before training %s)", _fmt(final.metrics), _fmt(initial.metrics))
@@ -399,9 +404,3 @@ class Runner:
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100") if k in metrics)
 
-
-def _layers(init: str) -> int:
-    from prod_st.models import load_model
-
-    model = load_model(init)
-    return model[0].auto_model.config.num_hidden_layers

@@ -61,3 +61,24 @@ def test_console_script_exit_code(toy_beir):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset folder")
+
+
+def test_eval_beir_prints_one_table_with_average(monkeypatch, capsys, toy_beir, tmp_path):
+    from conftest import TOY_CORPUS, TOY_QRELS, TOY_QUERIES, write_beir
+
+    second = write_beir(tmp_path / "second", TOY_CORPUS, TOY_QUERIES, {"q3": TOY_QRELS["q3"]})
+    output = tmp_path / "beir.json"
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", "--beir", f"{toy_beir},{second}", "--output", str(output)
+    )
+    assert code == 0, err
+    assert "zero-shot BEIR" in out and "average" in out
+    results = json.loads(output.read_text())["beir"]
+    assert set(results) == {str(toy_beir), str(second), "average"}
+    ndcg = [results[str(toy_beir)]["nDCG@10"], results[str(second)]["nDCG@10"]]
+    assert results["average"]["nDCG@10"] == pytest.approx(sum(ndcg) / 2)
+
+
+def test_eval_needs_data_or_beir(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2")
+    assert code == 2 and "give either DATA or --beir" in err

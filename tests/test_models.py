@@ -51,3 +51,19 @@ def test_unknown_model_is_one_line_error():
 def test_missing_model_folder():
     with pytest.raises(ProdStError, match="model folder './no/such/dir' does not exist"):
         load_model("./no/such/dir")
+
+
+def test_student_pooling_and_similarity_overrides(tiny_model_dir):
+    """PROD's student: CLS pooling and dot product, whatever the base model used."""
+    model = build_student(tiny_model_dir, None, pooling="cls", similarity="dot")
+    assert model[1].pooling_mode == "cls" and model.similarity_fn_name == "dot"
+    features = model.tokenize(["a cat"])
+    with torch.no_grad():
+        cls = model[0].auto_model(**features).last_hidden_state[:, 0]
+    torch.testing.assert_close(model.encode(["a cat"], convert_to_tensor=True), cls)
+
+
+def test_dot_similarity_drops_normalisation():
+    model = build_student("all-MiniLM-L6-v2", 2, similarity="dot")
+    assert "Normalize" not in [type(m).__name__ for m in model]
+    assert model.similarity_fn_name == "dot"

@@ -319,3 +319,24 @@ def test_parse_recipe_direct():
     assert isinstance(parse_recipe(MINIMAL), Recipe)
     with pytest.raises(ProdStError, match="^my-source: "):
         parse_recipe(recipe_dict(seed="x"), source="my-source")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.stages and recipe.eval.top_k >= 100
+
+
+def test_benchmark_recipes_follow_prod():
+    """The paper's schedule: first 6 of 12 layers, CLS + dot, growing teachers, T = 4, 0.1 / 0.9 / 1.0."""
+    for name in ("msmarco-passage", "msmarco-doc", "trec-dl19-passage", "trec-dl19-doc", "nq"):
+        recipe = load_recipe(name)
+        assert (recipe.student.num_layers, recipe.student.pooling, recipe.student.similarity) == (6, "cls", "dot")
+        assert [s.teacher for s in recipe.stages] == [None, "de", "ce12", "ce24"]
+        assert [recipe.teachers[t].kind for t in ("de", "ce12", "ce24")] == ["bi-encoder", "cross-encoder", "cross-encoder"]
+        ce = recipe.stages[2]
+        assert (ce.loss.temperature, ce.loss.hard_weight, ce.loss.kd_weight, ce.loss.reg_weight) == (4.0, 0.1, 0.9, 1.0)
+        assert ce.negatives.count == 15 and recipe.dpd.lr == 1e-5 and recipe.dpd.teacher == "ce24"
+    assert load_recipe("nq").dpd.rule.variant == "nq"
+    assert load_recipe("trec-dl19-passage").data.test_relevance_level == 2

@@ -49,8 +49,10 @@ def write(path: Path, recipe: dict) -> Path:
 
 
 @pytest.fixture
-def recipe_file(tmp_path, tiny_model_dir) -> Path:
-    return write(tmp_path / "tiny.yaml", tiny_recipe(tiny_model_dir))
+def recipe_file(tmp_path, tiny_model_dir, toy_beir) -> Path:
+    recipe = tiny_recipe(tiny_model_dir)
+    recipe["eval"]["beir"] = [str(toy_beir)]  # a local BEIR folder, zero-shot at the end of the run
+    return write(tmp_path / "tiny.yaml", recipe)
 
 
 def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, monkeypatch):
@@ -72,6 +74,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert sum(dpd["selection"].values()) == 24  # every training query counted once
     assert final["num_test_queries"] == 8
     assert set(final["test"]["teachers"]) == {"bi", "ce"}
+    assert set(final["beir"]) == {str(tmp_path / "toy"), "average"}
     assert 0.0 <= final["test"]["student"]["nDCG@10"] <= 1.0
     student = __import__("sentence_transformers").SentenceTransformer(str(run_dir / "student"))
     assert student.encode(["a query"]).shape == (1, 32)

@@ -60,6 +60,8 @@ def run_command(
     for label, metrics in rows:
         table.add_row(label, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")))
     console.print(table)
+    if final.get("beir"):
+        print_beir_table("student: zero-shot BEIR", final["beir"])
     console.print(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
 
 
@@ -79,7 +81,8 @@ def validate_command(
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder, Hub id, or packaged name (all-MiniLM-L6-v2).")],
-    data: Annotated[str, typer.Argument(help="BEIR folder, embedded name (wordnet-gloss) or BEIR name.")],
+    data: Annotated[Optional[str], typer.Argument(help="BEIR folder, embedded name (wordnet-gloss) or BEIR name.")] = None,
+    beir: Annotated[Optional[str], typer.Option(help="Comma-separated BEIR names or folders, zero-shot: one table.")] = None,
     split: Annotated[str, typer.Option(help="qrels split to evaluate.")] = "test",
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     top_k: Annotated[int, typer.Option(help="Documents retrieved per query.")] = 1000,
@@ -88,35 +91,55 @@ def eval_command(
     relevance_level: Annotated[int, typer.Option(help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
     max_queries: Annotated[Optional[int], typer.Option(help="Evaluate only the first N judged queries.")] = None,
 ) -> None:
-    """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval."""
+    """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
+    zero-shot on the --beir sets."""
     from prod_st.data import load_retrieval_data
     from prod_st.distributed import is_main
-    from prod_st.evaluation import evaluate_model
+    from prod_st.errors import ProdStError
+    from prod_st.evaluation import evaluate_beir, evaluate_model
     from prod_st.models import load_model
 
+    if (data is None) == (beir is None):
+        raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
     if not is_main():
         return  # evaluation is rank 0's job; other ranks have nothing to write
-    dataset = load_retrieval_data(data, split)
-    encoder = load_model(model)
-    result = evaluate_model(
-        encoder, dataset, top_k=top_k, index_factory=index, batch_size=batch_size,
-        relevance_level=relevance_level, max_queries=max_queries,
-    )
-    table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
-    for name in result.metrics:
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
-    console.print(table)
-    console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
-    if output is not None:
+    kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, relevance_level=relevance_level,
+                  max_queries=max_queries)
+    if beir is not None:
+        names = [n.strip() for n in beir.split(",") if n.strip()]
+        encoder = load_model(model)
+        results = evaluate_beir(encoder, names, split=split, **kwargs)
+        print_beir_table(f"{model}: zero-shot BEIR ({split})", results)
+        payload = {"model": model, "split": split, "beir": results}
+    else:
+        dataset = load_retrieval_data(data, split)
+        encoder = load_model(model)
+        result = evaluate_model(encoder, dataset, **kwargs)
+        table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
+        for name in result.metrics:
+            table.add_column(name, justify="right")
+        table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
+        console.print(table)
+        console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
         payload = {
             "model": model, "data": data, "split": split, "num_queries": result.num_queries,
             "num_docs": result.num_docs, "top_k": top_k, "index": index, "metrics": result.metrics,
             "seconds": result.seconds,
         }
+    if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"metrics written to {output}")
+
+
+def print_beir_table(title: str, results: dict) -> None:
+    table = Table(title=title)
+    for column in ("dataset", "nDCG@10", "MRR@10", "R@100"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for name, metrics in results.items():
+        style = "bold" if name == "average" else None
+        table.add_row(name, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")), style=style)
+    console.print(table)
 
 
 @app.command("student")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -56,28 +56,42 @@ def _jsonl_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict
             yield out
 
 
-def _tsv_query_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict]:
+def tsv_id_text_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict]:
+    """`id<TAB>text` lines: MS MARCO / TREC topics queries, or (kind="corpus", empty titles) MS MARCO's
+    collection.tsv."""
     with open_text(Path(path)) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2:
-                raise ProdStError(f"{path}:{line_no}: expected `query-id<TAB>text`, found {len(parts)} fields")
-            yield {"_id": parts[0], "text": parts[1]}
+                raise ProdStError(f"{path}:{line_no}: expected `id<TAB>text`, found {len(parts)} fields")
+            row = {"_id": parts[0], "text": parts[1]}
+            if kind == "corpus":
+                row["title"] = ""
+            yield row
 
 
-def read_table(path: Path, kind: str) -> datasets.Dataset:
-    """Read a corpus (`kind="corpus"`) or queries file into a memory-mapped, cached Arrow dataset."""
+def read_table(
+    path: Path, kind: str, generator: Callable[..., Iterator[dict]] | None = None,
+    features: datasets.Features | None = None, **options,
+) -> datasets.Dataset:
+    """Read a corpus (`kind="corpus"`) or queries file into a memory-mapped, cached Arrow dataset.
+
+    By default the rows come from the BEIR JSONL reader (`*.jsonl*`) or the `id<TAB>text` reader; other formats
+    pass their own `generator(path, kind, size, mtime_ns, **options)` (and `features` when the columns are not
+    the corpus / queries ones). `options` are part of the cache key, like the file's path, size and mtime."""
     path = path.resolve()
     stat = path.stat()
-    generator = _jsonl_rows if ".jsonl" in path.name else _tsv_query_rows  # .tsv/.txt: `id<TAB>text`
-    features = CORPUS_FEATURES if kind == "corpus" else QUERY_FEATURES
+    if generator is None:
+        generator = _jsonl_rows if ".jsonl" in path.name else tsv_id_text_rows  # .tsv/.txt: `id<TAB>text`
+    if features is None:
+        features = CORPUS_FEATURES if kind == "corpus" else QUERY_FEATURES
     try:
         return datasets.Dataset.from_generator(
             generator,
             features=features,
-            gen_kwargs={"path": str(path), "kind": kind, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            gen_kwargs={"path": str(path), "kind": kind, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **options},
             cache_dir=str(cache_dir("arrow")),
         )
     except datasets.exceptions.DatasetGenerationError as e:
