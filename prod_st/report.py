@@ -25,19 +25,23 @@ def render_markdown(run_dir: Path, records: list[dict], final: dict | None) -> s
     lines = [f"# PROD run `{recipe}`", "", f"Run folder: `{run_dir}`", "", "## Dev metrics per stage", ""]
     lines += [
         "| # | stage | teacher | student nDCG@10 | student MRR@10 | student R@100 | teacher nDCG@10 (measured as) "
+        "| teacher reranking the student's top-k: nDCG@10 / MRR@10 "
         "| gap before: KL / tau / top-1 | gap after: KL / tau / top-1 | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         dev, teacher = r["student_dev"], r.get("teacher_dev") or {}
         teacher_cell = f"{teacher['nDCG@10']:.4f} ({r['teacher_measured_as']})" if teacher else ""
+        reranked = r.get("teacher_rerank_dev") or {}
+        rerank_cell = f"{reranked['nDCG@10']:.4f} / {reranked['MRR@10']:.4f}" if reranked else ""
         gaps = [
             " / ".join(f"{g[k]:.3f}" for k in ("kl", "kendall_tau", "top1_agreement")) if g else ""
             for g in (r.get("gap_before"), r.get("gap_after"))
         ]
         lines.append(
             f"| {r['index']} | {r['name']} | {r.get('teacher') or ''} | {_num(dev.get('nDCG@10'))} "
-            f"| {_num(dev.get('MRR@10'))} | {_num(dev.get('R@100'))} | {teacher_cell} | {gaps[0]} | {gaps[1]} "
+            f"| {_num(dev.get('MRR@10'))} | {_num(dev.get('R@100'))} | {teacher_cell} | {rerank_cell} "
+            f"| {gaps[0]} | {gaps[1]} "
             f"| {sum(r['seconds'].values()):.0f} |"
         )
     lines += ["", "Gap = teacher vs student over the student's dev top-k: T^2-scaled KL of their temperature "

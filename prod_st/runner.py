@@ -74,6 +74,7 @@ class StageRecord:
     student_dev: dict = field(default_factory=dict)
     teacher_dev: dict = field(default_factory=dict)
     teacher_measured_as: str | None = None
+    teacher_rerank_dev: dict = field(default_factory=dict)  # the teacher reranking the student's dev top-k
     gap_before: dict = field(default_factory=dict)
     gap_after: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -215,13 +216,13 @@ class Runner:
         else:
             self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
-                dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates))
+                dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates, student, stage.loss))
             loss = self.prod_loss(student, stage.candidates, stage.loss)
         self.save_train_data(folder, dataset)
         record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
-            record.gap_after = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
+            record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
         return self.finish_stage(folder, student, record)
 
     def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool) -> dict:
@@ -235,17 +236,20 @@ class Runner:
 
     def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:
         previous = None
-        if spec.reg_weight > 0:
-            previous = copy.deepcopy(student)  # the frozen stage-start student (learning without forgetting)
+        if spec.reg_weight > 0 and candidates == "in_batch":
+            # the frozen stage-start student, run online (list mode gets its scores precomputed in the labels)
+            previous = copy.deepcopy(student)
         return PRODLoss(
             student, candidate_mode=candidates, temperature=spec.temperature, hard_weight=spec.hard_weight,
             kd_weight=spec.kd_weight, reg_weight=spec.reg_weight, scale=score_scale(student),
             previous_model=previous, gather_across_devices=world_size() > 1,
         )
 
-    def labels(self, teacher_name: str, rows: TrainingRows, candidates: str) -> list:
-        """The loss's label column: teacher scores over [positive, negatives] (list mode; -inf for fillers),
-        or teacher embeddings of [query, positive, negatives] (in-batch mode), in the student's logit scale."""
+    def labels(self, teacher_name: str, rows: TrainingRows, candidates: str, student, loss_spec) -> list:
+        """The loss's label column, in logit scale. In-batch mode: the teacher's embeddings of [query,
+        positive, negatives]. List mode: the teacher's scores over [positive, negatives] (-inf for fillers),
+        and with regularisation also the stage-start student's scores, computed once from its cached
+        embeddings instead of a frozen forward pass at every step."""
         teacher = self.teachers.get(teacher_name)
         scale = self.teachers.scale(teacher_name)
         if candidates == "in_batch":
@@ -254,11 +258,16 @@ class Runner:
             embeddings = teacher.embeddings_for_rows(rows.queries, rows.candidates())
             embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
             return embeddings.tolist()
-        scores = teacher.score(rows.queries, rows.candidates())
-        return [
-            [scale * s if not gone else float("-inf") for s, gone in zip(row, [False, *missing])]
-            for row, missing in zip(scores, rows.missing)
+        score_sets = [(teacher, scale)]
+        if loss_spec.reg_weight > 0:
+            frozen = BiEncoderTeacher(copy.deepcopy(student), name="stage-start student")
+            score_sets.append((frozen, score_scale(student)))
+        masked = [
+            [[s * factor if not gone else float("-inf") for s, gone in zip(row, [False, *missing])]
+             for row, missing in zip(model.score(rows.queries, rows.candidates()), rows.missing)]
+            for model, factor in score_sets
         ]
+        return masked[0] if len(masked) == 1 else [list(pair) for pair in zip(*masked)]
 
     def save_train_data(self, folder: Path, dataset) -> None:
         if is_main() and not (folder / "train_data").exists():
@@ -272,7 +281,7 @@ class Runner:
             teacher = self.teachers.get(name, student)
             measured = self.measure_teacher(name, previous_folder)
         record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
-        record.gap_before = self.measure_gap(name, previous_folder, temperature, None)
+        record.gap_before, record.teacher_rerank_dev = self.measure_gap(name, previous_folder, temperature, None)
         teacher_score = record.teacher_dev[HEADLINE]
         student_score = records[-1].student_dev[HEADLINE]
         logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
@@ -306,14 +315,16 @@ class Runner:
         metrics = rerank_metrics(run, self.data.dev.qrels, self.recipe.data.relevance_level)
         return {"as": f"reranker of the student's top {e.teacher_rerank_depth}", "metrics": metrics}
 
-    def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> dict:
-        """KL and rank agreement between teacher and student over the student's dev top-k."""
+    def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> tuple[dict, dict]:
+        """KL and rank agreement between teacher and student over the student's dev top-k, and the teacher's
+        metrics as a reranker of that top-k."""
         teacher = self.teachers.get(name)
         student_run = self.dev_run(student_folder)
         teacher_run = rerank(teacher, student_run, self.data.dev.split_queries(), self.data,
                              self.recipe.eval.teacher_rerank_depth, scale=self.teachers.scale(name))
         scale = score_scale(student) if student is not None else score_scale(self.load_student(student_folder))
-        return gap(student_run, teacher_run, student_scale=scale, temperature=temperature)
+        metrics = rerank_metrics(teacher_run, self.data.dev.qrels, self.recipe.data.relevance_level)
+        return gap(student_run, teacher_run, student_scale=scale, temperature=temperature), metrics
 
     # ---- data progressive distillation ---------------------------------------------------------------
     def run_dpd(self, index: int, round_no: int, records: list[StageRecord]) -> StageRecord:
@@ -350,12 +361,12 @@ class Runner:
             return self.finish_stage(folder, student, record)
         rows = build_rows(self.data, selection.kept, spec.num_negatives)
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
-            dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list"))
+            dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list", student, spec.loss))
         self.save_train_data(folder, dataset)
         loss = self.prod_loss(student, "list", spec.loss)
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
-        record.gap_after = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
+        record.gap_after, _ = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
         return self.finish_stage(folder, student, record)
 
     # ---- final test evaluation -----------------------------------------------------------------------

@@ -367,3 +367,25 @@ def test_config_and_citation():
     assert "2209.13335" in loss.citation
     with pytest.raises(ValueError, match="candidate_mode"):
         PRODLoss(nn.Identity(), candidate_mode="pairs")
+
+
+def test_precomputed_previous_scores_equal_the_online_frozen_model():
+    """labels (B, 2, N+1) = [teacher, frozen student] give the same loss as running the frozen model, and
+    the frozen model is then never called."""
+    model = FakeModel()
+    previous = copy.deepcopy(model)
+    with torch.no_grad():
+        previous.embedding.weight.add_(0.3)
+    features = _features([[1, 2], [3, 4]], [[5, 6], [7, 8]], [[9, 1], [2, 3]])
+    teacher = t([[2.0, 0.0], [1.0, 0.5]])
+    online = PRODLoss(model, previous_model=previous)
+    want = sum(online([dict(f) for f in features], teacher).values())
+    with torch.no_grad():
+        q, p, n = (previous.embedding(f["input_ids"]).mean(1) for f in features)
+    previous_scores = torch.stack([(q * p).sum(1), (q * n).sum(1)], dim=1)  # dot products by hand
+    calls = []
+    previous.register_forward_hook(lambda *args: calls.append(1))
+    precomputed = PRODLoss(model, previous_model=previous)
+    got = sum(precomputed([dict(f) for f in features], torch.stack([teacher, previous_scores], dim=1)).values())
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert precomputed.last_components["reg"] > 0 and calls == []

@@ -69,7 +69,9 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert set(ce["gap_after"]) == {"kl", "kendall_tau", "top1_agreement"}
     assert ce["train"]["steps"] == 3
     labels = __import__("datasets").load_from_disk(str(run_dir / "03-ce" / "train_data"))["label"]
-    assert all(len(row) == 3 for row in labels)  # positive + 2 negatives, teacher scores
+    # per row: the teacher's and the stage-start student's scores over positive + 2 negatives
+    assert all(len(row) == 2 and len(row[0]) == len(row[1]) == 3 for row in labels)
+    assert ce["teacher_rerank_dev"]["nDCG@10"] == ce["teacher_dev"]["nDCG@10"]  # a ce is measured as a reranker
     dpd = json.loads((run_dir / "04-dpd-1" / "metrics.json").read_text())
     assert sum(dpd["selection"].values()) == 24  # every training query counted once
     assert final["num_test_queries"] == 8

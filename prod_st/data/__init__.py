@@ -1,8 +1,11 @@
-"""Retrieval datasets as (corpus, queries, qrels), from three kinds of source:
+"""Retrieval datasets as (corpus, queries, qrels[, answers]), from these kinds of source:
 
 - an embedded benchmark by name (`wordnet-gloss`, shipped inside the package);
 - any BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; gzipped files too);
-- a BEIR dataset name (`scifact`, ...), downloaded once with beir's own utility into the prod-st cache.
+- a BEIR dataset name (`scifact`, ...), downloaded once with beir's own utility into the prod-st cache;
+- a folder of the original releases of the PROD paper's benchmarks, recognised by its files
+  (`detect_format`): MS MARCO document and passage with TREC DL 2019 as test (`msmarco.py`), DPR's Natural
+  Questions (`dpr.py`, whose splits also carry answer strings).
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from pathlib import Path
 
 import datasets
 
+from prod_st.data import dpr, msmarco
 from prod_st.data.beir_files import find_file, read_qrels, read_table
 from prod_st.data.sources import resolve_source
 from prod_st.errors import ProdStError
 
-__all__ = ["RetrievalData", "load_retrieval_data", "resolve_source", "document_text"]
+__all__ = ["RetrievalData", "load_retrieval_data", "resolve_source", "document_text", "detect_format"]
+
+# format -> the file whose presence identifies it (also as .gz), in the order they are tried
+SIGNATURES = {
+    "beir": "corpus.jsonl",
+    "msmarco-doc": msmarco.DOC_CORPUS,
+    "msmarco-passage": msmarco.PASSAGE_CORPUS,
+    "dpr-nq": dpr.PASSAGES,
+}
 
 
 def document_text(title: str, text: str) -> str:
@@ -27,25 +39,62 @@ def document_text(title: str, text: str) -> str:
 @dataclass
 class RetrievalData:
     """One split of a retrieval dataset. `corpus` and `queries` are memory-mapped Arrow tables with columns
-    `_id`, `title`, `text` and `_id`, `text`; `qrels` maps query id -> {doc id: grade} for `split`."""
+    `_id`, `title`, `text` and `_id`, `text`; `qrels` maps query id -> {doc id: grade} for `split`.
+    `answers` (query id -> answer strings) is set for question-answering data (DPR NQ), whose test split has
+    answers but no qrels (`qrels == {}`)."""
 
     name: str
     split: str
     corpus: datasets.Dataset
     queries: datasets.Dataset
     qrels: dict[str, dict[str, int]]
+    answers: dict[str, list[str]] | None = None
 
     def split_queries(self) -> dict[str, str]:
-        """{query id: text} of the queries judged in this split, in qrels order."""
-        wanted = self.qrels.keys()
-        texts = {qid: text for qid, text in zip(self.queries["_id"], self.queries["text"]) if qid in wanted}
-        return {qid: texts[qid] for qid in self.qrels}
+        """{query id: text} of the queries judged in this split, in qrels order; without qrels, those with
+        answers, in answers order."""
+        order = self.qrels if self.qrels or not self.answers else self.answers
+        texts = {qid: text for qid, text in zip(self.queries["_id"], self.queries["text"]) if qid in order}
+        return {qid: texts[qid] for qid in order}
 
 
-def load_retrieval_data(source: str | Path, split: str = "test", *, check_ids: bool = True) -> RetrievalData:
-    """Load `split` of `source` (embedded name, BEIR folder or BEIR name). With `check_ids`, qrels that name
-    a query or document absent from the files are an error (one line, with the first offending id)."""
+def detect_format(folder: Path) -> str:
+    """"beir", "msmarco-doc", "msmarco-passage" or "dpr-nq", from the corpus file in `folder` (a folder with
+    queries.jsonl or qrels/ but no corpus counts as BEIR, whose loader then says what is missing)."""
+    for name, signature in SIGNATURES.items():
+        if find_file(folder, signature) is not None:
+            return name
+    if find_file(folder, "queries.jsonl") is not None or (folder / "qrels").is_dir():
+        return "beir"
+    raise ProdStError(
+        f"{folder}: no corpus.jsonl (BEIR), {msmarco.DOC_CORPUS} (MS MARCO document), {msmarco.PASSAGE_CORPUS} "
+        f"(MS MARCO passage) or {dpr.PASSAGES} (DPR Natural Questions): not a dataset folder"
+    )
+
+
+def load_retrieval_data(
+    source: str | Path, split: str = "test", *, check_ids: bool = True, max_body_chars: int = msmarco.MAX_BODY_CHARS
+) -> RetrievalData:
+    """Load `split` of `source` (embedded name, BEIR name, or a BEIR / MS MARCO / DPR NQ folder). With `check_ids`,
+    qrels that name a query or document absent from the files are an error (one line, with the first offending
+    id). `max_body_chars` cuts MS MARCO document bodies (see `prod_st.data.msmarco`)."""
     folder = resolve_source(source)
+    answers = None
+    kind = detect_format(folder)
+    if kind == "beir":
+        corpus, queries, qrels, qrels_file = _load_beir(folder, split)
+    elif kind == "msmarco-doc":
+        corpus, queries, qrels, qrels_file = msmarco.load_msmarco_doc(folder, split, max_body_chars)
+    elif kind == "msmarco-passage":
+        corpus, queries, qrels, qrels_file = msmarco.load_msmarco_passage(folder, split)
+    else:
+        corpus, queries, qrels, answers, qrels_file = dpr.load_dpr_nq(folder, split)
+    if check_ids and qrels:
+        _check_ids(qrels_file, qrels, set(queries["_id"]), set(corpus["_id"]))
+    return RetrievalData(str(source), split, corpus, queries, qrels, answers)
+
+
+def _load_beir(folder: Path, split: str):
     corpus_file = find_file(folder, "corpus.jsonl")
     queries_file = find_file(folder, "queries.jsonl", "queries.tsv")
     qrels_file = find_file(folder / "qrels", f"{split}.tsv", f"{split}.txt")
@@ -55,13 +104,7 @@ def load_retrieval_data(source: str | Path, split: str = "test", *, check_ids: b
     if qrels_file is None:
         available = sorted(p.name.split(".")[0] for p in (folder / "qrels").glob("*.*")) if (folder / "qrels").is_dir() else []
         raise ProdStError(f"{folder}: no qrels for split {split!r} (available: {', '.join(available) or 'none'})")
-
-    corpus = read_table(corpus_file, "corpus")
-    queries = read_table(queries_file, "queries")
-    qrels = read_qrels(qrels_file)
-    if check_ids:
-        _check_ids(qrels_file, qrels, set(queries["_id"]), set(corpus["_id"]))
-    return RetrievalData(str(source), split, corpus, queries, qrels)
+    return read_table(corpus_file, "corpus"), read_table(queries_file, "queries"), read_qrels(qrels_file), qrels_file
 
 
 def _check_ids(qrels_file: Path, qrels: dict, query_ids: set, doc_ids: set) -> None:

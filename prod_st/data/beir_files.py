@@ -3,7 +3,8 @@ topics style queries.tsv), qrels/<split>.tsv (BEIR's header format or TREC's `qi
 
 Corpus and queries become memory-mapped Arrow tables (`datasets.Dataset`) cached under the prod-st cache,
 keyed by the file's path, size and modification time, so a large corpus is parsed once and never held
-twice in memory. Every malformed line is reported as `file:line: what is wrong`.
+twice in memory. Every malformed line is reported as `file:line: what is wrong`. The MS MARCO and DPR loaders
+(`msmarco.py`, `dpr.py`) reuse these helpers with their own row generators.
 """
 
 from __future__ import annotations
@@ -125,3 +126,21 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
             except ValueError:
                 raise ProdStError(f"{path}:{line_no}: relevance grade {grade!r} is not a number") from None
     return qrels
+
+
+def find_split_files(
+    folder: Path, layout: str, splits: dict[str, tuple[tuple[str, ...], ...]], split: str
+) -> list[Path]:
+    """The files `split` needs in a `layout` folder: `splits` maps each split to its files, each given as a tuple
+    of accepted names (each also tried with `.gz`). A missing split or file is a one-line error naming them all."""
+    if split not in splits:
+        raise ProdStError(f"{folder}: no split {split!r} in the {layout} layout (splits: {', '.join(splits)})")
+    found = [find_file(folder, *names) for names in splits[split]]
+    missing = [" or ".join(names) for names, path in zip(splits[split], found) if path is None]
+    if missing:
+        needed = " and ".join(" or ".join(names) for names in splits[split])
+        raise ProdStError(
+            f"{folder}: split {split!r} of the {layout} layout needs {needed} (each may be .gz); "
+            f"missing: {', '.join(missing)}"
+        )
+    return found

@@ -118,7 +118,8 @@ class PRODLoss(nn.Module):
         pristine = [dict(column) for column in features]
         embeddings = embed_columns(self.model, features)
         previous_embeddings = None
-        if self.previous_model is not None and self.reg_weight > 0:
+        precomputed = self.candidate_mode == "list" and labels is not None and labels.ndim == 3
+        if self.previous_model is not None and self.reg_weight > 0 and not precomputed:
             previous_embeddings = self._embed_frozen(self.previous_model, pristine)
         if labels is None and self.candidate_mode == "in_batch" and self.teacher is not None:
             labels = torch.stack(self._embed_frozen(self.teacher, pristine), dim=1)
@@ -178,14 +179,19 @@ class PRODLoss(nn.Module):
                 "candidate_mode='in_batch'."
             )
         batch_size, num_candidates = embeddings[0].size(0), len(embeddings) - 1
-        if labels is None or labels.shape != (batch_size, num_candidates):
+        # labels: teacher scores (B, N+1), or (B, 2, N+1) = [teacher scores, frozen stage-start student scores]
+        # precomputed from cached embeddings, which spares the frozen model's forward pass at every step.
+        if labels is None or labels.shape not in ((batch_size, num_candidates), (batch_size, 2, num_candidates)):
             got = "no labels" if labels is None else f"labels of shape {tuple(labels.shape)}"
             raise ValueError(
                 f"candidate_mode='list' needs the teacher's scores as labels of shape (batch_size, N+1) = "
-                f"({batch_size}, {num_candidates}), positive first and -inf for missing candidates, but got {got}. "
+                f"({batch_size}, {num_candidates}) (or (batch_size, 2, N+1) with the frozen student's scores "
+                f"second), positive first and -inf for missing candidates, but got {got}. "
                 "Add a 'label' column with one teacher score per candidate column."
             )
         student = self._own_candidate_scores(embeddings[0], embeddings[1:])
+        if labels.ndim == 3:
+            return student, labels[:, 0], labels[:, 1], 0
         previous = None
         if previous_embeddings is not None:
             previous = self._own_candidate_scores(previous_embeddings[0], previous_embeddings[1:])
