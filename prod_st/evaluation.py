@@ -13,6 +13,7 @@ import pytrec_eval
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
+from prod_st.answer_match import top_k_accuracy
 from prod_st.data import RetrievalData, document_text
 from prod_st.errors import ProdStError
 
@@ -59,6 +60,24 @@ def compute_metrics(qrels: dict[str, dict[str, int]], run: Run, relevance_level:
             if d == depth:
                 totals[name] = sum(s[measure.replace(".", "_")] for s in scores.values())
     return {name: total / len(qrels) for name, total in totals.items()}
+
+
+def score_run(run: Run, data: RetrievalData, query_ids: list[str], relevance_level: int = 1) -> dict[str, float]:
+    """Metrics of `run` over `query_ids`: the qrels metrics (METRICS) for judged queries, and DPR's top-k
+    answer accuracy (Acc@5/20/100, answer string in a retrieved passage's text) when the data has answers."""
+    qrels = {q: data.qrels[q] for q in query_ids if q in data.qrels}
+    metrics = compute_metrics(qrels, run, relevance_level) if qrels or not data.answers else {}
+    if data.answers:
+        answers = {q: data.answers[q] for q in query_ids if q in data.answers}
+        ranked = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
+        metrics |= top_k_accuracy(ranked, answers, passage_texts(data.corpus))
+    return metrics
+
+
+def passage_texts(corpus):
+    """doc ids -> their texts (bodies, without titles: what DPR's answer matching reads)."""
+    row_of = {doc_id: i for i, doc_id in enumerate(corpus["_id"])}
+    return lambda doc_ids: corpus.select([row_of[d] for d in doc_ids])["text"]
 
 
 def _top(docs: dict[str, float], k: int) -> dict[str, float]:
@@ -139,13 +158,12 @@ def evaluate_model(
     queries = data.split_queries()
     if max_queries is not None:
         queries = dict(list(queries.items())[:max_queries])
-    qrels = {q: data.qrels[q] for q in queries}
     start = time.perf_counter()
     index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
     encoded = time.perf_counter()
     run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
     searched = time.perf_counter()
-    metrics = compute_metrics(qrels, run, relevance_level)
+    metrics = score_run(run, data, list(queries), relevance_level)
     seconds = {"encode_corpus": encoded - start, "search": searched - encoded, "total": time.perf_counter() - start}
     logger.info("evaluated %d queries over %d docs in %.1fs", len(queries), len(doc_ids), seconds["total"])
     return EvalResult(metrics, len(queries), len(doc_ids), seconds, run if keep_run else None)

@@ -232,7 +232,8 @@ def render_prod_section(recipe: dict, records: list[dict], final: dict, *, repo_
         "### Data",
         "",
         f"- Dataset: `{data.get('dataset')}` (splits: train `{data.get('train_split')}`, "
-        f"dev `{data.get('dev_split')}`, test `{data.get('test_split')}`; relevance level {data.get('relevance_level')})",
+        f"dev `{data.get('dev_split')}`, test `{data.get('test_split')}`; "
+        f"relevance level {data.get('relevance_level')})",
         "- Subsets (seeded; *all* = the full split): "
         + ", ".join(f"{k} queries {data.get(f'{k}_queries') or 'all'}" for k in ("train", "dev", "test"))
         + f", corpus {data.get('corpus_size') or 'all'} documents",

@@ -261,6 +261,15 @@ class Output(_Model):
     dir: Optional[Path] = Field(None, description="the run folder (None = runs/<name>)")
 
 
+class Publish(_Model):
+    """Push the final student to the Hugging Face Hub at the end of a run (`prod-st push` does it later)."""
+
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    private: bool = False
+    exist_ok: bool = False
+    dry_run: bool = Field(False, description="only write the upload folder (<run>/hub-upload/)")
+
+
 # ----------------------------------------------------------------------------------------------- recipe
 class Recipe(_Model):
     name: Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
@@ -272,6 +281,7 @@ class Recipe(_Model):
     dpd: Optional[DPD] = None
     eval: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
+    publish: Optional[Publish] = None
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:

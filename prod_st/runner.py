@@ -135,6 +135,12 @@ class Runner:
         from prod_st.report import write_report
 
         write_report(self.dir)
+        if r.publish is not None:
+            from prod_st.publish import push_run
+
+            p = r.publish
+            where = push_run(self.dir, p.repo_id, private=p.private, exist_ok=p.exist_ok, dry_run=p.dry_run)
+            logger.info("published: %s", where)
         return final
 
     def stage_dir(self, index: int, name: str) -> Path:
@@ -312,7 +318,7 @@ class Runner:
                 write_json(cached, result.metrics)
             return {"as": "retriever", "metrics": json.loads(cached.read_text())}
         run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
-        metrics = rerank_metrics(run, self.data.dev.qrels, self.recipe.data.relevance_level)
+        metrics = rerank_metrics(run, self.data.dev, self.recipe.data.relevance_level)
         return {"as": f"reranker of the student's top {e.teacher_rerank_depth}", "metrics": metrics}
 
     def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> tuple[dict, dict]:
@@ -323,7 +329,7 @@ class Runner:
         teacher_run = rerank(teacher, student_run, self.data.dev.split_queries(), self.data,
                              self.recipe.eval.teacher_rerank_depth, scale=self.teachers.scale(name))
         scale = score_scale(student) if student is not None else score_scale(self.load_student(student_folder))
-        metrics = rerank_metrics(teacher_run, self.data.dev.qrels, self.recipe.data.relevance_level)
+        metrics = rerank_metrics(teacher_run, self.data.dev, self.recipe.data.relevance_level)
         return gap(student_run, teacher_run, student_scale=scale, temperature=temperature), metrics
 
     # ---- data progressive distillation ---------------------------------------------------------------
@@ -394,7 +400,7 @@ class Runner:
                 else:
                     run = rerank(teacher, final.run, queries, self.data, e.teacher_rerank_depth)
                     teachers[name] = {"as": f"reranker of the student's top {e.teacher_rerank_depth}",
-                                      **rerank_metrics(run, test.qrels, level)}
+                                      **rerank_metrics(run, test, level)}
         beir = {}
         if e.beir:
             with step(f"final: zero-shot BEIR ({', '.join(e.beir)})", timing, "beir"):

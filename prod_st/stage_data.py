@@ -54,9 +54,12 @@ def load_run_data(
     loaded = [load_retrieval_data(dataset, split) for split in splits]
     for data, n in zip(loaded, sizes):
         data.qrels = _sample_qrels(data.qrels, n, rng)
+        if data.answers and not data.qrels:  # question answering test split (DPR NQ): answers, no qrels
+            data.answers = _sample_qrels(data.answers, n, rng)
     corpus: datasets.Dataset = loaded[0].corpus
     if corpus_size is not None and corpus_size < len(corpus):
         judged = {d for data in loaded for j in data.qrels.values() for d in j}
+        # (answer-only test queries have no judged passages to keep: their accuracy is over the subset)
         ids = corpus["_id"]
         needed = [i for i, d in enumerate(ids) if d in judged]
         others = [i for i, d in enumerate(ids) if d not in judged]

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from scipy.stats import kendalltau
 
-from prod_st.evaluation import Run, compute_metrics
+from prod_st.evaluation import Run, score_run
 from prod_st.stage_data import RunData
 
 
@@ -27,8 +27,10 @@ def rerank(teacher, run: Run, queries: dict[str, str], data: RunData, depth: int
     return {q: {d: scale * s for d, s in zip(candidates[q], row)} for q, row in zip(qids, scores)}
 
 
-def rerank_metrics(teacher_run: Run, qrels: dict, relevance_level: int = 1) -> dict[str, float]:
-    return compute_metrics(qrels, teacher_run, relevance_level)
+def rerank_metrics(teacher_run: Run, data, relevance_level: int = 1) -> dict[str, float]:
+    """The metrics of the teacher's reranking over the split's queries (qrels and/or answers); a query it had
+    nothing to rerank for counts as a miss."""
+    return score_run(teacher_run, data, list(data.qrels or data.answers or teacher_run), relevance_level)
 
 
 def gap(student_run: Run, teacher_run: Run, *, student_scale: float, temperature: float = 4.0) -> dict[str, float]:

@@ -69,3 +69,16 @@ def test_approximate_index_and_bad_factory(toy_beir, tiny_model_dir):
     assert hnsw.metrics == pytest.approx(exact.metrics)  # 6 docs: HNSW is exact here
     with pytest.raises(ProdStError, match="invalid faiss index factory"):
         evaluate_model(model, data, index_factory="NoSuchIndex", progress=False)
+
+
+def test_question_answering_split_reports_answer_accuracy():
+    """DPR NQ test: answers, no qrels -> Acc@5/20/100 (answer string in a retrieved passage), as the paper."""
+    from conftest import FIXTURES
+
+    data = load_retrieval_data(FIXTURES / "dpr-nq", "test")
+    assert data.qrels == {} and data.answers
+    result = evaluate_model(load_model("all-MiniLM-L6-v2"), data, top_k=100, keep_run=True, progress=False)
+    assert set(result.metrics) == {"Acc@5", "Acc@20", "Acc@100"}
+    # the fixture corpus is tiny: every answer-bearing passage is within the top 100
+    assert result.metrics["Acc@100"] == pytest.approx(1.0)
+    assert result.metrics["Acc@5"] <= result.metrics["Acc@20"] <= result.metrics["Acc@100"]

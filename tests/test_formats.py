@@ -164,7 +164,8 @@ def test_missing_file_of_a_split_lists_the_expected_files(tmp_path):
      r"msmarco-docs\.tsv:7: expected `docid<TAB>url<TAB>title<TAB>body`, found 3 fields"),
     (PASSAGE, "collection.tsv", "8\ttwo\ttabs", "train", r"collection\.tsv:9: expected `id<TAB>text`, found 3"),
     (NQ, "psgs_w100.tsv", "9\tno title", "test", r"psgs_w100\.tsv:10: expected `id<TAB>text<TAB>title`, found 2"),
-    (NQ, "nq-test.qa.csv", "what\tnot a list", "test", r"nq-test\.qa\.csv:4: answers 'not a list' are not a Python list"),
+    (NQ, "nq-test.qa.csv", "what\tnot a list", "test",
+     r"nq-test\.qa\.csv:4: answers 'not a list' are not a Python list"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, folder, name, line, split, message):
     folder = copy_of(folder, tmp_path)
@@ -222,8 +223,8 @@ def test_tokens_follow_dpr_simple_tokenizer():
     assert tokens("Röntgen") == [unicodedata.normalize("NFD", "röntgen")]
 
 
-@pytest.mark.parametrize("text", ["U.S. won 3-1, (at home)!", "Wilhelm Conrad Röntgen", "snake_case x²", "Ǆemal Bijedić",
-                                  "東京 is Tōkyō", "Ahärôn \"quoted\" — dash…", "Zoë's naïve café"])
+@pytest.mark.parametrize("text", ["U.S. won 3-1, (at home)!", "Wilhelm Conrad Röntgen", "snake_case x²",
+                                  "Ǆemal Bijedić", "東京 is Tōkyō", "Ahärôn \"quoted\" — dash…", "Zoë's naïve café"])
 def test_re_fallback_tokenizer_agrees_with_dpr_pattern(text):
     nfd = unicodedata.normalize("NFD", text)
     assert [m.group().lower() for m in RE_TOKEN.finditer(nfd)] == tokens(text)

@@ -142,6 +142,22 @@ def print_beir_table(title: str, results: dict) -> None:
     console.print(table)
 
 
+@app.command("push")
+def push_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/<name>).")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="USER/NAME on the Hugging Face Hub.")],
+    private: Annotated[bool, typer.Option("--private", help="Create a private repository.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only write the folder that would be uploaded.")] = False,
+    dry_run_dir: Annotated[Optional[Path], typer.Option(help="Where --dry-run writes (default RUN_DIR/hub-upload).")] = None,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Push a new commit to an existing repository.")] = False,
+) -> None:
+    """Publish the run's student with a model card (schedule, metrics per stage and on BEIR, PROD citation)."""
+    from prod_st.publish import push_run
+
+    where = push_run(run_dir, repo_id, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir, exist_ok=exist_ok)
+    console.print(f"upload folder written to {where}" if dry_run else f"pushed to {where}")
+
+
 @app.command("student")
 def student_command(
     base: Annotated[str, typer.Argument(help="Encoder to cut: folder, Hub id or packaged name.")],
