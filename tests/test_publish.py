@@ -337,3 +337,23 @@ def test_only_rank_zero_pushes(finished_run, monkeypatch):
 def test_validate_repo_id_accepts_usual_ids():
     for repo_id in ("user/name", "Org-1/prod_minilm.L3", "a/b"):
         assert publish.validate_repo_id(repo_id) == repo_id
+
+
+def test_push_command_dry_run_and_bad_input(finished_run, tmp_path, monkeypatch, capsys):
+    """`prod-st push RUN --repo-id U/N --dry-run` writes the folder; bad input is one line and exit 2."""
+    import sys
+
+    from prod_st_cli.main import main
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["prod-st", "push", *args])
+        with pytest.raises(SystemExit) as info:
+            main()
+        return info.value.code, capsys.readouterr()
+
+    out_dir = tmp_path / "upload"
+    code, captured = cli(str(finished_run), "--repo-id", "me/prod-student", "--dry-run", "--dry-run-dir", str(out_dir))
+    assert code == 0 and "upload folder written to" in captured.out
+    assert (out_dir / "README.md").exists() and (out_dir / "modules.json").exists()
+    code, captured = cli(str(finished_run), "--repo-id", "not a repo id", "--dry-run")
+    assert code == 2 and captured.err.count("error:") == 1 and "Traceback" not in captured.err
