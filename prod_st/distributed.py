@@ -26,3 +26,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def init_if_launched() -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1), join the process group now, so the runner's
+    barriers hold from its first step (the trainer reuses the same group)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)

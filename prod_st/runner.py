@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from prod_st.distributed import barrier, is_main, world_size
+from prod_st.distributed import barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
@@ -110,6 +110,7 @@ class Runner:
     # ---- the schedule --------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.perf_counter()
+        init_if_launched()
         self.prepare_folder()
         r = self.recipe
         if (self.dir / "final.json").exists():
