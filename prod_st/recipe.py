@@ -107,7 +107,10 @@ class Student(_Model):
     similarity: Optional[Literal["dot", "cosine"]] = Field(
         None, description="set the similarity (PROD: dot, no normalisation); None keeps the model's own"
     )
-    max_query_length: PosInt = 32
+    max_query_length: PosInt = Field(
+        32, description="recorded for the model card; not applied separately yet: sentence-transformers truncates "
+        "queries and documents at one max_seq_length, set to max_doc_length"
+    )
     max_doc_length: PosInt = 144
 
 

@@ -44,14 +44,20 @@ logger = logging.getLogger("prod_st.run")
 HEADLINE = "nDCG@10"
 
 
-def write_json(path: Path, payload) -> None:
-    """Atomic JSON write (temp file + rename), rank 0 only."""
-    if not is_main():
-        return
+def atomic_json(path: Path, payload) -> None:
+    """Write JSON to a temp file and rename it into place: a killed process never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload) -> None:
+    """Rank 0 writes `path`; every rank calls this and returns once the file is there (a barrier), so any
+    rank may read it next."""
+    if is_main():
+        atomic_json(path, payload)
+    barrier()
 
 
 @contextmanager
@@ -161,7 +167,8 @@ class Runner:
     def finish_stage(self, folder: Path, student: SentenceTransformer, record: StageRecord) -> StageRecord:
         if is_main():
             student.save(str(folder / "student"))
-            write_json(folder / "metrics.json", record.__dict__)
+        write_json(folder / "metrics.json", record.__dict__)
+        if is_main():
             (folder / "DONE").write_text("")
         barrier()
         for warning in record.warnings:
@@ -313,10 +320,11 @@ class Runner:
         e = self.recipe.eval
         if isinstance(teacher, BiEncoderTeacher):
             cached = self.dir / "teachers" / name / "dev_metrics.json"
-            if not cached.exists():
+            if is_main() and not cached.exists():
                 result = evaluate_model(teacher.model, self.data.dev, top_k=e.top_k, index_factory=e.index,
                                         batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level)
-                write_json(cached, result.metrics)
+                atomic_json(cached, result.metrics)
+            barrier()
             return {"as": "retriever", "metrics": json.loads(cached.read_text())}
         run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
         metrics = rerank_metrics(run, self.data.dev, self.recipe.data.relevance_level)

@@ -28,8 +28,11 @@ err_console = Console(stderr=True)
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from prod_st.distributed import rank
+
+    quiet = rank() != 0  # under torchrun, one log for the run: rank 0's (other ranks report warnings only)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -47,9 +50,13 @@ def run_command(
     from prod_st.recipe import load_recipe
     from prod_st.runner import Runner
 
+    from prod_st.distributed import is_main
+
     loaded = load_recipe(recipe)
     runner = Runner(loaded, output, force=force)
     final = runner.run()
+    if not is_main():
+        return
     table = Table(title=f"{loaded.name}: test ({final['num_test_queries']} queries, {final['num_docs']} docs)")
     table.add_column("model")
     for name in ("nDCG@10", "MRR@10", "R@100"):
