@@ -258,6 +258,9 @@ class Evaluation(_Model):
         50, description="dev: teachers rerank the student's top-k (teacher strength for a cross-encoder, and the gap)"
     )
     beir: list[NonEmptyStr] = Field(default_factory=list, description="BEIR names or folders, zero-shot at the end")
+    metric: Literal[
+        "nDCG@10", "MRR@10", "R@10", "R@50", "R@100", "R@1000", "MAP@1000", "Acc@5", "Acc@20", "Acc@100"
+    ] = Field("nDCG@10", description="the dev metric that compares teachers with students (warnings, plot)")
 
 
 class Output(_Model):

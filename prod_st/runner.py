@@ -41,7 +41,6 @@ from prod_st.teacher_setup import TeacherPool
 from prod_st.teachers import BiEncoderTeacher
 
 logger = logging.getLogger("prod_st.run")
-HEADLINE = "nDCG@10"
 
 
 def atomic_json(path: Path, payload) -> None:
@@ -296,20 +295,21 @@ class Runner:
             measured = self.measure_teacher(name, previous_folder)
         record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
         record.gap_before, record.teacher_rerank_dev = self.measure_gap(name, previous_folder, temperature, None)
-        teacher_score = record.teacher_dev[HEADLINE]
-        student_score = records[-1].student_dev[HEADLINE]
+        metric = self.recipe.eval.metric
+        teacher_score = record.teacher_dev[metric]
+        student_score = records[-1].student_dev[metric]
         logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
                     record.teacher_measured_as, student_score)
         if teacher_score <= student_score:
             record.warnings.append(
-                f"teacher {name!r} ({HEADLINE} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
+                f"teacher {name!r} ({metric} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
                 f"stronger than the student it teaches ({student_score:.4f}): PROD needs a stronger teacher"
             )
         earlier = [r for r in records if r.teacher_dev and r.teacher != name]
-        if earlier and teacher_score < earlier[-1].teacher_dev[HEADLINE]:
+        if earlier and teacher_score < earlier[-1].teacher_dev[metric]:
             record.warnings.append(
                 f"teacher {name!r} ({teacher_score:.4f}) is weaker than the previous stage's teacher "
-                f"{earlier[-1].teacher!r} ({earlier[-1].teacher_dev[HEADLINE]:.4f}): the chain should get stronger"
+                f"{earlier[-1].teacher!r} ({earlier[-1].teacher_dev[metric]:.4f}): the chain should get stronger"
             )
         return teacher
 

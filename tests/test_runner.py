@@ -52,6 +52,7 @@ def write(path: Path, recipe: dict) -> Path:
 def recipe_file(tmp_path, tiny_model_dir, toy_beir) -> Path:
     recipe = tiny_recipe(tiny_model_dir)
     recipe["eval"]["beir"] = [str(toy_beir)]  # a local BEIR folder, zero-shot at the end of the run
+    recipe["publish"] = {"repo_id": "me/tiny-prod", "dry_run": True}  # the upload folder, no network
     return write(tmp_path / "tiny.yaml", recipe)
 
 
@@ -80,6 +81,8 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert 0.0 <= final["test"]["student"]["nDCG@10"] <= 1.0
     student = __import__("sentence_transformers").SentenceTransformer(str(run_dir / "student"))
     assert student.encode(["a query"]).shape == (1, 32)
+    card = (run_dir / "hub-upload" / "README.md").read_text()
+    assert "## PROD: progressive distillation" in card and "me/tiny-prod" in card
     report = (run_dir / "report.md").read_text()
     assert "| 3 | ce | ce |" in report and "## Test" in report and (run_dir / "report.png").stat().st_size > 1000
 

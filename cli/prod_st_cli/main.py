@@ -185,6 +185,9 @@ def main() -> None:
     except ProdStError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished steps are kept; run the same command again to resume")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
