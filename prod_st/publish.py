@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from prod_st.citation import PROD_BIBTEX
 from prod_st.distributed import is_main
 from prod_st.errors import ProdStError
 
@@ -39,14 +40,6 @@ PACKAGED_HUB_IDS = {  # packaged model names (prod_st.models.PACKAGED) -> their 
     "sentence-transformers/all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
 }
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
-
-PROD_BIBTEX = """@inproceedings{lin2023prod,
-  title={PROD: Progressive Distillation for Dense Retrieval},
-  author={Lin, Zhenghao and Gong, Yeyun and Liu, Xiao and Zhang, Hang and Lin, Chen and Dong, Anlei and Jiao, Jian and Lu, Jingwen and Jiang, Daxin and Majumder, Rangan and Duan, Nan},
-  booktitle={Proceedings of the ACM Web Conference 2023},
-  year={2023},
-  eprint={2209.13335}
-}"""
 
 SBERT_BIBTEX = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from prod_st.errors import ProdStError
+from prod_st.publish import REPO_ID_PATTERN
 
 __all__ = [
     "Data",
@@ -270,7 +271,7 @@ class Output(_Model):
 class Publish(_Model):
     """Push the final student to the Hugging Face Hub at the end of a run (`prod-st push` does it later)."""
 
-    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    repo_id: Annotated[str, Field(pattern=REPO_ID_PATTERN.pattern)]
     private: bool = False
     exist_ok: bool = False
     dry_run: bool = Field(False, description="only write the upload folder (<run>/hub-upload/)")

@@ -305,12 +305,16 @@ class Runner:
                 f"teacher {name!r} ({metric} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
                 f"stronger than the student it teaches ({student_score:.4f}): PROD needs a stronger teacher"
             )
-        earlier = [r for r in records if r.teacher_dev and r.teacher != name]
-        if earlier and teacher_score < earlier[-1].teacher_dev[metric]:
-            record.warnings.append(
-                f"teacher {name!r} ({teacher_score:.4f}) is weaker than the previous stage's teacher "
-                f"{earlier[-1].teacher!r} ({earlier[-1].teacher_dev[metric]:.4f}): the chain should get stronger"
-            )
+        earlier = [r.teacher for r in records if r.teacher and r.teacher != name]
+        if earlier:  # like with like: both teachers rerank the same candidates, this student's dev top-k
+            _, before = self.measure_gap(earlier[-1], previous_folder, temperature, None)
+            mine = record.teacher_rerank_dev[metric]
+            if mine < before[metric]:
+                record.warnings.append(
+                    f"teacher {name!r} ({metric} {mine:.4f} reranking the student's dev top-k) is weaker than the "
+                    f"previous stage's teacher {earlier[-1]!r} ({before[metric]:.4f} on the same candidates): "
+                    "the chain should get stronger"
+                )
         return teacher
 
     def measure_teacher(self, name: str, student_folder: Path) -> dict:

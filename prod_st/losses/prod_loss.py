@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from sentence_transformers.util import all_gather, all_gather_with_grad, dot_score, get_rank, similarity_fct_name
 
+from prod_st.citation import PROD_BIBTEX
+
 from .prod_distill import prod_distill_loss
 
 try:  # sentence-transformers >= 6: one merged forward for the candidate columns
@@ -252,12 +254,4 @@ class PRODLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return """
-@inproceedings{lin2023prod,
-    title={PROD: Progressive Distillation for Dense Retrieval},
-    author={Lin, Zhenghao and Gong, Yeyun and Liu, Xiao and Zhang, Hang and Lin, Chen and Dong, Anlei and Jiao, Jian and Lu, Jingwen and Jiang, Daxin and Majumder, Rangan and Duan, Nan},
-    booktitle={Proceedings of the ACM Web Conference 2023},
-    year={2023},
-    eprint={2209.13335},
-}
-"""
+        return PROD_BIBTEX
