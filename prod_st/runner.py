@@ -31,10 +31,10 @@ from prod_st.distributed import barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
+from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, mine_negatives, retrieve_ranked
 from prod_st.models import build_student
-from prod_st.stage_data import RunData, TrainingRows, build_rows, load_run_data
-from prod_st.losses import PRODLoss, contrastive_loss, score_scale
+from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, top_candidates
 from prod_st.teacher_setup import TeacherPool
@@ -305,8 +305,8 @@ class Runner:
                 f"teacher {name!r} ({metric} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
                 f"stronger than the student it teaches ({student_score:.4f}): PROD needs a stronger teacher"
             )
-        earlier = [r.teacher for r in records if r.teacher and r.teacher != name]
-        if earlier:  # like with like: both teachers rerank the same candidates, this student's dev top-k
+        earlier = [r.teacher for r in records if r.teacher]
+        if earlier and earlier[-1] != name:  # like with like: both rerank this student's dev top-k
             _, before = self.measure_gap(earlier[-1], previous_folder, temperature, None)
             mine = record.teacher_rerank_dev[metric]
             if mine < before[metric]:

@@ -8,11 +8,16 @@ import random
 
 from sentence_transformers import SentenceTransformer
 
+from prod_st.losses import score_scale
 from prod_st.mining import NegativeWindow, mine_negatives
 from prod_st.models import load_model
 from prod_st.stage_data import RunData, build_rows
-from prod_st.losses import score_scale
-from prod_st.teachers import BiEncoderTeacher, CrossEncoderTeacher, train_bi_encoder, train_cross_encoder
+from prod_st.teachers import (
+    BiEncoderTeacher,
+    CrossEncoderTeacher,
+    train_bi_encoder,
+    train_cross_encoder,
+)
 
 logger = logging.getLogger(__name__)
 TEACHER_NEGATIVE_WINDOW = 30  # teacher training samples its negatives from the miner's top 30

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import prod_st.runner as runner_module
-from prod_st.errors import ProdStError
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
 from prod_st_cli.main import main

@@ -3,11 +3,12 @@ on-disk caches (embeddings, scores, trained models) and the training of PROD's o
 
 from __future__ import annotations
 
+from prod_st.fingerprint import model_fingerprint, text_key
+
 from .base import Teacher, TeacherKind, scores_to_labels
 from .bi_encoder import BiEncoderTeacher
 from .cache import EmbeddingCache, ScoreCache
 from .cross_encoder import CrossEncoderTeacher, load_cross_encoder
-from prod_st.fingerprint import model_fingerprint, text_key
 from .training import ListwiseSoftmaxLoss, train_bi_encoder, train_cross_encoder
 
 __all__ = [

@@ -31,15 +31,17 @@ from sentence_transformers import (
     SentenceTransformerTrainingArguments,
 )
 from sentence_transformers.base.sampler import BatchSamplers
-from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss
+from sentence_transformers.cross_encoder.losses import (
+    MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss,
+)
 
-from prod_st.losses.contrastive import contrastive_loss, is_cosine, score_scale
 from prod_st.distributed import barrier, is_main
 from prod_st.errors import ProdStError
+from prod_st.fingerprint import model_fingerprint, text_key
+from prod_st.losses.contrastive import contrastive_loss, is_cosine, score_scale
 from prod_st.models import load_model
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
-from prod_st.fingerprint import model_fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 
