@@ -5,6 +5,7 @@ Run folder (what resume reads):
     <run>/00-init/            the untrained student (first k layers) and its dev metrics
     <run>/NN-<stage>/         negatives.json, train_data/ (rows + teacher labels), checkpoints/, student/,
                               metrics.json, DONE
+    <run>/teachers/<name>/    a teacher trained in the run (model/) and its dev metrics
     <run>/student/            the final student, a SentenceTransformer folder
     <run>/final.json          test metrics; <run>/report.md, report.png
 
@@ -130,7 +131,8 @@ class Runner:
                 d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
                 sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size, seed=r.seed,
             )
-        self.teachers = TeacherPool(r.teachers, self.data, seed=r.seed, eval_batch_size=r.eval.batch_size, index=r.eval.index)
+        self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
+                                    eval_batch_size=r.eval.batch_size, index=r.eval.index)
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
             records.append(self.run_stage(i, stage, records))
@@ -273,7 +275,8 @@ class Runner:
             return embeddings.tolist()
         score_sets = [(teacher, scale)]
         if loss_spec.reg_weight > 0:
-            frozen = BiEncoderTeacher(copy.deepcopy(student), name="stage-start student")
+            # the student before this stage trains: its embeddings are cached under its weights' fingerprint
+            frozen = BiEncoderTeacher(student, name="stage-start student")
             score_sets.append((frozen, score_scale(student)))
         masked = [
             [[s * factor if not gone else float("-inf") for s, gone in zip(row, [False, *missing])]
@@ -404,9 +407,9 @@ class Runner:
             initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)
             teachers = {}
             queries = test.split_queries()
-            for name in self.recipe.teachers:
-                if name not in self.teachers._built:
-                    continue
+            used = [s.teacher for s in self.recipe.stages if s.teacher]
+            used += [self.recipe.dpd.teacher] if self.recipe.dpd else []
+            for name in dict.fromkeys(used):  # built (or loaded from the cache) when a resumed run skipped them
                 teacher = self.teachers.get(name)
                 if isinstance(teacher, BiEncoderTeacher):
                     teachers[name] = {"as": "retriever", **evaluate_model(teacher.model, test, **kwargs).metrics}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
+from prod_st.distributed import barrier, is_main
 from prod_st.losses import score_scale
 from prod_st.mining import NegativeWindow, mine_negatives
 from prod_st.models import load_model
@@ -24,10 +26,14 @@ TEACHER_NEGATIVE_WINDOW = 30  # teacher training samples its negatives from the 
 
 
 class TeacherPool:
-    """The recipe's teachers by name, built on first use and kept for the run."""
+    """The recipe's teachers by name, built on first use and kept for the run. A teacher trained in the run is
+    saved under `<folder>/<name>/model/`, so a resumed run loads it from there without re-mining its data."""
 
-    def __init__(self, specs: dict, data: RunData, *, seed: int, eval_batch_size: int = 64, index: str = "Flat"):
+    def __init__(
+        self, specs: dict, data: RunData, *, folder: Path, seed: int, eval_batch_size: int = 64, index: str = "Flat"
+    ):
         self.specs = specs
+        self.folder = folder
         self.data = data
         self.seed = seed
         self.eval_batch_size = eval_batch_size
@@ -56,11 +62,19 @@ class TeacherPool:
     def _build(self, name: str, student: SentenceTransformer | None):
         spec = self.specs[name]
         bi = spec.kind == "bi-encoder"
+        saved = self.folder / name / "model"
         if spec.model is not None:
             logger.info("teacher %r: pretrained %s", name, spec.model)
             model = spec.model
+        elif (saved / "DONE").exists():
+            logger.info("teacher %r: trained earlier in this run, loaded from %s", name, saved)
+            model = str(saved)
         else:
             model = self._train(name, spec, student)
+            if is_main():
+                model.save(str(saved))
+                (saved / "DONE").write_text("")
+            barrier()
         if bi:
             return BiEncoderTeacher(model, batch_size=spec.batch_size, name=name)
         return CrossEncoderTeacher(model, batch_size=spec.batch_size, max_length=spec.max_length, name=name)

@@ -86,9 +86,23 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert "| 3 | ce | ce |" in report and "## Test" in report and (run_dir / "report.png").stat().st_size > 1000
 
     # A rerun finds final.json and does no work at all: no model is trained or evaluated.
+    real_evaluate = runner_module.evaluate_model
     monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     assert Runner(load_recipe(recipe_file), run_dir).run() == final
+
+    # Killed during the final evaluation: the rerun trains nothing (no student, no teacher) and still
+    # evaluates both teachers, loaded from the run folder.
+    import prod_st.teacher_setup as teacher_setup
+
+    monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
+    for trainer in ("train_bi_encoder", "train_cross_encoder"):
+        monkeypatch.setattr(teacher_setup, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
+    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
+    (run_dir / "final.json").unlink()
+    again = Runner(load_recipe(recipe_file), run_dir).run()
+    assert set(again["test"]["teachers"]) == {"bi", "ce"}
+    assert again["test"]["student"] == pytest.approx(final["test"]["student"])
 
 
 def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, monkeypatch):
