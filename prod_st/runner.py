@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.distributed import barrier, init_if_launched, is_main, world_size
@@ -39,7 +40,7 @@ from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, top_candidates
 from prod_st.teacher_setup import TeacherPool
-from prod_st.teachers import BiEncoderTeacher
+from prod_st.teachers import BiEncoderTeacher, scores_to_labels
 
 logger = logging.getLogger("prod_st.run")
 
@@ -278,12 +279,12 @@ class Runner:
             # the student before this stage trains: its embeddings are cached under its weights' fingerprint
             frozen = BiEncoderTeacher(student, name="stage-start student")
             score_sets.append((frozen, score_scale(student)))
-        masked = [
-            [[s * factor if not gone else float("-inf") for s, gone in zip(row, [False, *missing])]
-             for row, missing in zip(model.score(rows.queries, rows.candidates()), rows.missing)]
+        real, width = rows.real_candidates(), 1 + len(rows.negatives[0])  # fillers are never scored
+        labels = [
+            scores_to_labels([[factor * x for x in row] for row in model.score(rows.queries, real)], width)
             for model, factor in score_sets
         ]
-        return masked[0] if len(masked) == 1 else [list(pair) for pair in zip(*masked)]
+        return (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).tolist()
 
     def save_train_data(self, folder: Path, dataset) -> None:
         if is_main() and not (folder / "train_data").exists():

@@ -88,6 +88,11 @@ class TrainingRows:
     def candidates(self) -> list[list[str]]:
         return [[p, *negs] for p, negs in zip(self.positives, self.negatives)]
 
+    def real_candidates(self) -> list[list[str]]:
+        """[positive, negatives] without the fillers (which always come last)."""
+        return [[p, *(n for n, gone in zip(negs, miss) if not gone)]
+                for p, negs, miss in zip(self.positives, self.negatives, self.missing)]
+
     def to_dataset(self, labels: list | None = None) -> datasets.Dataset:
         """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect."""
         columns = {"query": self.queries, "positive": self.positives}

@@ -192,3 +192,16 @@ def test_validate_command(monkeypatch, capsys):
         main()
     assert info.value.code == 0
     assert "quickstart: valid (warmup -> bi -> ce -> dpd x1)" in capsys.readouterr().out
+
+
+def test_fillers_are_never_scored_and_become_minus_inf():
+    """A query with fewer negatives than the stage asks for: its filler columns are not sent to the teacher
+    and carry -inf (masked out of every softmax)."""
+    from prod_st.stage_data import FILLER, TrainingRows
+    from prod_st.teachers import scores_to_labels
+
+    rows = TrainingRows(["q1", "q2"], ["a", "b"], ["pa", "pb"], [["n1", "n2"], ["m1", FILLER]],
+                        [[False, False], [False, True]])
+    assert rows.real_candidates() == [["pa", "n1", "n2"], ["pb", "m1"]]
+    labels = scores_to_labels([[3.0, 1.0, 0.0], [2.0, 1.0]], width=3)
+    assert labels[1].tolist() == [2.0, 1.0, float("-inf")]
