@@ -33,7 +33,7 @@ class RunData:
         return [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
 
 
-def _sample_qrels(qrels: dict, n: int | None, rng: random.Random) -> dict:
+def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:
     if n is None or n >= len(qrels):
         return qrels
     keep = set(rng.sample(sorted(qrels), n))
@@ -53,9 +53,9 @@ def load_run_data(
     rng = random.Random(seed)
     loaded = [load_retrieval_data(dataset, split) for split in splits]
     for data, n in zip(loaded, sizes):
-        data.qrels = _sample_qrels(data.qrels, n, rng)
+        data.qrels = _sample_queries(data.qrels, n, rng)
         if data.answers and not data.qrels:  # question answering test split (DPR NQ): answers, no qrels
-            data.answers = _sample_qrels(data.answers, n, rng)
+            data.answers = _sample_queries(data.answers, n, rng)
     corpus: datasets.Dataset = loaded[0].corpus
     if corpus_size is not None and corpus_size < len(corpus):
         judged = {d for data in loaded for j in data.qrels.values() for d in j}
