@@ -11,7 +11,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "select_queries"]
+__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "select_queries", "teacher_rankings"]
 
 Variant = Literal["msmarco", "nq"]
 DROP_REASONS = ("student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels")
@@ -23,6 +23,18 @@ def first_relevant_rank(ranked_doc_ids: Iterable[str], relevant_ids: Container[s
         if doc_id in relevant_ids:
             return rank
     return None
+
+
+def teacher_rankings(
+    ranked: Mapping[str, Sequence[str]], scores: Sequence[Sequence[float]]
+) -> dict[str, list[str]]:
+    """The teacher's reranking of each query's candidates: `ranked`'s doc ids (in its query order) sorted by the
+    teacher's scores, highest first (a teacher score is a relevance: higher = more relevant); ties keep the
+    student's order."""
+    return {
+        qid: [doc for _, doc in sorted(zip(row, docs), key=lambda pair: -pair[0])]
+        for (qid, docs), row in zip(ranked.items(), scores)
+    }
 
 
 def drop_reason(

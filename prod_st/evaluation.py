@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 import faiss
-import numpy as np
 import pytrec_eval
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from prod_st.answer_match import top_k_accuracy
 from prod_st.data import RetrievalData, document_text
+from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
 
 logger = logging.getLogger(__name__)
@@ -84,14 +84,6 @@ def _top(docs: dict[str, float], k: int) -> dict[str, float]:
     return dict(sorted(docs.items(), key=lambda kv: kv[1], reverse=True)[:k])
 
 
-def encode_texts(model: SentenceTransformer, texts: list[str], batch_size: int = 64, **kwargs) -> np.ndarray:
-    """float32 embeddings, normalised when the model's similarity is cosine (so inner product = its score)."""
-    normalize = model.similarity_fn_name == "cosine"
-    return model.encode(
-        texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=normalize, **kwargs
-    ).astype(np.float32, copy=False)
-
-
 def build_index(
     model: SentenceTransformer,
     corpus,
@@ -113,7 +105,7 @@ def build_index(
     with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not progress) as bar:
         for chunk in corpus.iter(batch_size=chunk_size):
             texts = [document_text(t, x) for t, x in zip(chunk["title"], chunk["text"])]
-            vectors = encode_texts(model, texts, batch_size)
+            vectors = encode_texts(model, texts, "document", batch_size)
             if not index.is_trained:
                 index.train(vectors)
             index.add(vectors)
@@ -134,7 +126,7 @@ def search(
 ) -> Run:
     """Top-`top_k` documents per query as {query id: {doc id: score}}."""
     qids = list(queries)
-    vectors = encode_texts(model, [queries[q] for q in qids], batch_size, show_progress_bar=progress)
+    vectors = encode_texts(model, [queries[q] for q in qids], "query", batch_size, show_progress_bar=progress)
     scores, rows = index.search(vectors, min(top_k, len(doc_ids)))
     return {
         qid: {doc_ids[r]: float(s) for r, s in zip(row_ids, row_scores) if r >= 0}

@@ -74,24 +74,65 @@ def retrieve_ranked(
     return json.loads(path.read_text())
 
 
+def negative_pools(
+    ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow
+) -> dict[str, list[str]]:
+    """Each query's candidate negatives: ranks `window.start..window.end` of its ranking, in rank order,
+    relevant documents (grade > 0) excluded. Negatives are drawn from these pools (`draw_negatives`)."""
+    pools = {}
+    for qid, docs in ranked.items():
+        relevant = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
+        pools[qid] = [d for d in docs[window.start - 1 : window.end] if d not in relevant]
+    return pools
+
+
+def draw_negatives(
+    pools: dict[str, list[str]], window: NegativeWindow, *, seed: int = 0, epoch: int = 0
+) -> dict[str, list[str]]:
+    """`window.count` negatives per query from its pool: "hardest" keeps rank order; "sample" draws uniformly
+    without replacement, seeded per (seed, epoch, query), so every epoch reads a fresh, reproducible draw."""
+    negatives = {}
+    for qid, pool in pools.items():
+        if window.strategy == "sample" and len(pool) > window.count:
+            picked = set(random.Random(f"{seed}:{epoch}:{qid}").sample(range(len(pool)), window.count))
+            pool = [d for i, d in enumerate(pool) if i in picked]  # sampled, still in rank order
+        negatives[qid] = pool[: window.count]
+    return negatives
+
+
 def pick_negatives(
     ranked: dict[str, list[str]],
     qrels: dict[str, dict[str, int]],
     window: NegativeWindow,
     *,
     seed: int = 0,
+    epoch: int = 0,
 ) -> dict[str, list[str]]:
-    """Negatives per query from `window` of its ranking, relevant documents (grade > 0) excluded.
-    "hardest" keeps rank order; "sample" draws uniformly without replacement, seeded per query."""
-    negatives = {}
-    for qid, docs in ranked.items():
-        relevant = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
-        pool = [d for d in docs[window.start - 1 : window.end] if d not in relevant]
-        if window.strategy == "sample" and len(pool) > window.count:
-            picked = set(random.Random(f"{seed}:{qid}").sample(range(len(pool)), window.count))
-            pool = [d for i, d in enumerate(pool) if i in picked]  # sampled, still in rank order
-        negatives[qid] = pool[: window.count]
-    return negatives
+    """Negatives per query from `window` of its ranking, relevant documents excluded (one epoch's draw)."""
+    return draw_negatives(negative_pools(ranked, qrels, window), window, seed=seed, epoch=epoch)
+
+
+def mine_pools(
+    model: SentenceTransformer,
+    data: RetrievalData,
+    window: NegativeWindow = NegativeWindow(),
+    *,
+    top_k: int | None = None,
+    query_ids: list[str] | None = None,
+    **retrieve_kwargs,
+) -> dict[str, list[str]]:
+    """The negative pools (`negative_pools`) of the judged queries of `data.split` (or `query_ids`), mined
+    with `model`; a query whose pool is smaller than `window.count` is counted in one warning."""
+    queries = data.split_queries()
+    if query_ids is not None:
+        queries = {q: queries[q] for q in query_ids}
+    ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
+    pools = negative_pools(ranked, data.qrels, window)
+    short = sum(len(v) < window.count for v in pools.values())
+    if short:
+        logger.warning("%d of %d queries have fewer than %d negatives in ranks %d..%d",
+                       short, len(pools), window.count, window.start, window.end)
+    return pools
 
 
 def mine_negatives(
@@ -99,19 +140,10 @@ def mine_negatives(
     data: RetrievalData,
     window: NegativeWindow = NegativeWindow(),
     *,
-    top_k: int | None = None,
     seed: int = 0,
-    query_ids: list[str] | None = None,
-    **retrieve_kwargs,
+    epoch: int = 0,
+    **kwargs,
 ) -> dict[str, list[str]]:
-    """Hard negatives for the judged queries of `data.split` (or those of `query_ids`), mined with `model`."""
-    queries = data.split_queries()
-    if query_ids is not None:
-        queries = {q: queries[q] for q in query_ids}
-    ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
-    negatives = pick_negatives(ranked, data.qrels, window, seed=seed)
-    short = sum(len(v) < window.count for v in negatives.values())
-    if short:
-        logger.warning("%d of %d queries have fewer than %d negatives in ranks %d..%d",
-                       short, len(negatives), window.count, window.start, window.end)
-    return negatives
+    """Hard negatives (one epoch's draw) for the judged queries of `data.split` (or those of `query_ids`),
+    mined with `model`."""
+    return draw_negatives(mine_pools(model, data, window, **kwargs), window, seed=seed, epoch=epoch)

@@ -30,15 +30,16 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.distributed import barrier, init_if_launched, is_main, world_size
-from prod_st.dpd import select_queries
+from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
-from prod_st.mining import NegativeWindow, mine_negatives, retrieve_ranked
+from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_ranked
 from prod_st.models import build_student
+from prod_st.resampling import epochs_read, total_steps
 from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
-from prod_st.teacher_eval import gap, rerank, rerank_metrics, top_candidates
+from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
 from prod_st.teacher_setup import TeacherPool
 from prod_st.teachers import BiEncoderTeacher, scores_to_labels
 
@@ -214,40 +215,62 @@ class Runner:
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
-        neg = stage.negatives
-        with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
-            miner = self.teachers.miner_model(neg.miner, student)
-            negatives = mine_negatives(
-                miner, self.data.train, NegativeWindow(neg.start, neg.end, neg.count, neg.strategy),
-                seed=self.recipe.seed + index, index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size,
-            )
-            write_json(folder / "negatives.json", negatives)
+        rows, reads = self.stage_rows(stage, student, index, folder, record)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
-        rows = build_rows(self.data, negatives, neg.count, drop_incomplete=in_batch)
-        if not rows.queries:
-            raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
-
         if stage.kind == "warmup":
-            loss, dataset = contrastive_loss(student), rows.to_dataset()
+            loss, dataset = contrastive_loss(student, gather_across_devices=world_size() > 1), rows.to_dataset()
         else:
             self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
                 dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates, student, stage.loss))
             loss = self.prod_loss(student, stage.candidates, stage.loss)
         self.save_train_data(folder, dataset)
-        record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch)
+        record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch,
+                                  block_size=len(rows.queries) // reads)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
             record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
         return self.finish_stage(folder, student, record)
 
-    def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool) -> dict:
-        """Train with the stage's (or DPD's) optimisation settings; checkpoints under <stage>/checkpoints."""
-        with step(f"{record.name}: train ({len(dataset)} queries)", record.seconds, "train"):
+    def stage_rows(self, stage, student, index: int, folder: Path, record: StageRecord) -> tuple[TrainingRows, int]:
+        """Mine the stage's negative pools with its miner, then draw fresh negatives for every epoch training
+        will read (PROD resamples each time a query is read): the rows of epoch 0, then epoch 1, ... and the
+        number of epochs. Hardest-first negatives are the same every epoch: one block, read repeatedly."""
+        neg = stage.negatives
+        window = NegativeWindow(neg.start, neg.end, neg.count, neg.strategy)
+        with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
+            miner = self.teachers.miner_model(neg.miner, student)
+            pools = mine_pools(miner, self.data.train, window, index_factory=self.recipe.eval.index,
+                               batch_size=self.recipe.eval.batch_size)
+        in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
+
+        def rows_of(epoch: int) -> TrainingRows:
+            drawn = draw_negatives(pools, window, seed=self.recipe.seed + index, epoch=epoch)
+            return build_rows(self.data, drawn, neg.count, drop_incomplete=in_batch)
+
+        rows = rows_of(0)
+        if not rows.queries:
+            raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
+        steps = total_steps(len(rows.queries), stage.batch_size, stage.epochs, stage.max_steps)
+        reads = epochs_read(len(rows.queries), stage.batch_size, steps) if neg.strategy == "sample" else 1
+        for epoch in range(1, reads):
+            rows.extend(rows_of(epoch))
+        write_json(folder / "negatives.json", {"epochs": reads, "pools": pools})
+        logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name,
+                    len(rows.queries) // reads, reads)
+        return rows, reads
+
+    def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool,
+              block_size: int | None = None) -> dict:
+        """Train with the stage's (or DPD's) optimisation settings; checkpoints under <stage>/checkpoints.
+        `block_size`: the dataset holds consecutive epochs of that many rows (`prod_st.resampling`)."""
+        rows = block_size or len(dataset)
+        steps = total_steps(rows, spec.batch_size, spec.epochs, spec.max_steps)
+        with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"):
             return train_student(
                 student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
-                max_steps=spec.max_steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
-                seed=self.recipe.seed, no_duplicates=no_duplicates,
+                max_steps=steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
+                seed=self.recipe.seed, no_duplicates=no_duplicates, block_size=block_size,
             )
 
     def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:
@@ -257,7 +280,7 @@ class Runner:
             previous = copy.deepcopy(student)
         return PRODLoss(
             student, candidate_mode=candidates, temperature=spec.temperature, hard_weight=spec.hard_weight,
-            kd_weight=spec.kd_weight, reg_weight=spec.reg_weight, scale=score_scale(student),
+            kd_weight=spec.kd_weight, reg_weight=spec.reg_weight,  # the student's own similarity and scale
             previous_model=previous, gather_across_devices=world_size() > 1,
         )
 
@@ -300,25 +323,16 @@ class Runner:
         record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
         record.gap_before, record.teacher_rerank_dev = self.measure_gap(name, previous_folder, temperature, None)
         metric = self.recipe.eval.metric
-        teacher_score = record.teacher_dev[metric]
-        student_score = records[-1].student_dev[metric]
         logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
-                    record.teacher_measured_as, student_score)
-        if teacher_score <= student_score:
-            record.warnings.append(
-                f"teacher {name!r} ({metric} {teacher_score:.4f} on dev, as {record.teacher_measured_as}) is not "
-                f"stronger than the student it teaches ({student_score:.4f}): PROD needs a stronger teacher"
-            )
+                    record.teacher_measured_as, records[-1].student_dev[metric])
+        previous = None
         earlier = [r.teacher for r in records if r.teacher]
         if earlier and earlier[-1] != name:  # like with like: both rerank this student's dev top-k
-            _, before = self.measure_gap(earlier[-1], previous_folder, temperature, None)
-            mine = record.teacher_rerank_dev[metric]
-            if mine < before[metric]:
-                record.warnings.append(
-                    f"teacher {name!r} ({metric} {mine:.4f} reranking the student's dev top-k) is weaker than the "
-                    f"previous stage's teacher {earlier[-1]!r} ({before[metric]:.4f} on the same candidates): "
-                    "the chain should get stronger"
-                )
+            previous = (earlier[-1], self.measure_gap(earlier[-1], previous_folder, temperature, None)[1][metric])
+        record.warnings += strength_warnings(
+            name, metric, teacher=record.teacher_dev[metric], measured_as=record.teacher_measured_as,
+            student=records[-1].student_dev[metric], reranking=record.teacher_rerank_dev[metric], previous=previous,
+        )
         return teacher
 
     def measure_teacher(self, name: str, student_folder: Path) -> dict:
@@ -365,9 +379,8 @@ class Runner:
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
                                      index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
-            qids = list(ranked)
-            scores = teacher.score([queries[q] for q in qids], [self.data.doc_texts(ranked[q]) for q in qids])
-            teacher_runs = {q: [d for _, d in sorted(zip(s, ranked[q]), key=lambda x: -x[0])] for q, s in zip(qids, scores)}
+            scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
+            teacher_runs = teacher_rankings(ranked, scores)
         rule = spec.rule
         selection = select_queries(
             ranked, teacher_runs, self.data.train.qrels, num_negatives=spec.num_negatives,

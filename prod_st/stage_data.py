@@ -85,6 +85,11 @@ class TrainingRows:
     negatives: list[list[str]]
     missing: list[list[bool]]
 
+    def extend(self, other: TrainingRows) -> None:
+        """Append `other`'s rows (another epoch's draw of negatives for the same queries)."""
+        for name in ("query_ids", "queries", "positives", "negatives", "missing"):
+            getattr(self, name).extend(getattr(other, name))
+
     def candidates(self) -> list[list[str]]:
         return [[p, *negs] for p, negs in zip(self.positives, self.negatives)]
 

@@ -3,6 +3,7 @@ killed stage resumes from its last checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
 from transformers.trainer_utils import get_last_checkpoint
+
+from prod_st.encoding import training_roles
+from prod_st.resampling import EpochBlockBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +32,12 @@ def train_student(
     seed: int,
     no_duplicates: bool,
     checkpoints: int = 4,
+    block_size: int | None = None,
 ) -> dict[str, float]:
     """Train `model` in place on `dataset`, resuming from the newest checkpoint under `workdir` if any.
-    About `checkpoints` checkpoints are written over the stage; only the last one is kept."""
+    About `checkpoints` checkpoints are written over the stage; only the last one is kept. With `block_size`,
+    the dataset is consecutive epochs of `block_size` rows each (fresh negatives per epoch) read block after
+    block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes."""
     steps_per_epoch = max(1, -(-len(dataset) // batch_size))
     total = max_steps or max(1, int(steps_per_epoch * epochs))
     args = SentenceTransformerTrainingArguments(
@@ -48,8 +55,12 @@ def train_student(
         save_total_limit=1,
         logging_steps=max(1, total // 10),
         report_to="none",
-        batch_sampler=BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER,
+        batch_sampler=(
+            functools.partial(EpochBlockBatchSampler, block_size=block_size, no_duplicates=no_duplicates)
+            if block_size else BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER
+        ),
         dataloader_drop_last=False,
+        **training_roles(model, dataset.column_names),
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     last = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None

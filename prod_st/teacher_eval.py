@@ -51,3 +51,32 @@ def gap(student_run: Run, teacher_run: Run, *, student_scale: float, temperature
     if not kls:
         return {"kl": float("nan"), "kendall_tau": float("nan"), "top1_agreement": float("nan")}
     return {"kl": float(np.mean(kls)), "kendall_tau": float(np.mean(taus)), "top1_agreement": float(np.mean(top1))}
+
+
+def strength_warnings(
+    name: str,
+    metric: str,
+    *,
+    teacher: float,
+    measured_as: str,
+    student: float,
+    reranking: float,
+    previous: tuple[str, float] | None = None,
+) -> list[str]:
+    """PROD's two checks before a teacher teaches, as warning lines (none when both hold): the teacher
+    (`teacher`, its dev `metric` measured as `measured_as`) beats the student it teaches (`student`); and,
+    reranking the same student top-k, it is at least as strong as the previous stage's teacher (`previous` =
+    (name, its reranking score); None when there is none or it is the same teacher)."""
+    warnings = []
+    if teacher <= student:
+        warnings.append(
+            f"teacher {name!r} ({metric} {teacher:.4f} on dev, as {measured_as}) is not stronger than the student "
+            f"it teaches ({student:.4f}): PROD needs a stronger teacher"
+        )
+    if previous is not None and reranking < previous[1]:
+        warnings.append(
+            f"teacher {name!r} ({metric} {reranking:.4f} reranking the student's dev top-k) is weaker than the "
+            f"previous stage's teacher {previous[0]!r} ({previous[1]:.4f} on the same candidates): the chain "
+            "should get stronger"
+        )
+    return warnings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prod_st.dpd import DPDSelection, drop_reason, first_relevant_rank, keep_query, select_queries
+from prod_st.dpd import DPDSelection, drop_reason, first_relevant_rank, keep_query, select_queries, teacher_rankings
 
 
 @pytest.mark.parametrize(
@@ -141,3 +141,13 @@ def test_select_queries_nq_variant():
 def test_select_queries_rejects_negative_num_negatives():
     with pytest.raises(ValueError, match="num_negatives"):
         select_queries({}, {}, {}, num_negatives=-1)
+
+
+def test_teacher_rankings_put_the_highest_score_first():
+    """The teacher's scores are relevances: its ranking is by descending score (ties keep the student's order),
+    so a teacher that scores the positive highest ranks it first and the query can be kept."""
+    ranked = {"q1": ["d1", "d2", "d3"], "q2": ["d4", "d5"]}
+    got = teacher_rankings(ranked, [[0.1, 2.5, -1.0], [3.0, 3.0]])
+    assert got == {"q1": ["d2", "d1", "d3"], "q2": ["d4", "d5"]}
+    selection = select_queries(ranked, got, {"q1": {"d2": 1}, "q2": {"d5": 1}}, num_negatives=2)
+    assert selection.kept == {"q1": ["d1", "d3"]}  # student rank 2, teacher rank 1: a near miss kept

@@ -389,3 +389,27 @@ def test_precomputed_previous_scores_equal_the_online_frozen_model():
     got = sum(precomputed([dict(f) for f in features], torch.stack([teacher, previous_scores], dim=1)).values())
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert precomputed.last_components["reg"] > 0 and calls == []
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_student_is_scored_with_its_own_similarity(tiny_model_dir, similarity):
+    """A raw encoder (no Normalize module) declared cosine trains on cosine x 20, as it is evaluated and as its
+    teacher's labels are scaled; a dot-product student trains on the raw dot product."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny_model_dir)
+    model.similarity_fn_name = similarity
+    assert not any(type(m).__name__ == "Normalize" for m in model)
+    loss = PRODLoss(model, reg_weight=0.0)
+    q, p, n = (model.encode(texts, convert_to_tensor=True) for texts in (["a query", "b query"], ["pa", "pb"], ["na", "nb"]))
+    teacher = t([[2.0, 0.0], [1.0, 0.5]])
+    got = loss.compute_loss_from_embeddings([q, p, n], teacher)
+    scale = 20.0 if similarity == "cosine" else 1.0
+    student = scale * torch.stack([model.similarity_pairwise(q, p), model.similarity_pairwise(q, n)], dim=1)
+    want = prod_distill_loss(student, teacher, temperature=4.0, hard_weight=0.1, kd_weight=0.9, reg_weight=0.0)
+    for name in ("hard", "kd"):
+        assert got[name].item() == pytest.approx(want[name].item(), rel=1e-5)
+    raw_dot = torch.stack([(q * p).sum(1), (q * n).sum(1)], dim=1) * scale
+    if similarity == "cosine":  # the old behaviour (dot x 20 on unnormalised vectors) gives another loss
+        wrong = prod_distill_loss(raw_dot, teacher, temperature=4.0, hard_weight=0.1, kd_weight=0.9, reg_weight=0.0)
+        assert wrong["kd"].item() != pytest.approx(want["kd"].item(), rel=1e-3)

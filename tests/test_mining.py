@@ -56,3 +56,14 @@ def test_mining_caches_the_run_per_model(toy_beir, tiny_model_dir, monkeypatch):
         next(model.parameters()).add_(0.01)  # another checkpoint -> another key
     mine_negatives(model, data, window, progress=False)
     assert calls == [1, 1]
+
+
+def test_every_epoch_draws_afresh_from_the_same_pool():
+    pools = mining.negative_pools(RANKED, QRELS, NegativeWindow(1, 6, 1, "sample"))
+    assert pools == {"q1": ["d5", "d2", "d3", "d4", "d6"], "q2": ["d3"]}
+    window = NegativeWindow(1, 6, 1, "sample")
+    draws = [mining.draw_negatives(pools, window, seed=7, epoch=e)["q1"] for e in range(12)]
+    assert len({tuple(d) for d in draws}) > 1  # count 1 is not one fixed negative for the whole stage
+    assert draws[3] == mining.draw_negatives(pools, window, seed=7, epoch=3)["q1"]  # seeded
+    hardest = NegativeWindow(1, 6, 2, "hardest")
+    assert {tuple(mining.draw_negatives(pools, hardest, epoch=e)["q1"]) for e in range(5)} == {("d5", "d2")}

@@ -31,7 +31,7 @@ def tiny_recipe(model: str) -> dict:
         },
         "stages": [
             {"name": "warmup", "kind": "warmup", "candidates": "in_batch", "negatives": negatives | {"count": 1},
-             "max_steps": 2, "batch_size": 8},
+             "max_steps": 6, "batch_size": 8},  # 48 rows read of ~24 queries: negatives drawn for 2+ epochs
             {"name": "bi", "teacher": "bi", "candidates": "in_batch", "negatives": negatives | {"count": 1},
              "max_steps": 2, "batch_size": 8},
             {"name": "ce", "teacher": "ce", "candidates": "list", "negatives": negatives,
@@ -72,6 +72,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     # per row: the teacher's and the stage-start student's scores over positive + 2 negatives
     assert all(len(row) == 2 and len(row[0]) == len(row[1]) == 3 for row in labels)
     assert ce["teacher_rerank_dev"]["nDCG@10"] == ce["teacher_dev"]["nDCG@10"]  # a ce is measured as a reranker
+    check_training_data(run_dir)
     dpd = json.loads((run_dir / "04-dpd-1" / "metrics.json").read_text())
     assert sum(dpd["selection"].values()) == 24  # every training query counted once
     assert final["num_test_queries"] == 8
@@ -103,6 +104,47 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     again = Runner(load_recipe(recipe_file), run_dir).run()
     assert set(again["test"]["teachers"]) == {"bi", "ce"}
     assert again["test"]["student"] == pytest.approx(final["test"]["student"])
+
+
+def check_training_data(run_dir: Path) -> None:
+    """What each stage trained on: fresh negatives per epoch, the in-batch labels are the bi teacher's
+    embeddings, the list labels' second row is the stage-start student's scores, and distilling changed the
+    student."""
+    import datasets
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from prod_st.fingerprint import model_fingerprint
+
+    warmup = datasets.load_from_disk(str(run_dir / "01-warmup" / "train_data"))
+    epochs = json.loads((run_dir / "01-warmup" / "negatives.json").read_text())["epochs"]
+    assert epochs >= 2 and len(warmup) % epochs == 0
+    size = len(warmup) // epochs
+    first, second = warmup.select(range(size)).to_dict(), warmup.select(range(size, 2 * size)).to_dict()
+    assert first["query"] == second["query"] and first["positive"] == second["positive"]
+    assert first["negative_1"] != second["negative_1"]  # epoch 1 reads other negatives than epoch 0
+
+    bi = datasets.load_from_disk(str(run_dir / "02-bi" / "train_data")).select(range(4)).to_dict()
+    teacher = SentenceTransformer(str(run_dir / "teachers" / "bi" / "model"))
+    labels = np.asarray(bi["label"], dtype=np.float32)  # (rows, 1 + 1 + 1, dim): query, positive, negative
+    q = teacher.encode_query(bi["query"], normalize_embeddings=True)
+    docs = teacher.encode_document(bi["positive"] + bi["negative_1"], normalize_embeddings=True)
+    np.testing.assert_allclose(labels[:, 0], 20.0 * q, rtol=1e-3, atol=1e-4)  # cosine x 20 folded into the query
+    np.testing.assert_allclose(labels[:, 1], docs[:4], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(labels[:, 2], docs[4:], rtol=1e-3, atol=1e-4)
+
+    ce = datasets.load_from_disk(str(run_dir / "03-ce" / "train_data")).select(range(4)).to_dict()
+    start = SentenceTransformer(str(run_dir / "02-bi" / "student"))  # the ce stage's stage-start student
+    q = start.encode_query(ce["query"], convert_to_tensor=True)
+    for column, name in enumerate(["positive", "negative_1", "negative_2"]):
+        d = start.encode_document(ce[name], convert_to_tensor=True)
+        want = 20.0 * start.similarity_pairwise(q, d).numpy()
+        np.testing.assert_allclose([row[1][column] for row in ce["label"]], want, rtol=1e-3, atol=1e-3)
+
+    def fingerprint(stage: str) -> str:
+        return model_fingerprint(SentenceTransformer(str(run_dir / stage / "student")))
+
+    assert fingerprint("01-warmup") != fingerprint("02-bi") != fingerprint("03-ce")  # distilling trains
 
 
 def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, monkeypatch):

@@ -189,7 +189,7 @@ def test_bi_encoder_embeds_each_text_once_and_builds_row_tensors(tiny_model_dir,
     distinct = len(set(QUERIES) | {c for cands in CANDIDATES for c in cands})
     assert sum(calls) == distinct and max(calls) <= 5
     assert labels.shape == (3, 1 + 4, teacher.dimension) and labels.dtype == torch.float32
-    np.testing.assert_array_equal(labels[1, 0].numpy(), teacher.embed([QUERIES[1]])[0])
+    np.testing.assert_array_equal(labels[1, 0].numpy(), teacher.embed([QUERIES[1]], "query")[0])
     # In-batch teacher scores are dot products of these rows, e.g. query 0 against every candidate.
     np.testing.assert_allclose(
         (labels[0, 1:] @ labels[0, 0]).numpy(), teacher.score(QUERIES[:1], CANDIDATES[:1])[0], rtol=1e-5
@@ -198,12 +198,32 @@ def test_bi_encoder_embeds_each_text_once_and_builds_row_tensors(tiny_model_dir,
     calls.clear()
     fresh = BiEncoderTeacher(tiny_model_dir, cache_root=tmp_path)  # reopened from disk
     fresh_calls = _count_calls(monkeypatch, fresh.model, "encode")
-    teacher.embed(QUERIES)
+    teacher.embed(QUERIES, "query")
     np.testing.assert_array_equal(fresh.embeddings_for_rows(QUERIES, CANDIDATES).numpy(), labels.numpy())
     assert calls == [] and fresh_calls == []
 
     with pytest.raises(ProdStError):
         teacher.embeddings_for_rows(QUERIES[:2], [CANDIDATES[0], CANDIDATES[1][:2]])
+
+
+def test_bi_encoder_encodes_queries_and_documents_in_their_roles(tiny_model_dir, tmp_path):
+    """A model with query/document prompts (E5, BGE, ...): queries go through encode_query, candidates through
+    encode_document, in the teacher's scores, its in-batch labels and the cache (one text, two roles)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny_model_dir, prompts={"query": "query: ", "document": "passage: "})
+    model.similarity_fn_name = "dot"
+    teacher = BiEncoderTeacher(model, cache_root=tmp_path)
+    q = model.encode_query(QUERIES[:1])
+    docs = model.encode_document(CANDIDATES[0])
+    np.testing.assert_allclose(teacher.score(QUERIES[:1], CANDIDATES[:1], progress=False)[0], docs @ q[0], rtol=1e-4)
+    plain = model.encode(CANDIDATES[0]) @ model.encode(QUERIES[:1])[0]
+    assert not np.allclose(docs @ q[0], plain, rtol=1e-3)  # the prompts change the scores: the test can fail
+    labels = teacher.embeddings_for_rows(QUERIES[:1], CANDIDATES[:1])
+    np.testing.assert_allclose(labels[0, 0].numpy(), q[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(labels[0, 1:].numpy(), docs, rtol=1e-4, atol=1e-6)
+    same = CANDIDATES[0][0]
+    assert not np.allclose(teacher.embed([same], "query"), teacher.embed([same], "document"))
 
 
 # --------------------------------------------------------------------------------------------- training

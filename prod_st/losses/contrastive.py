@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-from sentence_transformers.util import cos_sim, dot_score
+
+from prod_st.encoding import is_cosine, similarity_fct
 
 COSINE_SCALE = 20.0  # MultipleNegativesRankingLoss's scale for cosine similarities (a softmax over [-1, 1] is flat)
-
-
-def is_cosine(model: SentenceTransformer) -> bool:
-    return model.similarity_fn_name in (None, "cosine")
 
 
 def score_scale(model: SentenceTransformer) -> float:
@@ -20,9 +17,11 @@ def score_scale(model: SentenceTransformer) -> float:
     return COSINE_SCALE if is_cosine(model) else 1.0
 
 
-def contrastive_loss(model: SentenceTransformer) -> MultipleNegativesRankingLoss:
+def contrastive_loss(model: SentenceTransformer, *, gather_across_devices: bool = False) -> MultipleNegativesRankingLoss:
     """In-batch + hard-negative softmax cross-entropy (MultipleNegativesRankingLoss) in the model's own
-    similarity: cosine x 20 for cosine models, the raw dot product otherwise."""
+    similarity: cosine x 20 for cosine models, the raw dot product otherwise. With `gather_across_devices`
+    (under torchrun), every passage of the global batch is a candidate, as in PROD's warm-up."""
     return MultipleNegativesRankingLoss(
-        model, scale=score_scale(model), similarity_fct=cos_sim if is_cosine(model) else dot_score
+        model, scale=score_scale(model), similarity_fct=similarity_fct(model),
+        gather_across_devices=gather_across_devices,
     )

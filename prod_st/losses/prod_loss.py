@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from sentence_transformers.util import all_gather, all_gather_with_grad, dot_score, get_rank, similarity_fct_name
 
 from prod_st.citation import PROD_BIBTEX
+from prod_st.encoding import similarity_fct as own_similarity
 
+from .contrastive import score_scale
 from .prod_distill import prod_distill_loss
 
 try:  # sentence-transformers >= 6: one merged forward for the candidate columns
@@ -39,8 +41,8 @@ class PRODLoss(nn.Module):
         hard_weight: float = 0.1,
         kd_weight: float = 0.9,
         reg_weight: float = 1.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = dot_score,
-        scale: float = 1.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] | None = None,
+        scale: float | None = None,
         previous_model: nn.Module | None = None,
         teacher: nn.Module | None = None,
         gather_across_devices: bool = False,
@@ -67,8 +69,10 @@ class PRODLoss(nn.Module):
             hard_weight: weight of the hard (contrastive) loss (PROD: 0.1).
             kd_weight: weight of the teacher distillation loss (PROD: 0.9).
             reg_weight: weight of the regularisation towards ``previous_model`` (PROD: 1.0).
-            similarity_fct: student similarity, ``(B, D) x (M, D) -> (B, M)`` (PROD: dot product).
-            scale: multiplier of the student (and previous-model) similarities.
+            similarity_fct: student similarity, ``(B, D) x (M, D) -> (B, M)``. None (the default) takes the
+                student's own (``model.similarity_fn_name``: ``cos_sim`` for cosine models, ``dot_score`` for
+                dot-product ones, PROD's choice), so training scores candidates exactly as evaluation does.
+            scale: multiplier of the student (and previous-model) similarities; None: 20 for cosine, 1 for dot.
             previous_model: frozen copy of the student taken at the start of the stage, for the
                 regularisation loss; None disables it. Frozen here and run under ``no_grad`` in eval mode.
             teacher: in ``"in_batch"`` mode only, a bi-encoder sharing the student's tokenizer that embeds
@@ -91,6 +95,10 @@ class PRODLoss(nn.Module):
         super().__init__()
         if candidate_mode not in _MODE_ALIASES:
             raise ValueError(f"candidate_mode must be 'list' or 'in_batch', got {candidate_mode!r}.")
+        if similarity_fct is None:
+            similarity_fct = own_similarity(model) if hasattr(model, "similarity_fn_name") else dot_score
+        if scale is None:
+            scale = score_scale(model) if hasattr(model, "similarity_fn_name") else 1.0
         if not 0 < scale < math.inf:
             raise ValueError(f"scale must be a positive finite number, got {scale}.")
         self.model = model

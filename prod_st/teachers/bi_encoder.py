@@ -13,7 +13,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.errors import ProdStError
-from prod_st.evaluation import encode_texts
+from prod_st.encoding import Role, encode_texts
 from prod_st.models import load_model
 from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
 from prod_st.teachers.cache import EmbeddingCache, fill_missing
@@ -48,15 +48,18 @@ class BiEncoderTeacher:
         self.cache_folder = teacher_cache_root(cache_root) / self.fingerprint
         self.cache = EmbeddingCache(self.cache_folder / "embeddings")
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        return encode_texts(self.model, texts, batch_size=self.batch_size, show_progress_bar=False)
+    def embed(self, texts: list[str], role: Role, *, progress: bool = False) -> np.ndarray:
+        """(len(texts), dim) float32 embeddings of `texts` as queries or documents (`encode_query` /
+        `encode_document`: prompts and Router routes differ), normalised for cosine models; only texts never
+        embedded in that role by these weights are encoded."""
+        keys = [text_key(role, t) for t in texts]
 
-    def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        """(len(texts), dim) float32 embeddings (normalised for cosine models), encoding only uncached texts."""
-        keys = [text_key(t) for t in texts]
+        def encode(batch: list[str]) -> np.ndarray:
+            return encode_texts(self.model, batch, role, batch_size=self.batch_size, show_progress_bar=False)
+
         fill_missing(
-            self.cache, dict(zip(keys, texts)), self._encode, chunk_size=self.chunk_size, length=len,
-            progress=progress, desc=f"embedding ({self.name})",
+            self.cache, dict(zip(keys, texts)), encode, chunk_size=self.chunk_size, length=len,
+            progress=progress, desc=f"embedding {role}s ({self.name})",
         )
         if not keys:
             return np.zeros((0, self.dimension), dtype=np.float32)
@@ -72,9 +75,8 @@ class BiEncoderTeacher:
     ) -> list[list[float]]:
         """Per query, its similarity to each of its candidates (raw dot products / cosines)."""
         check_rows(queries, candidate_lists)
-        flat = [c for cands in candidate_lists for c in cands]
-        vectors = self.embed(list(queries) + flat, progress=progress)
-        q, docs = vectors[: len(queries)], vectors[len(queries) :]
+        q = self.embed(list(queries), "query", progress=progress)
+        docs = self.embed([c for cands in candidate_lists for c in cands], "document", progress=progress)
         scores, start = [], 0
         for i, cands in enumerate(candidate_lists):
             block = docs[start : start + len(cands)]
@@ -91,11 +93,12 @@ class BiEncoderTeacher:
             raise ProdStError(
                 f"every row needs the same number of candidates for in-batch labels, got {sorted(widths)}"
             )
-        rows = [[q, *cands] for q, cands in zip(queries, candidate_lists)]
-        if not rows:
+        if not queries:
             return torch.zeros((0, 0, self.dimension), dtype=torch.float32)
-        vectors = self.embed([t for row in rows for t in row])
-        return torch.from_numpy(np.ascontiguousarray(vectors)).reshape(len(rows), len(rows[0]), -1)
+        q = torch.from_numpy(np.ascontiguousarray(self.embed(list(queries), "query")))
+        docs = self.embed([c for cands in candidate_lists for c in cands], "document")
+        docs = torch.from_numpy(np.ascontiguousarray(docs)).reshape(len(queries), len(candidate_lists[0]), -1)
+        return torch.cat([q.unsqueeze(1), docs], dim=1)
 
     def __repr__(self) -> str:
         return f"BiEncoderTeacher({self.name!r}, fingerprint={self.fingerprint[:12]})"
