@@ -55,7 +55,7 @@ def training_roles(model: SentenceTransformer, columns: list[str]) -> dict:
     the "query" column the query prompt (and Router route), every other column the document's. Empty when the
     model has neither prompts nor a Router, so plain models train exactly as before."""
     prompts = model.prompts or {}
-    document_prompt = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if prompts.get(n)), None)
+    document_prompt = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if n in prompts), None)  # as encode_document
     roles = {c: "query" if c == "query" else "document" for c in columns if c != "label"}
     kwargs = {}
     by_column = {c: prompts.get("query") if r == "query" else document_prompt for c, r in roles.items()}

@@ -36,9 +36,10 @@ from sentence_transformers.cross_encoder.losses import (
 )
 
 from prod_st.distributed import barrier, is_main
+from prod_st.encoding import is_cosine, training_roles
 from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
-from prod_st.losses.contrastive import contrastive_loss, is_cosine, score_scale
+from prod_st.losses.contrastive import contrastive_loss, score_scale
 from prod_st.models import load_model
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
@@ -211,7 +212,7 @@ def train_bi_encoder(
         loss = contrastive_loss(model)
         args = SentenceTransformerTrainingArguments(
             **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio),
-            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            batch_sampler=BatchSamplers.NO_DUPLICATES, **training_roles(model, dataset.column_names),
         )
         SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
 
