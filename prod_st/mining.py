@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,20 +120,24 @@ def mine_pools(
     *,
     top_k: int | None = None,
     query_ids: list[str] | None = None,
+    relevance: Callable[[dict[str, list[str]]], dict[str, dict[str, int]]] | None = None,
     **retrieve_kwargs,
-) -> dict[str, list[str]]:
-    """The negative pools (`negative_pools`) of the judged queries of `data.split` (or `query_ids`), mined
-    with `model`; a query whose pool is smaller than `window.count` is counted in one warning."""
+) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
+    """(negative pools, relevance) of the judged queries of `data.split` (or `query_ids`), mined with `model`.
+    `relevance(ranked)` gives the judgements that decide what is a positive (default: `data.qrels`; for
+    question answering, the gold passages plus every retrieved passage that contains an answer); a query
+    whose pool is smaller than `window.count` is counted in one warning."""
     queries = data.split_queries()
     if query_ids is not None:
         queries = {q: queries[q] for q in query_ids}
     ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
-    pools = negative_pools(ranked, data.qrels, window)
+    qrels = relevance(ranked) if relevance is not None else data.qrels
+    pools = negative_pools(ranked, qrels, window)
     short = sum(len(v) < window.count for v in pools.values())
     if short:
         logger.warning("%d of %d queries have fewer than %d negatives in ranks %d..%d",
                        short, len(pools), window.count, window.start, window.end)
-    return pools
+    return pools, qrels
 
 
 def mine_negatives(
@@ -146,4 +151,4 @@ def mine_negatives(
 ) -> dict[str, list[str]]:
     """Hard negatives (one epoch's draw) for the judged queries of `data.split` (or those of `query_ids`),
     mined with `model`."""
-    return draw_negatives(mine_pools(model, data, window, **kwargs), window, seed=seed, epoch=epoch)
+    return draw_negatives(mine_pools(model, data, window, **kwargs)[0], window, seed=seed, epoch=epoch)

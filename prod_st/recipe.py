@@ -92,6 +92,10 @@ class Data(_Model):
         None, description="seeded random documents + every document judged for the used queries (None = all)"
     )
     relevance_level: PosInt = Field(1, description="qrels grades >= this are relevant (TREC DL: 2)")
+    positives: Literal["qrels", "answers"] = Field(
+        "qrels", description="what makes a training passage relevant (positives, mined negatives, DPD ranks): "
+        "the qrels, or for question answering (NQ) also any passage containing an answer string, as PROD and DPR"
+    )
     test_relevance_level: Optional[PosInt] = Field(
         None, description="relevance level of the test split when it differs (TREC DL test, MS MARCO dev: 2 vs 1)"
     )

@@ -132,6 +132,7 @@ class Runner:
             self.data = load_run_data(
                 d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
                 sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size, seed=r.seed,
+                answer_positives=d.positives == "answers",
             )
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=r.eval.batch_size, index=r.eval.index)
@@ -240,13 +241,13 @@ class Runner:
         window = NegativeWindow(neg.start, neg.end, neg.count, neg.strategy)
         with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
             miner = self.teachers.miner_model(neg.miner, student)
-            pools = mine_pools(miner, self.data.train, window, index_factory=self.recipe.eval.index,
-                               batch_size=self.recipe.eval.batch_size)
+            pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
+                                      index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
 
         def rows_of(epoch: int) -> TrainingRows:
             drawn = draw_negatives(pools, window, seed=self.recipe.seed + index, epoch=epoch)
-            return build_rows(self.data, drawn, neg.count, drop_incomplete=in_batch)
+            return build_rows(self.data, drawn, neg.count, drop_incomplete=in_batch, qrels=qrels)
 
         rows = rows_of(0)
         if not rows.queries:
@@ -382,8 +383,9 @@ class Runner:
             scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
             teacher_runs = teacher_rankings(ranked, scores)
         rule = spec.rule
+        qrels = self.data.relevance(ranked)
         selection = select_queries(
-            ranked, teacher_runs, self.data.train.qrels, num_negatives=spec.num_negatives,
+            ranked, teacher_runs, qrels, num_negatives=spec.num_negatives,
             student_min=rule.student_min, student_max=rule.student_max, teacher_max=rule.teacher_max,
             variant=rule.variant,
         )
@@ -395,7 +397,7 @@ class Runner:
             record.student_dev = records[-1].student_dev
             write_json(folder / "dev_run.json", self.dev_run(previous_folder))
             return self.finish_stage(folder, student, record)
-        rows = build_rows(self.data, selection.kept, spec.num_negatives)
+        rows = build_rows(self.data, selection.kept, spec.num_negatives, qrels=qrels)
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
             dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list", student, spec.loss))
         self.save_train_data(folder, dataset)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import datasets
 
+from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ class RunData:
     train: RetrievalData
     dev: RetrievalData
     test: RetrievalData
+    answer_positives: bool = False  # question answering: a passage containing an answer is a positive
 
     def __post_init__(self) -> None:
         ids = self.train.corpus["_id"]
@@ -31,6 +33,25 @@ class RunData:
         """Encoded text (title + text) of each doc id, fetched from the memory-mapped corpus."""
         rows = self.train.corpus.select([self._row_of[d] for d in doc_ids])
         return [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
+
+    def relevance(self, ranked: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+        """The training judgements behind positives, mined negatives and DPD's ranks. By default the qrels.
+        With `answer_positives` (PROD and DPR on Natural Questions), also every passage of `ranked` whose text
+        contains one of the query's answers (DPR's string match, on the passage body), at grade 1 after the
+        gold ones, so a gold passage stays the positive a row trains on when there is one."""
+        qrels, answers = self.train.qrels, self.train.answers
+        if not self.answer_positives or not answers:
+            return qrels
+        out = dict(qrels)
+        for qid, doc_ids in ranked.items():
+            if not answers.get(qid) or not doc_ids:
+                continue
+            bodies = self.train.corpus.select([self._row_of[d] for d in doc_ids])["text"]
+            judged = qrels.get(qid, {})  # an explicit judgement wins over the string match
+            found = [d for d, body in zip(doc_ids, bodies) if d not in judged and has_answer(body, answers[qid])]
+            if found:
+                out[qid] = judged | dict.fromkeys(found, 1)
+        return out
 
 
 def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:
@@ -47,6 +68,7 @@ def load_run_data(
     sizes: tuple[int | None, int | None, int | None] = (None, None, None),
     corpus_size: int | None = None,
     seed: int = 13,
+    answer_positives: bool = False,
 ) -> RunData:
     """Load the three splits, keep a seeded subset of each split's queries, and (with `corpus_size`) a
     seeded subset of the corpus that always contains every document judged for the kept queries."""
@@ -71,7 +93,7 @@ def load_run_data(
         "data %s: %d train / %d dev / %d test queries, %d documents",
         dataset, *(len(d.qrels) for d in loaded), len(corpus),
     )
-    return RunData(*loaded)
+    return RunData(*loaded, answer_positives=answer_positives)
 
 
 @dataclass
@@ -109,16 +131,19 @@ class TrainingRows:
 
 
 def build_rows(
-    data: RunData, negatives: dict[str, list[str]], count: int, *, drop_incomplete: bool = False
+    data: RunData, negatives: dict[str, list[str]], count: int, *, drop_incomplete: bool = False,
+    qrels: dict[str, dict[str, int]] | None = None,
 ) -> TrainingRows:
-    """Training rows from mined negatives: the positive is the query's highest-graded document; a query with
-    fewer than `count` negatives is padded with FILLER (or dropped with `drop_incomplete`, as in-batch
-    candidates cannot be masked)."""
+    """Training rows from mined negatives: the positive is the query's highest-graded document in `qrels`
+    (default: the training qrels; `RunData.relevance` adds answer-bearing passages); a query with fewer than
+    `count` negatives is padded with FILLER (or dropped with `drop_incomplete`, as in-batch candidates cannot
+    be masked)."""
     split = data.train
     queries = split.split_queries()
+    qrels = split.qrels if qrels is None else qrels
     kept = []
     for qid, negs in negatives.items():
-        judged = split.qrels.get(qid, {})
+        judged = qrels.get(qid, {})
         best = max(judged.items(), key=lambda kv: kv[1], default=(None, 0))
         if best[1] <= 0 or (drop_incomplete and len(negs) < count):
             continue

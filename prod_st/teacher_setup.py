@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 
 from prod_st.distributed import barrier, is_main
 from prod_st.losses import score_scale
-from prod_st.mining import NegativeWindow, mine_negatives
+from prod_st.mining import NegativeWindow, draw_negatives, mine_pools
 from prod_st.models import load_model
 from prod_st.stage_data import RunData, build_rows
 from prod_st.teachers import (
@@ -87,9 +87,10 @@ class TeacherPool:
         if train.train_queries is not None and train.train_queries < len(query_ids):
             query_ids = sorted(random.Random(self.seed).sample(query_ids, train.train_queries))
         window = NegativeWindow(1, TEACHER_NEGATIVE_WINDOW, train.num_negatives, "sample")
-        negatives = mine_negatives(miner, self.data.train, window, seed=self.seed, query_ids=query_ids,
-                                   index_factory=self.index, batch_size=self.eval_batch_size)
-        rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True)
+        pools, qrels = mine_pools(miner, self.data.train, window, query_ids=query_ids, relevance=self.data.relevance,
+                                  index_factory=self.index, batch_size=self.eval_batch_size)
+        negatives = draw_negatives(pools, window, seed=self.seed)
+        rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         triples = list(zip(rows.queries, rows.positives, rows.negatives))
         epochs = train.epochs
         if train.max_steps:

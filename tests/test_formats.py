@@ -246,3 +246,28 @@ def test_top_k_accuracy_on_a_hand_example():
     assert calls[0] == ["p2", "p1"] and len(calls) == 3  # nothing fetched for an unranked question
     assert set(top_k_accuracy(ranked, answers, texts_of)) == {"Acc@5", "Acc@20", "Acc@100"}
     assert top_k_accuracy({}, {}, texts_of) == {"Acc@5": 0.0, "Acc@20": 0.0, "Acc@100": 0.0}
+
+
+def test_nq_answer_bearing_passages_are_positives_never_negatives():
+    """PROD and DPR on NQ: with `data.positives: answers`, a retrieved passage that contains an answer string is
+    relevant: it is never mined as a negative, counts for DPD's ranks, and is the positive of a query that has no
+    gold passage; a gold passage stays the positive when there is one."""
+    from prod_st.dpd import first_relevant_rank
+    from prod_st.mining import NegativeWindow, negative_pools
+    from prod_st.stage_data import build_rows, load_run_data
+
+    data = load_run_data(str(NQ), splits=("train", "dev", "dev"), answer_positives=True)
+    data.train.answers["train-0"] = ["Moses"]  # passage 1 mentions Moses; the gold ones (1876892x) do not
+    data.train.answers["train-1"] = ["first High Priest"]  # passage 2: the gold one, found by the match too
+    ranked = {"train-0": ["6537021", "1", "18768923"], "train-1": ["1", "2"], "train-2": ["6537021", "7612354"]}
+    qrels = data.relevance(ranked)
+    assert qrels["train-0"] == {"18768923": 1, "18768924": 1, "1": 1}
+    assert qrels["train-1"] == {"2": 1} and qrels["train-2"] == {"7612354": 1}
+    pools = negative_pools(ranked, qrels, NegativeWindow(1, 3, 2, "hardest"))
+    assert pools == {"train-0": ["6537021"], "train-1": ["1"], "train-2": ["6537021"]}
+    assert first_relevant_rank(ranked["train-0"], qrels["train-0"]) == 2  # DPD's rank: the answer-bearing one
+    rows = build_rows(data, pools, 1, qrels=qrels)
+    assert rows.positives[0].startswith("Big Little Lies")  # gold first, not the answer-bearing passage 1
+
+    plain = load_run_data(str(NQ), splits=("train", "dev", "dev"))
+    assert plain.relevance(ranked) is plain.train.qrels  # qrels only, unless the recipe asks for answers
