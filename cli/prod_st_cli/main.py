@@ -47,12 +47,14 @@ def run_command(
     force: Annotated[bool, typer.Option("--force", help="Delete the run folder and start over.")] = False,
 ) -> None:
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
+    from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
     from prod_st.runner import Runner
 
     from prod_st.distributed import is_main
 
     loaded = load_recipe(recipe)
+    preflight(loaded, recipe)  # models, data folders and split files: before any work
     runner = Runner(loaded, output, force=force)
     final = runner.run()
     if not is_main():
@@ -76,13 +78,16 @@ def run_command(
 def validate_command(
     recipes: Annotated[list[str], typer.Argument(help="Recipe YAML files or embedded recipe names.")],
 ) -> None:
-    """Check recipes without running them."""
+    """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
+    folders and split files; Hub ids only when they are in the local Hub cache)."""
+    from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
 
     for recipe in recipes:
         loaded = load_recipe(recipe)
-        stages = " -> ".join(s.name for s in loaded.stages) + (f" -> dpd x{loaded.dpd.rounds}" if loaded.dpd else "")
-        console.print(f"{recipe}: valid ({stages})")
+        preflight(loaded, recipe)
+        steps = [s.name for s in loaded.stages] + ([f"dpd x{loaded.dpd.rounds}"] if loaded.dpd else [])
+        console.print(f"{recipe}: valid ({' -> '.join(steps) or 'evaluate only'})")
 
 
 @app.command("eval")
