@@ -65,6 +65,8 @@ def run_command(
         table.add_column(name, justify="right")
     test = final["test"]
     rows = [("student before training", test["student_before_training"]), ("student after PROD", test["student"])]
+    if not loaded.trains:  # an evaluate-only recipe: one student, tested as it is
+        rows = [("student", test["student"])]
     rows += [(f"teacher {n} ({m['as']})", m) for n, m in test["teachers"].items()]
     for label, metrics in rows:
         table.add_row(label, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")))
