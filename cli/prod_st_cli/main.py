@@ -49,12 +49,13 @@ def run_command(
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
     from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
-    from prod_st.runner import Runner
 
     from prod_st.distributed import is_main
 
     loaded = load_recipe(recipe)
-    preflight(loaded, recipe)  # models, data folders and split files: before any work
+    preflight(loaded, recipe)  # models, data folders and split files: before any work (and before torch loads)
+    from prod_st.runner import Runner
+
     runner = Runner(loaded, output, force=force)
     final = runner.run()
     if not is_main():
