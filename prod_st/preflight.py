@@ -91,9 +91,9 @@ def _model_config(name: str) -> dict | None:
     if looks_like_path(name):
         if path.exists():
             raise ProdStError(f"{name!r} is a file, not a model folder")
-        missing = f"model folder {name!r} does not exist"
-        run = path.parent if path.name == RUN_STUDENT else None
-        raise ProdStError(f"{missing} yet: {_finish_hint(run)}" if run is not None and _finish_hint(run) else missing)
+        missing, hint = f"model folder {name!r} does not exist", _finish_hint(
+            path.parent if path.name == RUN_STUDENT else path)  # a run's student, or the run folder itself
+        raise ProdStError(f"{missing} yet: {hint}" if hint else missing)
     return _hub_config(name)
 
 

@@ -149,6 +149,9 @@ def test_a_named_run_that_never_ran_says_which_recipe_to_run_first(tmp_path, mon
         "student.init: model folder 'runs/msmarco-passage/student' does not exist yet: run "
         "recipes/msmarco-passage.yaml first (`prod-st run msmarco-passage` writes runs/msmarco-passage/student)"
     ]
+    [found] = problems(evaluate_only("wordnet-gloss", "./runs/msmarco-doc"))  # the run folder itself
+    assert found.endswith("does not exist yet: run recipes/msmarco-doc.yaml first (`prod-st run msmarco-doc` writes "
+                          "runs/msmarco-doc/student)")
     fake_run(tmp_path / "runs" / "msmarco-passage", finished=False, name="msmarco-passage")
     [found] = problems(evaluate_only("wordnet-gloss", "runs/msmarco-passage/student"))
     assert found.endswith("has not finished: run recipes/msmarco-passage.yaml again to finish it")
