@@ -67,7 +67,7 @@ def _model_problems(where: str, name: str, *, num_layers: int | None = None) -> 
         config = _model_config(name)
     except ProdStError as e:
         return [f"{where}: {e}"]
-    if num_layers is None or config is None:
+    if num_layers is None or not isinstance(config, dict):
         return []
     total = next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
     if total is not None and num_layers > total:
