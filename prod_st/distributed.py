@@ -1,22 +1,30 @@
-"""Rank awareness for runs under `torchrun` / `accelerate launch`: only rank 0 writes shared files."""
+"""Rank awareness for runs under `torchrun` / `accelerate launch`: only rank 0 writes shared files.
+
+torch is not imported here: a process that never imported it has no process group, and commands that need no
+model (`prod-st validate`, the recipe schema) stay fast."""
 
 from __future__ import annotations
 
 import os
+import sys
 
-import torch.distributed as dist
+
+def _dist():
+    """torch.distributed if some module imported torch already, else None (then nothing is initialised)."""
+    return sys.modules.get("torch.distributed")
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    dist = _dist()
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+    return _dist().get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
+    return _dist().get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_main() -> bool:
@@ -25,13 +33,14 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        _dist().barrier()
 
 
 def init_if_launched() -> None:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1), join the process group now, so the runner's
     barriers hold from its first step (the trainer reuses the same group)."""
     import torch
+    import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

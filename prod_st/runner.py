@@ -129,8 +129,8 @@ class Runner:
             return json.loads((self.dir / "final.json").read_text())
         d = r.data
         with step("load data", {}, "data"):
-            self.data = load_run_data(
-                d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
+            self.data = load_run_data(  # an evaluate-only recipe reads no train split, and maybe no dev split
+                d.dataset, splits=(d.train_split if r.trains else None, d.dev_split, d.test_split),
                 sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size, seed=r.seed,
                 answer_positives=d.positives == "answers",
             )
@@ -205,7 +205,8 @@ class Runner:
         with step("init: build the student", record.seconds, "build"):
             student = build_student(s.init, s.num_layers, pooling=s.pooling, similarity=s.similarity)
             student.max_seq_length = s.max_doc_length
-        record.student_dev = self.evaluate_dev(student, folder, record.seconds)
+        if self.data.dev is not None:  # (only an evaluate-only recipe may have no dev split)
+            record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         return self.finish_stage(folder, student, record)
 
     # ---- warm-up and distillation stages -------------------------------------------------------------
@@ -420,7 +421,8 @@ class Runner:
         timing: dict = {}
         with step("final: test evaluation", timing, "test"):
             final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
-            initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)
+            initial = final if len(records) == 1 else evaluate_model(  # evaluate-only: the same student
+                self.load_student(self.stage_dir(0, "init")), test, **kwargs)
             teachers = {}
             queries = test.split_queries()
             used = [s.teacher for s in self.recipe.stages if s.teacher]

@@ -18,20 +18,27 @@ FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is m
 
 @dataclass
 class RunData:
-    """train / dev / test splits sharing one corpus (the recipe's subset of it)."""
+    """train / dev / test splits sharing one corpus (the recipe's subset of it); an evaluate-only recipe has no
+    train split (None), and maybe no dev split."""
 
-    train: RetrievalData
-    dev: RetrievalData
+    train: RetrievalData | None
+    dev: RetrievalData | None
     test: RetrievalData
     answer_positives: bool = False  # question answering: a passage containing an answer is a positive
 
     def __post_init__(self) -> None:
-        ids = self.train.corpus["_id"]
-        self._row_of = {doc_id: i for i, doc_id in enumerate(ids)}
+        self.corpus = self.test.corpus
+        self._row_of: dict[str, int] | None = None  # built on first use: an evaluate-only run never needs it
+
+    def _docs(self, doc_ids: list[str]):
+        """The corpus rows of `doc_ids`, in order (a view on the memory-mapped corpus)."""
+        if self._row_of is None:
+            self._row_of = {doc_id: i for i, doc_id in enumerate(self.corpus["_id"])}
+        return self.corpus.select([self._row_of[d] for d in doc_ids])
 
     def doc_texts(self, doc_ids: list[str]) -> list[str]:
         """Encoded text (title + text) of each doc id, fetched from the memory-mapped corpus."""
-        rows = self.train.corpus.select([self._row_of[d] for d in doc_ids])
+        rows = self._docs(doc_ids)
         return [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
 
     def relevance(self, ranked: dict[str, list[str]]) -> dict[str, dict[str, int]]:
@@ -46,7 +53,7 @@ class RunData:
         for qid, doc_ids in ranked.items():
             if not answers.get(qid) or not doc_ids:
                 continue
-            bodies = self.train.corpus.select([self._row_of[d] for d in doc_ids])["text"]
+            bodies = self._docs(doc_ids)["text"]
             judged = qrels.get(qid, {})  # an explicit judgement wins over the string match
             found = [d for d, body in zip(doc_ids, bodies) if d not in judged and has_answer(body, answers[qid])]
             if found:
@@ -64,17 +71,21 @@ def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:
 def load_run_data(
     dataset: str,
     *,
-    splits: tuple[str, str, str] = ("train", "dev", "test"),
+    splits: tuple[str | None, str | None, str] = ("train", "dev", "test"),
     sizes: tuple[int | None, int | None, int | None] = (None, None, None),
     corpus_size: int | None = None,
     seed: int = 13,
     answer_positives: bool = False,
 ) -> RunData:
-    """Load the three splits, keep a seeded subset of each split's queries, and (with `corpus_size`) a
-    seeded subset of the corpus that always contains every document judged for the kept queries."""
+    """Load the three splits (a None split is skipped: it stays None), keep a seeded subset of each split's
+    queries, and (with `corpus_size`) a seeded subset of the corpus that always contains every document judged
+    for the kept queries."""
     rng = random.Random(seed)
-    loaded = [load_retrieval_data(dataset, split) for split in splits]
-    for data, n in zip(loaded, sizes):
+    every = [None if split is None else load_retrieval_data(dataset, split) for split in splits]
+    loaded = [data for data in every if data is not None]
+    for data, n in zip(every, sizes):
+        if data is None:
+            continue
         data.qrels = _sample_queries(data.qrels, n, rng)
         if data.answers and not data.qrels:  # question answering test split (DPR NQ): answers, no qrels
             data.answers = _sample_queries(data.answers, n, rng)
@@ -91,9 +102,9 @@ def load_run_data(
             data.corpus = corpus
     logger.info(
         "data %s: %d train / %d dev / %d test queries, %d documents",
-        dataset, *(len(d.qrels) for d in loaded), len(corpus),
+        dataset, *(len(d.qrels) if d is not None else 0 for d in every), len(corpus),
     )
-    return RunData(*loaded, answer_positives=answer_positives)
+    return RunData(*every, answer_positives=answer_positives)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from prod_st.teachers import (
 )
 
 logger = logging.getLogger(__name__)
-TEACHER_NEGATIVE_WINDOW = 30  # teacher training samples its negatives from the miner's top 30
 
 
 class TeacherPool:
@@ -86,7 +85,7 @@ class TeacherPool:
         query_ids = sorted(self.data.train.qrels)
         if train.train_queries is not None and train.train_queries < len(query_ids):
             query_ids = sorted(random.Random(self.seed).sample(query_ids, train.train_queries))
-        window = NegativeWindow(1, TEACHER_NEGATIVE_WINDOW, train.num_negatives, "sample")
+        window = NegativeWindow(1, train.negatives_window, train.num_negatives, "sample")
         pools, qrels = mine_pools(miner, self.data.train, window, query_ids=query_ids, relevance=self.data.relevance,
                                   index_factory=self.index, batch_size=self.eval_batch_size)
         negatives = draw_negatives(pools, window, seed=self.seed)

@@ -48,9 +48,50 @@ def check_one_line_error(proc: subprocess.CompletedProcess, message: str) -> str
     return errors[0]
 
 
+def recipe_setup(change):
+    """A setup that writes TMP/r.yaml: test_runner's tiny recipe (on the packaged MiniLM, 6 layers), changed."""
+    def setup(tmp: Path) -> None:
+        import yaml
+        from test_runner import tiny_recipe
+
+        recipe = tiny_recipe("all-MiniLM-L6-v2")
+        change(recipe)
+        (tmp / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return setup
+
+
+def evaluate_only(recipe: dict) -> None:
+    """An evaluate-only recipe (as trec-dl19-passage.yaml) of a run that never ran (TMP is the working folder)."""
+    recipe |= {"stages": [], "teachers": {}, "dpd": None}
+    recipe["data"] |= {"train_split": None, "dev_split": None}
+    recipe["student"] = {"init": "runs/msmarco-passage/student"}
+
+
+VALIDATE, RUN = ["validate", "TMP/r.yaml"], ["run", "TMP/r.yaml", "--output", "RUN"]
+MORE_LAYERS = recipe_setup(lambda r: r["student"].update(num_layers=7))
+NO_BACKBONE = recipe_setup(lambda r: r["teachers"]["bi"]["train"].update(backbone="./models/bi-base"))
+NO_SPLIT = recipe_setup(lambda r: r["data"].update(dev_split="validation"))
+NOT_RUN_YET = recipe_setup(evaluate_only)
+
 # (id, args, message[, setup(tmp)])
 CASES: list[tuple] = [
     ("eval-missing-folder", ["eval", "MODEL", "TMP/no/such/folder"], "does not exist"),
+    # --- checks before work (preflight) and recipes that reuse a run
+    ("validate-num-layers-above-depth", VALIDATE, "student.num_layers: 7 is more than the 6 layers", MORE_LAYERS),
+    ("run-num-layers-above-depth", RUN, "student.num_layers: 7 is more than the 6 layers", MORE_LAYERS),
+    ("validate-missing-teacher-backbone", VALIDATE,
+     "teachers.bi.train.backbone: model folder './models/bi-base' does not exist", NO_BACKBONE),
+    ("run-missing-teacher-backbone", RUN, "teachers.bi.train.backbone: model folder './models/bi-base'", NO_BACKBONE),
+    ("validate-missing-split", VALIDATE, "data.dev_split: ", NO_SPLIT),
+    ("run-missing-split", RUN, "no qrels for split 'validation' (available: dev, test, train)", NO_SPLIT),
+    ("validate-run-student-not-there-yet", VALIDATE, "run recipes/msmarco-passage.yaml first", NOT_RUN_YET),
+    ("run-run-student-not-there-yet", RUN, "student.init: model folder 'runs/msmarco-passage/student' does not "
+     "exist yet: run recipes/msmarco-passage.yaml first", NOT_RUN_YET),
+    ("validate-teacher-negatives-above-window", VALIDATE, "teachers.bi.train: num_negatives 31 is more than the "
+     "miner's top 30 (negatives_window)",
+     recipe_setup(lambda r: r["teachers"]["bi"]["train"].update(num_negatives=31))),
+    ("run-dpd-negatives-above-rerank-depth", RUN, "dpd: num_negatives (15) must be < rerank_depth (15)",
+     recipe_setup(lambda r: r["dpd"].update(num_negatives=15))),
 ]
 
 

@@ -170,6 +170,52 @@ def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, m
     assert (run_dir / "final.json").exists()
 
 
+def test_evaluate_only_recipe_tests_another_runs_student(monkeypatch, capsys, tmp_path, tiny_model_dir, toy_beir):
+    """`stages: []` with `student.init` naming a finished run folder: no train or dev split is read (the toy
+    folder has test qrels only), nothing trains, the student is tested once, through `prod-st run`."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from prod_st.data import load_retrieval_data
+    from prod_st.evaluation import evaluate_model
+
+    previous = tmp_path / "runs" / "prev"  # a finished run: its recipe and its final student
+    previous.mkdir(parents=True)
+    (previous / "recipe.yaml").write_text("name: prev\n")
+    shutil.copytree(tiny_model_dir, previous / "student")
+    recipe = {
+        "name": "dl19-like",
+        "data": {"dataset": str(toy_beir), "train_split": None, "dev_split": None, "test_split": "test"},
+        "student": {"init": str(previous), "max_doc_length": 64},
+        "stages": [],
+        "eval": {"top_k": 10},
+    }
+    path = write(tmp_path / "eval-only.yaml", recipe)
+    run_dir = tmp_path / "run"
+    calls = []
+    monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: calls.append(1) or evaluate_model(*a, **k))
+    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["prod-st", "run", str(path), "--output", str(run_dir)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+
+    assert calls == [1]  # the test split, once: no dev evaluation, no second pass for "before training"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == ["00-init"]
+    assert json.loads((run_dir / "00-init" / "metrics.json").read_text())["student_dev"] == {}
+    assert not (run_dir / "00-init" / "dev_run.json").exists()
+    final = json.loads((run_dir / "final.json").read_text())
+    expected = evaluate_model(SentenceTransformer(str(previous / "student")), load_retrieval_data(toy_beir, "test"),
+                              top_k=10).metrics
+    assert final["test"]["student"] == pytest.approx(expected)
+    assert final["test"]["student_before_training"] == final["test"]["student"] and final["test"]["teachers"] == {}
+    assert final["num_test_queries"] == 4 and (run_dir / "student" / "modules.json").exists()
+    assert "## Test (4 queries" in (run_dir / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert "dl19-like: test (4 queries" in out and "before training" not in out  # one row: the student tested
+
+
 def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
     """A stage killed after a checkpoint restarts from it, not from step 0."""
     from sentence_transformers import SentenceTransformer

@@ -47,12 +47,15 @@ def run_command(
     force: Annotated[bool, typer.Option("--force", help="Delete the run folder and start over.")] = False,
 ) -> None:
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
+    from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
-    from prod_st.runner import Runner
 
     from prod_st.distributed import is_main
 
     loaded = load_recipe(recipe)
+    preflight(loaded, recipe)  # models, data folders and split files: before any work (and before torch loads)
+    from prod_st.runner import Runner
+
     runner = Runner(loaded, output, force=force)
     final = runner.run()
     if not is_main():
@@ -63,6 +66,8 @@ def run_command(
         table.add_column(name, justify="right")
     test = final["test"]
     rows = [("student before training", test["student_before_training"]), ("student after PROD", test["student"])]
+    if not loaded.trains:  # an evaluate-only recipe: one student, tested as it is
+        rows = [("student", test["student"])]
     rows += [(f"teacher {n} ({m['as']})", m) for n, m in test["teachers"].items()]
     for label, metrics in rows:
         table.add_row(label, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")))
@@ -76,13 +81,16 @@ def run_command(
 def validate_command(
     recipes: Annotated[list[str], typer.Argument(help="Recipe YAML files or embedded recipe names.")],
 ) -> None:
-    """Check recipes without running them."""
+    """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
+    folders and split files; Hub ids only when they are in the local Hub cache)."""
+    from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
 
     for recipe in recipes:
         loaded = load_recipe(recipe)
-        stages = " -> ".join(s.name for s in loaded.stages) + (f" -> dpd x{loaded.dpd.rounds}" if loaded.dpd else "")
-        console.print(f"{recipe}: valid ({stages})")
+        preflight(loaded, recipe)
+        steps = [s.name for s in loaded.stages] + ([f"dpd x{loaded.dpd.rounds}"] if loaded.dpd else [])
+        console.print(f"{recipe}: valid ({' -> '.join(steps) or 'evaluate only'})")
 
 
 @app.command("eval")

@@ -16,11 +16,14 @@ from pathlib import Path
 import datasets
 
 from prod_st.data import dpr, msmarco
-from prod_st.data.beir_files import find_file, read_qrels, read_table
-from prod_st.data.sources import resolve_source
+from prod_st.data.beir_files import find_file, find_split_files, read_qrels, read_table
+from prod_st.data.sources import local_source, resolve_source
 from prod_st.errors import ProdStError
 
-__all__ = ["RetrievalData", "load_retrieval_data", "resolve_source", "document_text", "detect_format"]
+__all__ = [
+    "RetrievalData", "load_retrieval_data", "resolve_source", "local_source", "document_text", "detect_format",
+    "split_files",
+]
 
 # format -> the file whose presence identifies it (also as .gz), in the order they are tried
 SIGNATURES = {
@@ -94,7 +97,22 @@ def load_retrieval_data(
     return RetrievalData(str(source), split, corpus, queries, qrels, answers)
 
 
-def _load_beir(folder: Path, split: str):
+def split_files(folder: Path, split: str) -> list[Path]:
+    """The files that loading `split` of a dataset folder reads, found without reading them (a check before a
+    run); a missing file or an unknown split is the loader's own one-line error."""
+    kind = detect_format(folder)
+    if kind == "beir":
+        return list(_beir_files(folder, split))
+    if kind == "dpr-nq":
+        return [find_file(folder, dpr.PASSAGES), *find_split_files(folder, "DPR Natural Questions", dpr.SPLITS, split)]
+    if kind == "msmarco-doc":
+        return [find_file(folder, msmarco.DOC_CORPUS),
+                *find_split_files(folder, "MS MARCO document", msmarco.DOC_SPLITS, split)]
+    return [find_file(folder, msmarco.PASSAGE_CORPUS),
+            *find_split_files(folder, "MS MARCO passage", msmarco.PASSAGE_SPLITS, split)]
+
+
+def _beir_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
     corpus_file = find_file(folder, "corpus.jsonl")
     queries_file = find_file(folder, "queries.jsonl", "queries.tsv")
     qrels_file = find_file(folder / "qrels", f"{split}.tsv", f"{split}.txt")
@@ -104,6 +122,11 @@ def _load_beir(folder: Path, split: str):
     if qrels_file is None:
         available = sorted(p.name.split(".")[0] for p in (folder / "qrels").glob("*.*")) if (folder / "qrels").is_dir() else []
         raise ProdStError(f"{folder}: no qrels for split {split!r} (available: {', '.join(available) or 'none'})")
+    return corpus_file, queries_file, qrels_file
+
+
+def _load_beir(folder: Path, split: str):
+    corpus_file, queries_file, qrels_file = _beir_files(folder, split)
     return read_table(corpus_file, "corpus"), read_table(queries_file, "queries"), read_qrels(qrels_file), qrels_file
 
 

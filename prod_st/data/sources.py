@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prod_st.errors import ProdStError
-from prod_st.paths import cache_dir
+from prod_st.paths import cache_dir, cache_path
 
 EMBEDDED = {"wordnet-gloss": Path(__file__).parent / "wordnet_gloss"}
 
@@ -20,6 +20,11 @@ BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{
 def resolve_source(source: str | Path) -> Path:
     """A folder as is; an embedded name to its packaged folder; a BEIR name to its cached (or freshly
     downloaded) folder. Anything else is a one-line error saying what is accepted."""
+    return local_source(source) or download_beir(str(source))
+
+
+def local_source(source: str | Path) -> Path | None:
+    """`resolve_source` without downloading: None for a BEIR name that is not in the cache yet."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -27,7 +32,8 @@ def resolve_source(source: str | Path) -> Path:
     if text in EMBEDDED:
         return EMBEDDED[text]
     if text in BEIR_DATASETS:
-        return download_beir(text)
+        cached = cache_path("beir", text)
+        return cached if (cached / "qrels").is_dir() else None
     if path.exists() or "/" in text or text.startswith("."):
         raise ProdStError(f"dataset folder {text!r} does not exist (or is not a folder)")
     raise ProdStError(

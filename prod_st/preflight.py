@@ -1,0 +1,179 @@
+"""Checks before a run: what a valid recipe names on disk, so that a typo fails in a second, not after hours of
+training. `prod-st validate` reports these problems and `prod-st run` checks them before any work.
+
+- Models (`student.init`, teachers' `model` / `train.backbone`, a `negatives.miner` path or id): a local folder
+  (a SentenceTransformer / transformers folder, or a run folder with a finished `student/`), a packaged model, or
+  a Hub id. A path-looking name that does not exist is an error; a Hub id is checked only when it is in the
+  local Hub cache (else it is left to the run). `student.num_layers` is checked against the model's config.json.
+- Data (`data.dataset`, `eval.beir`): the folder, its format, and the files of every split the run reads, with
+  the loaders' own file-finding helpers; a BEIR name that is not downloaded yet is left to the run.
+
+Nothing here loads weights or imports torch / sentence-transformers: the checks read a few small files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from prod_st.errors import ProdStError
+from prod_st.model_paths import PACKAGED, RUN_STUDENT, is_run_folder, looks_like_path
+from prod_st.recipe import STUDENT, Recipe, embedded_recipes
+
+__all__ = ["check_recipe", "preflight"]
+
+LAYER_KEYS = ("num_hidden_layers", "n_layers", "num_layers")  # as prod_st.models.build_student reads them
+
+
+def preflight(recipe: Recipe, source: str) -> None:
+    """Raise one :class:`ProdStError` line (`source: field: problem; ...`) if :func:`check_recipe` finds any."""
+    problems = check_recipe(recipe)
+    if problems:
+        raise ProdStError(f"{source}: " + "; ".join(problems))
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Every problem found on disk, each as `field.path: what is wrong`; empty when the recipe can run."""
+    problems: list[str] = []
+    s = recipe.student
+    problems += _model_problems("student.init", s.init, num_layers=s.num_layers)
+    for name, teacher in recipe.teachers.items():
+        if teacher.model is not None:
+            problems += _model_problems(f"teachers.{name}.model", teacher.model)
+        else:
+            problems += _model_problems(f"teachers.{name}.train.backbone", teacher.train.backbone)
+    for i, stage in enumerate(recipe.stages):
+        miner = stage.negatives.miner
+        if miner != STUDENT and miner not in recipe.teachers:
+            problems += _model_problems(f"stages.{i}.negatives.miner", miner)
+
+    d = recipe.data
+    splits = [("data.test_split", d.test_split)]
+    if d.dev_split is not None:
+        splits.insert(0, ("data.dev_split", d.dev_split))
+    if recipe.trains and d.train_split is not None:
+        splits.insert(0, ("data.train_split", d.train_split))
+    problems += _data_problems("data.dataset", d.dataset, splits)
+    for i, name in enumerate(recipe.eval.beir):
+        problems += _data_problems(f"eval.beir.{i}", name, [(f"eval.beir.{i}", "test")])
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _model_problems(where: str, name: str, *, num_layers: int | None = None) -> list[str]:
+    try:
+        config = _model_config(name)
+    except ProdStError as e:
+        return [f"{where}: {e}"]
+    if num_layers is None or not isinstance(config, dict):
+        return []
+    total = next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
+    if total is not None and num_layers > total:
+        path = where.rsplit(".", 1)[0] + ".num_layers"
+        return [f"{path}: {num_layers} is more than the {total} layers of {name!r}"]
+    return []
+
+
+def _model_config(name: str) -> dict | None:
+    """The config.json of the model `name` names (None when it cannot be read here: a Hub id that is not in the
+    local cache, a model without one); a one-line error when `name` cannot be a model at all."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if is_run_folder(path):
+            if not (path / RUN_STUDENT).is_dir():
+                raise ProdStError(f"run folder {name!r} has no {RUN_STUDENT}/ yet: {_finish_hint(path)}")
+            path = path / RUN_STUDENT
+        return _folder_config(path, name)
+    if name in PACKAGED:
+        return _folder_config(Path(PACKAGED[name]()), name)
+    if looks_like_path(name):
+        if path.exists():
+            raise ProdStError(f"{name!r} is a file, not a model folder")
+        missing, hint = f"model folder {name!r} does not exist", _finish_hint(
+            path.parent if path.name == RUN_STUDENT else path)  # a run's student, or the run folder itself
+        raise ProdStError(f"{missing} yet: {hint}" if hint else missing)
+    return _hub_config(name)
+
+
+def _folder_config(folder: Path, name: str) -> dict | None:
+    modules = folder / "modules.json"
+    if not modules.is_file() and not (folder / "config.json").is_file():
+        raise ProdStError(f"{name!r} is not a model folder (no modules.json or config.json in {folder})")
+    sub = _transformer_path(_read_json(modules, name)) if modules.is_file() else ""
+    config = folder / sub / "config.json"
+    return _read_json(config, name) if config.is_file() else None
+
+
+def _hub_config(repo_id: str) -> dict | None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    def cached(filename: str) -> Path | None:
+        found = try_to_load_from_cache(repo_id, filename)
+        return Path(found) if isinstance(found, str) else None
+
+    try:
+        modules = cached("modules.json")
+    except HFValidationError:
+        raise ProdStError(
+            f"{repo_id!r} is neither a local folder, a packaged model ({', '.join(PACKAGED)}) nor a Hugging Face Hub "
+            "id"
+        ) from None
+    sub = _transformer_path(_read_json(modules, repo_id)) if modules is not None else ""
+    config = cached(f"{sub}/config.json" if sub else "config.json")
+    return _read_json(config, repo_id) if config is not None else None
+
+
+def _transformer_path(modules) -> str:
+    """The folder (relative) of the Transformer module of a SentenceTransformer's modules.json ('' = the root)."""
+    if isinstance(modules, list):
+        for module in modules:
+            if isinstance(module, dict) and str(module.get("type", "")).endswith("Transformer"):
+                return str(module.get("path") or "")
+    return ""
+
+
+def _read_json(path: Path, name: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProdStError(f"model {name!r}: cannot read {path} ({type(e).__name__})") from None
+
+
+def _finish_hint(run: Path) -> str:
+    """What to do about a run folder whose student is not there yet ('' when nothing sensible can be said)."""
+    embedded = embedded_recipes()
+    if (run / "recipe.yaml").is_file():
+        try:
+            name = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("name")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+            name = None
+        recipe = f"recipes/{name}.yaml" if name in embedded else "its recipe"
+        return f"the run in {run} has not finished: run {recipe} again to finish it"
+    if run.name in embedded:
+        return f"run recipes/{run.name}.yaml first (`prod-st run {run.name}` writes {run / RUN_STUDENT})"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _data_problems(where: str, source: str, splits: list[tuple[str, str]]) -> list[str]:
+    from prod_st.data import detect_format, local_source, split_files
+
+    try:
+        folder = local_source(source)
+        if folder is None:
+            return []  # a BEIR name not downloaded yet: the run downloads it
+        detect_format(folder)
+    except ProdStError as e:
+        return [f"{where}: {e}"]
+    found: dict[str, str] = {}
+    for split_where, split in splits:
+        try:
+            split_files(folder, split)
+        except ProdStError as e:
+            found[split_where] = str(e)
+    if len(found) > 1 and len(set(found.values())) == 1:  # a file every split needs: the folder's problem
+        return [f"{where}: {next(iter(found.values()))}"]
+    return [f"{split_where}: {message}" for split_where, message in found.items()]
