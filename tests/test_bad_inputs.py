@@ -10,6 +10,7 @@ table with the real messages for bench/RESULTS.md.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def test_bad_input_exits_2_with_one_line(case, places, tmp_path):
     if setup:
         setup[0](tmp_path)
     before = snapshot(tmp_path, skip=(tmp_path / "run",))
-    proc = run_script(fill(args, places), cwd=tmp_path)
-    check_one_line_error(proc, message)
+    shown = fill(args, places)
+    proc = run_script(shown, cwd=tmp_path)
+    error = check_one_line_error(proc, message)
     assert snapshot(tmp_path, skip=(tmp_path / "run",)) == before
+    if os.environ.get("PROD_ST_BAD_INPUTS_TABLE"):  # bench/bad_inputs.py collects the table for RESULTS.md
+        record = {"id": case[0], "args": args, "exit": proc.returncode, "error": error.replace(str(tmp_path), "TMP")}
+        with open(os.environ["PROD_ST_BAD_INPUTS_TABLE"], "a") as f:
+            f.write(json.dumps(record) + "\n")
