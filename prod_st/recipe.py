@@ -91,6 +91,10 @@ class Data(_Model):
         "dev", description="measured after every stage; null only in an evaluate-only recipe"
     )
     test_split: NonEmptyStr = "test"
+    seed: Optional[Int] = Field(
+        None, description="seed of the query and corpus subsets (None = the recipe's seed): fix it to vary only "
+        "training across seeds, on the same data"
+    )
     train_queries: Optional[PosInt] = Field(None, description="seeded subset of the training queries (None = all)")
     dev_queries: Optional[PosInt] = None
     test_queries: Optional[PosInt] = None
@@ -141,6 +145,9 @@ class TeacherTrain(_Model):
     max_length: Optional[PosInt] = Field(
         None, description="truncation while training: the (query, doc) pair for a cross-encoder, each text for "
         "a bi-encoder (None = the model's)"
+    )
+    seed: Optional[Int] = Field(
+        None, description="seed of this teacher's training (query subset, negatives, head init); None = the recipe's"
     )
     negatives_from: Optional[NonEmptyStr] = Field(
         None, description="'student' or another bi-encoder teacher that mines the negatives (None = the backbone)"

@@ -131,7 +131,8 @@ class Runner:
         with step("load data", {}, "data"):
             self.data = load_run_data(  # an evaluate-only recipe reads no train split, and maybe no dev split
                 d.dataset, splits=(d.train_split if r.trains else None, d.dev_split, d.test_split),
-                sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size, seed=r.seed,
+                sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size,
+                seed=r.seed if d.seed is None else d.seed,
                 answer_positives=d.positives == "answers",
             )
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,

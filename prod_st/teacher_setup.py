@@ -82,20 +82,21 @@ class TeacherPool:
         train = spec.train
         miner_name = train.negatives_from
         miner = self.miner_model(miner_name, student) if miner_name else load_model(train.backbone)
+        seed = self.seed if train.seed is None else train.seed
         query_ids = sorted(self.data.train.qrels)
         if train.train_queries is not None and train.train_queries < len(query_ids):
-            query_ids = sorted(random.Random(self.seed).sample(query_ids, train.train_queries))
+            query_ids = sorted(random.Random(seed).sample(query_ids, train.train_queries))
         window = NegativeWindow(1, train.negatives_window, train.num_negatives, "sample")
         pools, qrels = mine_pools(miner, self.data.train, window, query_ids=query_ids, relevance=self.data.relevance,
                                   index_factory=self.index, batch_size=self.eval_batch_size)
-        negatives = draw_negatives(pools, window, seed=self.seed)
+        negatives = draw_negatives(pools, window, seed=seed)
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         triples = list(zip(rows.queries, rows.positives, rows.negatives))
         epochs = train.epochs
         if train.max_steps:
             epochs = train.max_steps / max(1, -(-len(triples) // train.batch_size))
         logger.info("teacher %r: training a %s from %s on %d queries", name, spec.kind, train.backbone, len(triples))
-        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=self.seed)
+        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=seed)
         if spec.kind == "bi-encoder":
             return train_bi_encoder(train.backbone, triples, max_length=train.max_length, **common)
         return train_cross_encoder(train.backbone, triples, max_length=train.max_length or 256, **common)
