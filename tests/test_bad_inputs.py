@@ -5,8 +5,8 @@ One row per case: (id, args, message). In `args`, these placeholders are replace
 TOY (a good BEIR folder), MODEL (a tiny SentenceTransformer folder), RECIPE (a good tiny recipe file), RUN
 (the run folder, the only place a command may write), TMP (the test's scratch folder). A row's `setup`
 (optional) prepares TMP before the command runs and returns nothing; its `env` (optional, after `setup`, which
-may then be None) sets environment variables for the command, with the same placeholders. `bench/bad_inputs.py` prints this
-table with the real messages for bench/RESULTS.md.
+may then be None) sets environment variables for the command, with the same placeholders.
+`bench/bad_inputs.py` prints this table with the real messages for bench/RESULTS.md.
 """
 
 from __future__ import annotations
