@@ -4,7 +4,9 @@ metrics through pytrec_eval."""
 from __future__ import annotations
 
 import logging
+import numbers
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
@@ -13,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from prod_st.answer_match import top_k_accuracy
-from prod_st.data import RetrievalData, document_text
+from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
 
@@ -48,6 +50,7 @@ def compute_metrics(qrels: dict[str, dict[str, int]], run: Run, relevance_level:
     gains (trec_eval's linear gain, as BEIR reports it)."""
     if not qrels:
         raise ProdStError("no judged queries to evaluate (empty qrels)")
+    require_positive(relevance_level=relevance_level)
     per_depth: dict[int | None, set[str]] = {}
     for measure, depth in METRICS.values():
         per_depth.setdefault(depth, set()).add(measure)
@@ -80,6 +83,14 @@ def passage_texts(corpus):
     return lambda doc_ids: corpus.select([row_of[d] for d in doc_ids])["text"]
 
 
+def require_positive(**values) -> None:
+    """Each value given is an integer >= 1 (None: not set). A count or a level of 0 or below has no meaning
+    here: refused at once rather than answered with a crash or with zeros."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ProdStError(f"{name} must be an integer of at least 1, got {value!r}")
+
+
 def _top(docs: dict[str, float], k: int) -> dict[str, float]:
     return dict(sorted(docs.items(), key=lambda kv: kv[1], reverse=True)[:k])
 
@@ -96,22 +107,40 @@ def build_index(
     """Encode `corpus` (an Arrow table with _id/title/text) chunk by chunk into a faiss inner-product index.
     `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat" for big corpora;
     a trained index is trained on the first chunk)."""
+    require_positive(batch_size=batch_size, chunk_size=chunk_size)
     dim = model.get_embedding_dimension()
     try:
         index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise ProdStError(f"invalid faiss index factory string {index_factory!r} (try 'Flat' or 'HNSW32')") from None
+    training = min(len(corpus), chunk_size)  # a trained index learns from the first chunk
+    ivf = faiss.try_extract_index_ivf(index)
+    if not index.is_trained and ivf is not None and training < ivf.nlist:
+        raise ProdStError(
+            f"faiss index {index_factory!r} needs at least {ivf.nlist} vectors to train its {ivf.nlist} lists, but "
+            f"it trains on {training} (the corpus has {len(corpus)} documents): use 'Flat' or fewer lists"
+        )
     ids: list[str] = []
     with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not progress) as bar:
         for chunk in corpus.iter(batch_size=chunk_size):
             texts = [document_text(t, x) for t, x in zip(chunk["title"], chunk["text"])]
             vectors = encode_texts(model, texts, "document", batch_size)
             if not index.is_trained:
-                index.train(vectors)
+                _train(index, index_factory, vectors)
             index.add(vectors)
             ids.extend(chunk["_id"])
             bar.update(len(texts))
     return index, ids
+
+
+def _train(index: faiss.Index, index_factory: str, vectors: np.ndarray) -> None:
+    """Train `index` on `vectors`; faiss's refusal (too few vectors for its quantizers) becomes one line."""
+    try:
+        index.train(vectors)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split()).rsplit("failed: ", 1)[-1]
+        raise ProdStError(f"faiss cannot train index {index_factory!r} on {len(vectors)} vectors ({reason}): use "
+                          "'Flat' or a smaller index") from None
 
 
 def search(
@@ -125,6 +154,7 @@ def search(
     progress: bool = True,
 ) -> Run:
     """Top-`top_k` documents per query as {query id: {doc id: score}}."""
+    require_positive(top_k=top_k, batch_size=batch_size)
     qids = list(queries)
     vectors = encode_texts(model, [queries[q] for q in qids], "query", batch_size, show_progress_bar=progress)
     scores, rows = index.search(vectors, min(top_k, len(doc_ids)))
@@ -147,9 +177,12 @@ def evaluate_model(
     progress: bool = True,
 ) -> EvalResult:
     """Encode `data.corpus`, retrieve for the judged queries of `data.split`, and score the run."""
+    require_positive(top_k=top_k, batch_size=batch_size, relevance_level=relevance_level, max_queries=max_queries)
     queries = data.split_queries()
     if max_queries is not None:
         queries = dict(list(queries.items())[:max_queries])
+    if not queries:
+        raise ProdStError(f"{data.name} ({data.split}): no queries to evaluate")
     start = time.perf_counter()
     index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
     encoded = time.perf_counter()
@@ -161,17 +194,37 @@ def evaluate_model(
     return EvalResult(metrics, len(queries), len(doc_ids), seconds, run if keep_run else None)
 
 
+def load_beir_sets(names: list[str], split: str = "test") -> list[RetrievalData]:
+    """`split` of each BEIR set (a BEIR name, downloaded once with beir's utility, or a local BEIR-format
+    folder), all loaded before any is evaluated: a missing or malformed set fails before the long work."""
+    if not names:
+        raise ProdStError("no BEIR set given: name one or more, comma-separated (e.g. scifact,nfcorpus)")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise ProdStError(f"BEIR set {repeated!r} is given twice")
+    return [load_retrieval_data(name, split) for name in names]
+
+
+def iter_beir(model: SentenceTransformer, sets: list[RetrievalData], **kwargs) -> Iterator[tuple[str, dict]]:
+    """(name, metrics) of each set in turn, zero-shot, so a caller keeps what finished when a later set fails;
+    a failure names its set."""
+    for data in sets:
+        logger.info("BEIR %s: evaluating", data.name)
+        try:
+            metrics = evaluate_model(model, data, **kwargs).metrics
+        except ProdStError as e:
+            raise ProdStError(f"BEIR set {data.name!r}: {e}") from None
+        yield data.name, metrics
+
+
+def beir_average(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`results` with their mean under "average"."""
+    return results | {"average": {k: sum(m[k] for m in results.values()) / len(results) for k in METRICS}}
+
+
 def evaluate_beir(
     model: SentenceTransformer, datasets_: list[str], *, split: str = "test", **kwargs
 ) -> dict[str, dict[str, float]]:
-    """Zero-shot evaluation on each BEIR set (a BEIR name, downloaded once with beir's utility, or a local
-    BEIR-format folder), and their average under "average"."""
-    from prod_st.data import load_retrieval_data
-
-    results = {}
-    for name in datasets_:
-        logger.info("BEIR %s: evaluating", name)
-        results[name] = evaluate_model(model, load_retrieval_data(name, split), **kwargs).metrics
-    if results:
-        results["average"] = {k: sum(m[k] for m in results.values()) / len(results) for k in METRICS}
-    return results
+    """Zero-shot evaluation on each BEIR set (see `load_beir_sets`), and their average under "average"."""
+    require_positive(**{k: kwargs[k] for k in ("top_k", "batch_size", "relevance_level", "max_queries") if k in kwargs})
+    return beir_average(dict(iter_beir(model, load_beir_sets(datasets_, split), **kwargs)))

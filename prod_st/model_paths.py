@@ -9,6 +9,12 @@ from pathlib import Path
 from prod_st.errors import ProdStError
 
 RUN_STUDENT = "student"  # a run folder's final student (see prod_st.runner)
+LAYER_KEYS = ("num_hidden_layers", "n_layers", "num_layers")  # where a transformers config keeps its depth
+
+
+def layer_count(config: dict) -> int | None:
+    """The number of transformer layers a config.json (a dict) declares, None when it says nothing."""
+    return next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
 
 
 def _packaged_minilm() -> str:

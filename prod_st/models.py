@@ -3,6 +3,7 @@ built from the FIRST k layers of a bigger encoder."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.errors import ProdStError
-from prod_st.model_paths import PACKAGED, looks_like_path, resolve_model_path  # noqa: F401 (re-exported)
+from prod_st.model_paths import LAYER_KEYS, PACKAGED, layer_count, looks_like_path, resolve_model_path  # noqa: F401
+from prod_st.paths import check_output_folder, write_folder_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +91,15 @@ def build_student(
     """PROD's student: the first `num_layers` transformer layers of `base` (embeddings, pooling and
     normalisation kept), saved to `output` as a normal SentenceTransformer folder when given.
     `pooling` ("cls" / "mean") and `similarity` ("dot" drops a Normalize module, "cosine") override the
-    model's own, e.g. PROD's CLS pooling with dot product for a raw encoder such as ERNIE-2.0."""
+    model's own, e.g. PROD's CLS pooling with dot product for a raw encoder such as ERNIE-2.0.
+    `output` must be absent or an empty folder (checked before the model is loaded); it is written atomically."""
+    if output is not None:
+        output = check_output_folder(output, "student folder")
     model = base if isinstance(base, SentenceTransformer) else load_model(base)
     set_pooling_and_similarity(model, pooling, similarity)
     encoder = model[0].auto_model
     config = encoder.config
-    key = next((k for k in ("num_hidden_layers", "n_layers", "num_layers") if hasattr(config, k)), None)
+    key = next((k for k in LAYER_KEYS if hasattr(config, k)), None)
     if key is None:
         raise ProdStError(f"{type(encoder).__name__} has no layer count in its config; cannot truncate it")
     total = getattr(config, key)
@@ -108,5 +113,18 @@ def build_student(
         config.layer_types = config.layer_types[:num_layers]
     logger.info("student: first %d of %d layers of %s", num_layers, total, type(encoder).__name__)
     if output is not None:
-        model.save(str(output))
+        write_folder_atomic(output, lambda tmp: model.save(str(tmp)))
     return model
+
+
+def saved_layer_count(folder: Path | str) -> int | None:
+    """The number of transformer layers of the SentenceTransformer saved in `folder`, read from the config of
+    its Transformer module (no model is loaded); None when the folder does not say."""
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        path = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer"))
+        config = json.loads((folder / path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return None
+    return layer_count(config)

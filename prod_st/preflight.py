@@ -19,12 +19,11 @@ from pathlib import Path
 import yaml
 
 from prod_st.errors import ProdStError
-from prod_st.model_paths import PACKAGED, RUN_STUDENT, is_run_folder, looks_like_path
+from prod_st.model_paths import PACKAGED, RUN_STUDENT, is_run_folder, layer_count, looks_like_path
 from prod_st.recipe import STUDENT, Recipe, embedded_recipes
 
 __all__ = ["check_recipe", "preflight"]
 
-LAYER_KEYS = ("num_hidden_layers", "n_layers", "num_layers")  # as prod_st.models.build_student reads them
 
 
 def preflight(recipe: Recipe, source: str) -> None:
@@ -69,7 +68,7 @@ def _model_problems(where: str, name: str, *, num_layers: int | None = None) -> 
         return [f"{where}: {e}"]
     if num_layers is None or not isinstance(config, dict):
         return []
-    total = next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
+    total = layer_count(config)
     if total is not None and num_layers > total:
         path = where.rsplit(".", 1)[0] + ".num_layers"
         return [f"{path}: {num_layers} is more than the {total} layers of {name!r}"]

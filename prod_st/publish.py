@@ -88,7 +88,22 @@ def _finished_run(run_dir: Path | str) -> Path:
     if not (run / "student" / "modules.json").is_file():
         raise ProdStError(f"{run} has no final student ({run / 'student'} is missing): finish the run with "
                           "`prod-st run` first")
+    _check_student_layers(run)
     return run
+
+
+def _check_student_layers(run: Path) -> None:
+    """The card describes the student as the recipe's first `student.num_layers` layers: refuse a saved student
+    whose own config says otherwise (read from its config.json, without loading it) rather than publish a card
+    that contradicts the model."""
+    from prod_st.models import saved_layer_count
+
+    expected = (_read_recipe(run).get("student") or {}).get("num_layers")
+    found = saved_layer_count(run / "student")
+    if expected is not None and found is not None and found != expected:
+        raise ProdStError(f"{run / 'student'} has {found} transformer layers but the run's recipe says "
+                          f"student.num_layers: {expected}: its model card would contradict the model; publish the "
+                          "student that run made")
 
 
 def _is_upload_folder(folder: Path) -> bool:

@@ -4,8 +4,9 @@
 One row per case: (id, args, message). In `args`, these placeholders are replaced before the run:
 TOY (a good BEIR folder), MODEL (a tiny SentenceTransformer folder), RECIPE (a good tiny recipe file), RUN
 (the run folder, the only place a command may write), TMP (the test's scratch folder). A row's `setup`
-(optional) prepares TMP before the command runs and returns nothing. `bench/bad_inputs.py` prints this
-table with the real messages for bench/RESULTS.md.
+(optional) prepares TMP before the command runs and returns nothing; its `env` (optional, after `setup`, which
+may then be None) sets environment variables for the command, with the same placeholders.
+`bench/bad_inputs.py` prints this table with the real messages for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -74,7 +75,55 @@ NO_BACKBONE = recipe_setup(lambda r: r["teachers"]["bi"]["train"].update(backbon
 NO_SPLIT = recipe_setup(lambda r: r["data"].update(dev_split="validation"))
 NOT_RUN_YET = recipe_setup(evaluate_only)
 
-# (id, args, message[, setup(tmp)])
+def bad_beir(name: str, text: str | bytes):
+    """A setup: TMP/bad, the toy BEIR folder with file `name` (relative to it) replaced by `text`."""
+    def setup(tmp: Path) -> None:
+        from conftest import TOY_CORPUS, TOY_QRELS, TOY_QUERIES, write_beir
+
+        folder = write_beir(tmp / "bad", TOY_CORPUS, TOY_QUERIES, TOY_QRELS)
+        data = text if isinstance(text, bytes) else text.encode()
+        (folder / name).write_bytes(data)
+    return setup
+
+
+def append_line(name: str, line: bytes):
+    """A setup: TMP/bad, the toy BEIR folder with `line` appended to file `name`."""
+    def setup(tmp: Path) -> None:
+        from conftest import TOY_CORPUS, TOY_QRELS, TOY_QUERIES, write_beir
+
+        folder = write_beir(tmp / "bad", TOY_CORPUS, TOY_QUERIES, TOY_QRELS)
+        with open(folder / name, "ab") as f:
+            f.write(line + b"\n")
+    return setup
+
+
+def a_file(tmp: Path) -> None:
+    (tmp / "a-file").write_text("not a folder\n")
+
+
+def small_beir(tmp: Path) -> None:
+    """TMP/small: three documents, too few for an IVF4 index (the toy folder has six)."""
+    from conftest import TOY_CORPUS, TOY_QUERIES, write_beir
+
+    write_beir(tmp / "small", dict(list(TOY_CORPUS.items())[:3]), TOY_QUERIES, {"q1": {"d1": 1}})
+
+
+def run_with_fewer_layers(tmp: Path) -> None:
+    """RUN: a finished run whose recipe says 3 student layers while the saved student's config says 2."""
+    import json
+
+    from prod_st.recipe import load_recipe
+
+    run = tmp / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(load_recipe("quickstart").resolved_yaml())  # student.num_layers: 3
+    (run / "final.json").write_text("{}\n")
+    (run / "student" / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}]))
+    (run / "student" / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
+
+
+# (id, args, message[, setup(tmp)[, env]])
 CASES: list[tuple] = [
     ("eval-missing-folder", ["eval", "MODEL", "TMP/no/such/folder"], "does not exist"),
     # --- checks before work (preflight) and recipes that reuse a run
@@ -93,6 +142,34 @@ CASES: list[tuple] = [
      recipe_setup(lambda r: r["teachers"]["bi"]["train"].update(num_negatives=31))),
     ("run-dpd-negatives-above-rerank-depth", RUN, "dpd: num_negatives (15) must be < rerank_depth (15)",
      recipe_setup(lambda r: r["dpd"].update(num_negatives=15))),
+    # --- commands' inputs, outputs and data
+    ("eval-empty-corpus", ["eval", "MODEL", "TMP/bad"], "corpus.jsonl: no documents in this file",
+     bad_beir("corpus.jsonl", "")),
+    ("eval-empty-queries", ["eval", "MODEL", "TMP/bad"], "queries.jsonl: no queries in this file",
+     bad_beir("queries.jsonl", "\n")),
+    ("eval-qrels-only-header", ["eval", "MODEL", "TMP/bad"], "test.tsv: no relevance judgements in this file",
+     bad_beir("qrels/test.tsv", "query-id\tcorpus-id\tscore\n")),
+    ("eval-qrels-not-utf8", ["eval", "MODEL", "TMP/bad"], "test.tsv:6: not UTF-8 text (byte 0xff",
+     append_line("qrels/test.tsv", b"q1\td\xff\t1")),
+    ("eval-corpus-not-utf8", ["eval", "MODEL", "TMP/bad"], "corpus.jsonl:7: not UTF-8 text (byte 0xe9",
+     append_line("corpus.jsonl", b'{"_id": "d7", "text": "caf\xe9"}')),
+    ("eval-repeated-doc-id", ["eval", "MODEL", "TMP/bad"], "corpus.jsonl: document id 'd2' appears 2 times",
+     append_line("corpus.jsonl", b'{"_id": "d2", "text": "a second d2"}')),
+    ("eval-repeated-query-id", ["eval", "MODEL", "TMP/bad"], "queries.jsonl: query id 'q1' appears 2 times",
+     append_line("queries.jsonl", b'{"_id": "q1", "text": "a second q1"}')),
+    ("eval-ivf-too-big", ["eval", "MODEL", "TOY", "--index", "IVF4096,Flat"], "needs at least 4096 vectors"),
+    ("eval-output-is-a-folder", ["eval", "MODEL", "TOY", "--output", "TMP"], "is a folder: give the path of a file"),
+    ("eval-output-under-a-file", ["eval", "MODEL", "TOY", "--output", "TMP/a-file/m.json"], "a-file is a file",
+     a_file),
+    ("eval-cache-is-a-file", ["eval", "MODEL", "TOY"], "a-file is a file, not a folder: set PROD_ST_CACHE", a_file,
+     {"PROD_ST_CACHE": "TMP/a-file"}),
+    ("eval-beir-no-names", ["eval", "MODEL", "--beir", ",,"], "names no dataset"),
+    ("eval-beir-second-set-fails", ["eval", "MODEL", "--beir", "TOY,TMP/small", "--index", "IVF4,Flat"],
+     "(the 1 finished set(s) are shown above)", small_beir),
+    ("student-out-not-empty", ["student", "MODEL", "TOY", "--layers", "1"], "exists and is not empty"),
+    ("student-out-under-a-file", ["student", "MODEL", "TMP/a-file/s", "--layers", "1"], "a-file is a file", a_file),
+    ("push-student-fewer-layers", ["push", "RUN", "--repo-id", "me/student", "--dry-run"],
+     "has 2 transformer layers but the run's recipe says student.num_layers: 3", run_with_fewer_layers),
 ]
 
 
@@ -112,12 +189,13 @@ def fill(args: list[str], places: dict) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line(case, places, tmp_path):
-    _, args, message, *setup = case
+    _, args, message, *rest = case
+    setup, env = (rest + [None, None])[:2]
     if setup:
-        setup[0](tmp_path)
+        setup(tmp_path)
     before = snapshot(tmp_path, skip=(tmp_path / "run",))
-    shown = fill(args, places)
-    proc = run_script(shown, cwd=tmp_path)
+    env = {key: fill([value], places)[0] for key, value in (env or {}).items()}
+    proc = run_script(fill(args, places), cwd=tmp_path, env=env)
     error = check_one_line_error(proc, message)
     assert snapshot(tmp_path, skip=(tmp_path / "run",)) == before
     if os.environ.get("PROD_ST_BAD_INPUTS_TABLE"):  # bench/bad_inputs.py collects the table for RESULTS.md

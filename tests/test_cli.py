@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,86 @@ def test_eval_beir_prints_one_table_with_average(monkeypatch, capsys, toy_beir, 
 def test_eval_needs_data_or_beir(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2")
     assert code == 2 and "give either DATA or --beir" in err
+
+
+@pytest.mark.parametrize("option", ["--top-k", "--batch-size", "--max-queries", "--relevance-level"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_eval_counts_below_one_are_usage_errors(monkeypatch, capsys, toy_beir, option, value):
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), option, value)
+    assert code == 2 and "Traceback" not in out + err
+    assert option in err and "greater than or equal to 1" in " ".join(err.replace("│", " ").split())
+
+
+def test_eval_output_is_checked_before_the_work(monkeypatch, capsys, toy_beir, tmp_path):
+    import prod_st.models
+
+    monkeypatch.setattr(prod_st.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    (tmp_path / "a-file").write_text("")
+    for output, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "m.json", "a-file is a file")):
+        code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--output", str(output))
+        assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_eval_output_is_written_atomically(monkeypatch, capsys, toy_beir, tmp_path):
+    import os
+
+    output = tmp_path / "metrics.json"
+    output.write_text("earlier metrics\n")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--output", str(output))
+    assert code == 2 and "cannot write" in err and "No space left" in err
+    assert "nDCG@10" in out  # the metrics were printed before the write failed
+    assert output.read_text() == "earlier metrics\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "toy"]  # no temporary file left
+
+
+def test_eval_beir_keeps_the_sets_that_finished(monkeypatch, capsys, toy_beir, tmp_path):
+    """--beir a,b with b failing: a's row is printed and written, then b's one-line error, exit 2."""
+    from conftest import TOY_CORPUS, TOY_QUERIES, write_beir
+
+    small = write_beir(tmp_path / "small", dict(list(TOY_CORPUS.items())[:3]), TOY_QUERIES, {"q1": {"d1": 1}})
+    output = tmp_path / "beir.json"
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", "--beir", f"{toy_beir},{small}",
+                             "--index", "IVF4,Flat", "--output", str(output))
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"BEIR set '{small}'" in errors[0] and f"written to {output}" in errors[0]
+    assert "1 of 2 sets, no average" in out and "│ average" not in out
+    assert len(re.findall(r"\d\.\d{4}", out)) == 3  # one row: nDCG@10, MRR@10, R@100 of the finished set
+    saved = json.loads(output.read_text())
+    assert list(saved["beir"]) == [str(toy_beir)] and saved["complete"] is False
+    assert saved["not_evaluated"] == [str(small)] and 0 < saved["beir"][str(toy_beir)]["MRR@10"] <= 1
+
+
+@pytest.mark.parametrize("beir", [",,", " , "])
+def test_eval_beir_without_names_is_refused(monkeypatch, capsys, beir):
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", "--beir", beir)
+    assert code == 2 and "names no dataset" in err
+
+
+def test_student_refuses_a_folder_with_files(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Only a new or empty folder: not someone's files, not an existing model (BASE itself, say)."""
+    import prod_st.models
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "a-file").write_text("")
+    load = prod_st.models.load_model
+    monkeypatch.setattr(prod_st.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for out, message in ((mine, "exists and is not empty"), (Path(tiny_model_dir), "exists and is not empty"),
+                         (tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "s", "a-file is a file")):
+        code, _, err = run_cli(monkeypatch, capsys, "student", tiny_model_dir, str(out), "--layers", "1")
+        assert code == 2 and message in err and "Traceback" not in err
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(prod_st.models, "load_model", load)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "student", tiny_model_dir, str(empty), "--layers", "1")
+    assert code == 0, err
+    assert json.loads((empty / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

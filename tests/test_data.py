@@ -154,3 +154,54 @@ def test_folder_without_corpus(tmp_path):
     (tmp_path / "x" / "corpus.jsonl").unlink()
     with pytest.raises(ProdStError, match="no corpus.jsonl"):
         load_retrieval_data(tmp_path / "x")
+
+
+# ---- empty files, bytes that are not UTF-8, repeated ids ----
+
+@pytest.mark.parametrize("name, content, message", [
+    ("corpus.jsonl", "", r"corpus\.jsonl: no documents in this file \(it is empty\)"),
+    ("corpus.jsonl", "\n\n", r"corpus\.jsonl: no documents in this file"),
+    ("queries.jsonl", "", r"queries\.jsonl: no queries in this file"),
+    ("qrels/test.tsv", "query-id\tcorpus-id\tscore\n", r"test\.tsv: no relevance judgements in this file"),
+])
+def test_empty_file_is_an_error(toy_beir, name, content, message):
+    (toy_beir / name).write_text(content)
+    with pytest.raises(ProdStError, match=message):
+        load_retrieval_data(toy_beir)
+
+
+@pytest.mark.parametrize("name, index, bad", [
+    ("corpus.jsonl", 2, b'{"_id": "d3", "title": "cat", "text": "caf\xe9 au lait"}'),
+    ("queries.jsonl", 2, b'{"_id": "q3", "text": "\xff the cat purred"}'),
+    ("qrels/test.tsv", 2, b"q1\td\xff\t1"),
+])
+@pytest.mark.parametrize("gz", [False, True])
+def test_bytes_that_are_not_utf8_name_file_and_line(toy_beir, name, index, bad, gz):
+    path = toy_beir / name
+    lines = path.read_bytes().splitlines()
+    lines[index] = bad
+    data = b"\n".join(lines) + b"\n"
+    if gz:
+        path.unlink()
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    with pytest.raises(ProdStError, match=rf"{path.name.replace('.', '[.]')}:{index + 1}: not UTF-8 text \(byte 0x"):
+        load_retrieval_data(toy_beir)
+
+
+def test_repeated_document_id_names_the_first_one(toy_beir):
+    load_retrieval_data(toy_beir)  # checked once and marked clean in the cache...
+    corpus = toy_beir / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join(lines + [lines[3], lines[1], lines[1]]) + "\n")  # d4 once, d2 twice
+    with pytest.raises(ProdStError, match=r"corpus\.jsonl: document id 'd2' appears 3 times \(3 row\(s\) repeat"):
+        load_retrieval_data(toy_beir)  # ...but a changed file is a new table, checked again
+
+
+def test_repeated_query_id(toy_beir):
+    with open(toy_beir / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q2", "text": "another text under the same id"}) + "\n")
+    with pytest.raises(ProdStError, match=r"queries\.jsonl: query id 'q2' appears 2 times"):
+        load_retrieval_data(toy_beir)

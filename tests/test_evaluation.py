@@ -82,3 +82,73 @@ def test_question_answering_split_reports_answer_accuracy():
     # the fixture corpus is tiny: every answer-bearing passage is within the top 100
     assert result.metrics["Acc@100"] == pytest.approx(1.0)
     assert result.metrics["Acc@5"] <= result.metrics["Acc@20"] <= result.metrics["Acc@100"]
+
+
+# ---- values no caller should pass, and indexes the corpus cannot train ----
+
+@pytest.mark.parametrize("option", [{"top_k": 0}, {"batch_size": 0}, {"relevance_level": 0}, {"max_queries": 0},
+                                    {"max_queries": -1}, {"top_k": 2.5}, {"batch_size": True}])
+def test_counts_below_one_are_refused_before_any_work(toy_beir, option, monkeypatch):
+    from prod_st import evaluation
+
+    monkeypatch.setattr(evaluation, "build_index", lambda *a, **k: pytest.fail("encoded before checking"))
+    name, value = next(iter(option.items()))
+    with pytest.raises(ProdStError, match=rf"^{name} must be an integer of at least 1, got {value!r}$"):
+        evaluate_model(None, load_retrieval_data(toy_beir), progress=False, **option)
+
+
+def test_relevance_level_below_one_is_refused_by_compute_metrics():
+    with pytest.raises(ProdStError, match="relevance_level must be an integer of at least 1, got 0"):
+        compute_metrics(QRELS, RUN, relevance_level=0)
+
+
+def test_max_queries_keeps_the_first_n(toy_beir, tiny_model_dir):
+    result = evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), max_queries=3, keep_run=True,
+                            progress=False)
+    assert result.num_queries == 3 and list(result.run) == ["q1", "q2", "q3"]
+
+
+def test_ivf_index_too_big_for_the_corpus_is_refused_before_encoding(toy_beir, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    encoded = []
+    model.encode = lambda *a, **k: encoded.append(1)  # noqa: ARG005 - must not be reached
+    with pytest.raises(ProdStError, match=r"'IVF4096,Flat' needs at least 4096 vectors .* trains on 6 \(the corpus "
+                                          r"has 6 documents\)"):
+        evaluate_model(model, load_retrieval_data(toy_beir), index_factory="IVF4096,Flat", progress=False)
+    assert encoded == []
+
+
+def test_faiss_training_failure_is_one_line(toy_beir, tiny_model_dir):
+    """PQ needs 256 training vectors per codebook: faiss's own refusal becomes one line."""
+    with pytest.raises(ProdStError) as error:
+        evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), index_factory="IVF2,PQ4",
+                       progress=False)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("faiss cannot train index 'IVF2,PQ4' on 6 vectors (")
+    assert "Number of training points (6)" in message and "/project/" not in message
+
+
+# ---- BEIR: sets loaded first, evaluated one by one ----
+
+def test_beir_sets_are_all_loaded_before_any_evaluation(toy_beir, tmp_path):
+    from prod_st.evaluation import evaluate_beir, load_beir_sets
+
+    with pytest.raises(ProdStError, match="no BEIR set given"):
+        load_beir_sets([])
+    with pytest.raises(ProdStError, match="given twice"):
+        load_beir_sets([str(toy_beir), str(toy_beir)])
+    with pytest.raises(ProdStError, match="does not exist"):  # before the model is used at all
+        evaluate_beir(None, [str(toy_beir), str(tmp_path / "missing")])
+
+
+def test_iter_beir_yields_each_set_before_a_later_one_fails(toy_beir, tmp_path, tiny_model_dir):
+    from conftest import TOY_CORPUS, TOY_QUERIES, write_beir
+    from prod_st.evaluation import iter_beir, load_beir_sets
+
+    small = write_beir(tmp_path / "small", dict(list(TOY_CORPUS.items())[:3]), TOY_QUERIES, {"q1": {"d1": 1}})
+    sets = load_beir_sets([str(toy_beir), str(small)])
+    finished = []
+    with pytest.raises(ProdStError, match=rf"^BEIR set '{small}': faiss index 'IVF4,Flat' needs at least 4"):
+        for name, metrics in iter_beir(load_model(tiny_model_dir), sets, index_factory="IVF4,Flat", progress=False):
+            finished.append((name, metrics))
+    assert [name for name, _ in finished] == [str(toy_beir)] and "nDCG@10" in finished[0][1]

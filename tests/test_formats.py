@@ -175,6 +175,31 @@ def test_malformed_line_names_file_and_line(tmp_path, folder, name, line, split,
         load_retrieval_data(folder, split)
 
 
+@pytest.mark.parametrize("folder, name, line, split, message", [
+    (PASSAGE, "collection.tsv", b"1\tthe same passage id again", "train",
+     r"collection\.tsv: document id '1' appears 2 times"),
+    (NQ, "psgs_w100.tsv", b"2\tsame id\tanother title", "test", r"psgs_w100\.tsv: document id '2' appears 2 times"),
+    (DOC, "msmarco-docs.tsv", b"D9\thttp://x\tcaf\xe9\tbody", "test", r"msmarco-docs\.tsv:7: not UTF-8 text"),
+    (NQ, "nq-test.qa.csv", b"caf\xe9?\t['x']", "test", r"nq-test\.qa\.csv:4: not UTF-8 text"),
+])
+def test_repeated_ids_and_bytes_that_are_not_utf8(tmp_path, folder, name, line, split, message):
+    """The original-release readers share read_table's checks: unique ids, `file:line` for non-UTF-8 bytes."""
+    folder = copy_of(folder, tmp_path)
+    with open(folder / name, "ab") as f:
+        f.write(line + b"\n")
+    with pytest.raises(ProdStError, match=message):
+        load_retrieval_data(folder, split)
+
+
+def test_non_utf8_in_a_streamed_json_list_names_its_line(tmp_path):
+    folder = copy_of(NQ, tmp_path)
+    text = (folder / "nq-dev.json").read_bytes()
+    (folder / "nq-dev.json").write_bytes(text.replace(b'"party"', b'"part\xff"', 1))
+    line = text[:text.index(b'"party"')].count(b"\n") + 1
+    with pytest.raises(ProdStError, match=rf"nq-dev\.json:{line}: not UTF-8 text \(byte 0xff"):
+        load_retrieval_data(folder, "dev")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace('"passage_id": "10404512"', '"id": "10404512"'),
      r"nq-dev\.json:2: a positive_ctxs entry of question 0 has no passage_id \(or psg_id\)"),

@@ -5,6 +5,7 @@ Nothing here reaches the network (HF_HUB_OFFLINE is forced, the Hub API is faked
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -47,32 +48,61 @@ def http_error(status: int, message: str = "error") -> HfHubHTTPError:
     return HfHubHTTPError(f"{status} Client Error: {message}", response=httpx2.Response(status, request=request))
 
 
+def real_signature(name: str):
+    """A stand-in method that binds each call to the signature of `huggingface_hub.HfApi.<name>` (a wrong or
+    missing keyword raises TypeError, as the real client would) and returns the keywords that were passed."""
+    from huggingface_hub import HfApi
+
+    signature = inspect.signature(getattr(HfApi, name))
+
+    def bind(self, *args, **kwargs) -> dict:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        return {k: v for k, v in arguments.items() if k != "self"}
+
+    return bind
+
+
 class FakeHubApi:
-    """Stands in for huggingface_hub.HfApi: records calls; `fail_create` / `fail_upload` are raised."""
+    """Stands in for huggingface_hub.HfApi, with the real signatures of the methods publish.py calls: records
+    calls; `fail_create` / `fail_upload` are raised."""
 
     endpoint = "https://huggingface.co"
+    _create_repo = real_signature("create_repo")
+    _upload_folder = real_signature("upload_folder")
 
     def __init__(self, fail_create: BaseException | None = None, fail_upload: BaseException | None = None):
         self.calls: list[tuple[str, dict]] = []
         self.fail_create, self.fail_upload = fail_create, fail_upload
         self.uploaded: dict[str, str] = {}
 
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, "private": private, "exist_ok": exist_ok,
-                                           "repo_type": repo_type, **kwargs}))
+    def create_repo(self, *args, **kwargs):
+        self.calls.append(("create_repo", self._create_repo(*args, **kwargs)))
         if self.fail_create is not None:
             raise self.fail_create
-        return f"{self.endpoint}/{repo_id}"
+        return f"{self.endpoint}/{self.calls[-1][1]['repo_id']}"
 
-    def upload_folder(self, *, folder_path, repo_id, commit_message=None, repo_type=None, **kwargs):
-        self.calls.append(("upload_folder", {"folder_path": folder_path, "repo_id": repo_id,
-                                             "commit_message": commit_message, "repo_type": repo_type, **kwargs}))
+    def upload_folder(self, *args, **kwargs):
+        self.calls.append(("upload_folder", self._upload_folder(*args, **kwargs)))
         if self.fail_upload is not None:
             raise self.fail_upload
-        folder = Path(folder_path)
+        folder = Path(self.calls[-1][1]["folder_path"])
         self.uploaded = {rel: (folder / rel).read_text(errors="replace") if rel == "README.md" else ""
                          for rel in files(folder)}
         return "commit-info"
+
+
+def test_fake_hub_api_refuses_what_hfapi_refuses():
+    """The fake is only worth its name if a keyword HfApi does not take fails here too."""
+    api = FakeHubApi()
+    with pytest.raises(TypeError, match="privat"):
+        api.create_repo(REPO, privat=True)
+    with pytest.raises(TypeError):
+        api.create_repo(REPO, True)  # private is keyword-only
+    with pytest.raises(TypeError, match="folder"):
+        api.upload_folder(folder=".", repo_id=REPO)
+    assert api.calls == []
+    assert api.create_repo(REPO, private=True, exist_ok=True, repo_type="model").endswith(REPO)
+    assert api.calls == [("create_repo", {"repo_id": REPO, "private": True, "exist_ok": True, "repo_type": "model"})]
 
 
 def stage_record(index: int, name: str, kind: str, teacher=None, ndcg=0.3, **extra) -> dict:
@@ -89,7 +119,9 @@ def finished_run(tmp_path, tiny_model_dir) -> Path:
     """A minimal finished run folder: recipe, two done stages, the student, final.json (with BEIR), report."""
     run = tmp_path / "runs" / "quickstart"
     run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(load_recipe("quickstart").resolved_yaml())
+    recipe = load_recipe("quickstart").resolved_yaml()
+    assert recipe.count("num_layers: 3") == 1
+    (run / "recipe.yaml").write_text(recipe.replace("num_layers: 3", "num_layers: 2"))  # the tiny student's 2
     records = [
         stage_record(0, "init", "init", ndcg=0.3111),
         stage_record(1, "bi", "distill", teacher="bi", ndcg=0.4222,
@@ -307,6 +339,19 @@ def test_unfinished_run_is_refused(finished_run, missing, dry_run):
     with pytest.raises(ProdStError) as error:
         push_run(finished_run, REPO, dry_run=dry_run, api=api)
     assert_one_line(error, "prod-st run")
+    assert api.calls == [] and tree_hash(finished_run) == before
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_student_with_other_layers_than_the_recipe_is_refused(finished_run, dry_run):
+    """The card says "first k layers" from the recipe: a student whose config disagrees is not published."""
+    recipe = finished_run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("num_layers: 2", "num_layers: 3"))
+    before = tree_hash(finished_run)
+    api = FakeHubApi()
+    with pytest.raises(ProdStError) as error:
+        push_run(finished_run, REPO, dry_run=dry_run, api=api)
+    assert_one_line(error, "has 2 transformer layers", "student.num_layers: 3")
     assert api.calls == [] and tree_hash(finished_run) == before
 
 

@@ -100,51 +100,89 @@ def eval_command(
     beir: Annotated[Optional[str], typer.Option(help="Comma-separated BEIR names or folders, zero-shot: one table.")] = None,
     split: Annotated[str, typer.Option(help="qrels split to evaluate.")] = "test",
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
-    top_k: Annotated[int, typer.Option(help="Documents retrieved per query.")] = 1000,
+    top_k: Annotated[int, typer.Option(min=1, help="Documents retrieved per query.")] = 1000,
     index: Annotated[str, typer.Option(help="faiss index factory string ('Flat' = exact).")] = "Flat",
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 64,
-    relevance_level: Annotated[int, typer.Option(help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
-    max_queries: Annotated[Optional[int], typer.Option(help="Evaluate only the first N judged queries.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 64,
+    relevance_level: Annotated[int, typer.Option(min=1, help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
+    max_queries: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N judged queries.")] = None,
 ) -> None:
     """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
     zero-shot on the --beir sets."""
     from prod_st.data import load_retrieval_data
     from prod_st.distributed import is_main
     from prod_st.errors import ProdStError
-    from prod_st.evaluation import evaluate_beir, evaluate_model
+    from prod_st.evaluation import evaluate_model
     from prod_st.models import load_model
+    from prod_st.paths import check_output_file
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
     if not is_main():
         return  # evaluation is rank 0's job; other ranks have nothing to write
+    if output is not None:
+        output = check_output_file(output, "--output file")  # before the work, not after it
     kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, relevance_level=relevance_level,
                   max_queries=max_queries)
     if beir is not None:
         names = [n.strip() for n in beir.split(",") if n.strip()]
-        encoder = load_model(model)
-        results = evaluate_beir(encoder, names, split=split, **kwargs)
-        print_beir_table(f"{model}: zero-shot BEIR ({split})", results)
-        payload = {"model": model, "split": split, "beir": results}
-    else:
-        dataset = load_retrieval_data(data, split)
-        encoder = load_model(model)
-        result = evaluate_model(encoder, dataset, **kwargs)
-        table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
-        for name in result.metrics:
-            table.add_column(name, justify="right")
-        table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
-        console.print(table)
-        console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
-        payload = {
-            "model": model, "data": data, "split": split, "num_queries": result.num_queries,
-            "num_docs": result.num_docs, "top_k": top_k, "index": index, "metrics": result.metrics,
-            "seconds": result.seconds,
-        }
+        if not names:
+            raise ProdStError(f"--beir {beir!r} names no dataset: give comma-separated BEIR names or folders")
+        eval_beir(model, names, split, output, kwargs)
+        return
+    dataset = load_retrieval_data(data, split)
+    encoder = load_model(model)
+    result = evaluate_model(encoder, dataset, **kwargs)
+    table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
+    for name in result.metrics:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
+    console.print(table)
+    console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
+    payload = {
+        "model": model, "data": data, "split": split, "num_queries": result.num_queries,
+        "num_docs": result.num_docs, "top_k": top_k, "index": index, "metrics": result.metrics,
+        "seconds": result.seconds,
+    }
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(payload, indent=2) + "\n")
-        console.print(f"metrics written to {output}")
+        write_json_output(output, payload)
+
+
+def eval_beir(model: str, names: list[str], split: str, output: Optional[Path], kwargs: dict) -> None:
+    """`eval --beir`: every set is loaded before the model (a bad set fails at once), then evaluated in turn.
+    When one fails (or Ctrl-C), the sets that finished are still printed and written, then the error is raised."""
+    from prod_st.evaluation import beir_average, iter_beir, load_beir_sets
+    from prod_st.models import load_model
+
+    sets = load_beir_sets(names, split)
+    encoder = load_model(model)
+    results: dict[str, dict] = {}
+    try:
+        for name, metrics in iter_beir(encoder, sets, **kwargs):
+            results[name] = metrics
+    except (ProdStError, KeyboardInterrupt) as e:
+        if not results:
+            raise
+        missing = [n for n in names if n not in results]
+        print_beir_table(f"{model}: zero-shot BEIR ({split}), {len(results)} of {len(names)} sets, no average",
+                         results)
+        payload = {"model": model, "split": split, "beir": results, "complete": False, "not_evaluated": missing}
+        if output is not None:
+            write_json_output(output, payload)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        kept = f"shown above{' and written to ' + str(output) if output is not None else ''}"
+        raise ProdStError(f"{e} (the {len(results)} finished set(s) are {kept})") from None
+    results = beir_average(results)
+    print_beir_table(f"{model}: zero-shot BEIR ({split})", results)
+    if output is not None:
+        write_json_output(output, {"model": model, "split": split, "beir": results, "complete": True})
+
+
+def write_json_output(output: Path, payload: dict) -> None:
+    from prod_st.paths import write_text_atomic
+
+    write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
+    console.print(f"metrics written to {output}")
 
 
 def print_beir_table(title: str, results: dict) -> None:
@@ -176,10 +214,11 @@ def push_command(
 @app.command("student")
 def student_command(
     base: Annotated[str, typer.Argument(help="Encoder to cut: folder, Hub id or packaged name.")],
-    output: Annotated[Path, typer.Argument(help="Folder to save the student in.")],
-    layers: Annotated[int, typer.Option(help="Number of first transformer layers kept.")] = 6,
+    output: Annotated[Path, typer.Argument(help="Folder to save the student in: new or empty.")],
+    layers: Annotated[int, typer.Option(min=1, help="Number of first transformer layers kept.")] = 6,
 ) -> None:
-    """Build PROD's student: the first LAYERS layers of BASE, saved as a SentenceTransformer folder."""
+    """Build PROD's student: the first LAYERS layers of BASE, saved as a SentenceTransformer folder (a new or
+    empty one: prod-st does not overwrite a folder it did not create)."""
     from prod_st.models import build_student
 
     build_student(base, layers, output)
