@@ -128,23 +128,70 @@ def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, m
     assert (run_dir / "final.json").exists()
 
 
-def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
-    """A stage killed after a checkpoint restarts from it, not from step 0."""
+def _training_setup(tmp_path, tiny_model_dir):
+    import datasets
     from sentence_transformers import SentenceTransformer
 
     from prod_st.losses import contrastive_loss
-    from prod_st.student_training import train_student
-
-    import datasets
 
     data = datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(16)], "positive": [f"p{i}" for i in range(16)]})
     model = SentenceTransformer(tiny_model_dir)
     kwargs = dict(workdir=tmp_path / "ck", lr=1e-4, epochs=1.0, batch_size=2, warmup_ratio=0.0, seed=0, no_duplicates=False)
-    train_student(model, data, contrastive_loss(model), max_steps=4, **kwargs)
-    assert (tmp_path / "ck" / "checkpoint-4").is_dir()
+
+    def counted_loss():
+        """The loss, and a list that grows by one per training step actually run (one forward per step)."""
+        loss, calls = contrastive_loss(model), []
+        loss.register_forward_pre_hook(lambda *_: calls.append(1))
+        return loss, calls
+
+    return model, data, kwargs, counted_loss
+
+
+def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
+    """A stage killed after a checkpoint restarts from it, not from step 0."""
+    from prod_st.student_training import COMPLETE, train_student
+
+    model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
+    loss, calls = counted_loss()
+    train_student(model, data, loss, max_steps=4, **kwargs)
+    assert len(calls) == 4
+    # only the last checkpoint is kept, and it is marked complete
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["checkpoint-4"]
+    assert (tmp_path / "ck" / "checkpoint-4" / COMPLETE).is_file()
     # same folder, longer schedule: resumes at step 4 and runs only the remaining steps
-    result = train_student(model, data, contrastive_loss(model), max_steps=6, checkpoints=3, **kwargs)
-    assert result["steps"] == 6
+    loss, calls = counted_loss()
+    result = train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)
+    assert result["steps"] == 6 and len(calls) == 2
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed while the trainer saves checkpoint-4: checkpoint-2 (complete) is still on disk, the rerun resumes
+    from it (4 steps to go, not 2, not 6) and removes the half-written folder."""
+    from transformers import Trainer
+
+    from prod_st.student_training import COMPLETE, train_student
+
+    model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
+    real_save_rng_state = Trainer._save_rng_state
+
+    def killed_at_step_4(self, output_dir):  # the model and optimizer of checkpoint-4 are written by now
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return real_save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", killed_at_step_4)
+    loss, _ = counted_loss()
+    with pytest.raises(KeyboardInterrupt):
+        train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)  # checkpoints at steps 2, 4, 6
+    ck = tmp_path / "ck"
+    assert (ck / "checkpoint-2" / COMPLETE).is_file()
+    assert (ck / "checkpoint-4").is_dir() and not (ck / "checkpoint-4" / COMPLETE).exists()
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", real_save_rng_state)
+    loss, calls = counted_loss()
+    result = train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)
+    assert result["steps"] == 6 and len(calls) == 4
+    assert [p.name for p in ck.iterdir()] == ["checkpoint-6"] and (ck / "checkpoint-6" / COMPLETE).is_file()
 
 
 # ---- bad input: one line, exit 2, nothing overwritten ----
