@@ -192,8 +192,9 @@ def check_writable(folder: Path) -> None:
 
 # ---- changes to the folder (rank 0) ----------------------------------------------------------------------
 def clear(folder: Path) -> list[str]:
-    """`--force`: remove prod-st's own entries of a run folder (never anything else); return their names."""
-    removed = sorted(p.name for p in folder.iterdir() if is_own(p.name))
+    """`--force`: remove prod-st's own entries of a run folder (never anything else); return their names. The
+    marker stays (create() rewrites it), so a kill in between still leaves a folder prod-st recognises."""
+    removed = sorted(p.name for p in folder.iterdir() if is_own(p.name) and p.name != MARKER)
     for name in removed:
         _remove(folder / name)
     return removed

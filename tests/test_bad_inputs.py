@@ -48,9 +48,47 @@ def check_one_line_error(proc: subprocess.CompletedProcess, message: str) -> str
     return errors[0]
 
 
+def tiny_recipe_file(tmp: Path) -> Path:
+    """TMP/tiny.yaml: a small valid recipe (the packaged model, so nothing needs the MODEL placeholder)."""
+    import yaml
+    from test_runner import tiny_recipe
+
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe("all-MiniLM-L6-v2"), sort_keys=False))
+    return path
+
+
+def _file_named_afile(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "afile").write_text("not a folder")
+
+
+def _user_folder(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("keep me")
+
+
+def _run_without_marker(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "old").mkdir()
+    (tmp / "old" / "recipe.yaml").write_text("name: tiny\n")
+
+
 # (id, args, message[, setup(tmp)])
 CASES: list[tuple] = [
     ("eval-missing-folder", ["eval", "MODEL", "TMP/no/such/folder"], "does not exist"),
+    # --- run folder and resume
+    ("run-output-is-a-file", ["run", "TMP/tiny.yaml", "--output", "TMP/afile"], "exists and is not a folder",
+     _file_named_afile),
+    ("run-output-under-a-file", ["run", "TMP/tiny.yaml", "--output", "TMP/afile/run"], "cannot write the run folder",
+     _file_named_afile),
+    ("run-force-working-directory", ["run", "TMP/tiny.yaml", "--output", ".", "--force"], "is the working directory",
+     tiny_recipe_file),
+    ("run-force-folder-not-made-by-prod-st", ["run", "TMP/tiny.yaml", "--output", "TMP/mine", "--force"],
+     "not a prod-st run folder", _user_folder),
+    ("run-folder-of-an-older-prod-st", ["run", "TMP/tiny.yaml", "--output", "TMP/old"], "older prod-st",
+     _run_without_marker),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import prod_st.runner as runner_module
+import prod_st.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
 from prod_st_cli.main import main
@@ -103,6 +104,28 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     again = Runner(load_recipe(recipe_file), run_dir).run()
     assert set(again["test"]["teachers"]) == {"bi", "ce"}
     assert again["test"]["student"] == pytest.approx(final["test"]["student"])
+
+    # Only eval.beir and publish change: every stage is kept, only the final steps run again.
+    finished = {name: (run_dir / name / "DONE").stat().st_mtime_ns for name in stages}
+    changed = yaml.safe_load(recipe_file.read_text())
+    changed["eval"]["beir"] = []
+    changed["publish"]["repo_id"] = "me/other-name"
+    again = Runner(load_recipe(write(tmp_path / "changed.yaml", changed)), run_dir).run()
+    assert again["beir"] == {} and again["test"]["student"] == pytest.approx(final["test"]["student"])
+    assert "me/other-name" in (run_dir / "hub-upload" / "README.md").read_text()
+    assert {name: (run_dir / name / "DONE").stat().st_mtime_ns for name in stages} == finished
+
+    # A stage changes: it and every later step are redone, earlier ones kept; no teacher is retrained.
+    changed["stages"][2]["lr"] = 1e-4
+    trained = []
+    real_train = train_student_module.train_student
+    monkeypatch.setattr(runner_module, "train_student",
+                        lambda *a, **k: trained.append(k["workdir"].parent.name) or real_train(*a, **k))
+    Runner(load_recipe(write(tmp_path / "changed.yaml", changed)), run_dir).run()
+    assert trained[0] == "03-ce" and set(trained) <= {"03-ce", "04-dpd-1"}
+    assert {n: (run_dir / n / "DONE").stat().st_mtime_ns for n in stages[:3]} == {n: finished[n] for n in stages[:3]}
+    assert (run_dir / "04-dpd-1" / "DONE").stat().st_mtime_ns > finished["04-dpd-1"]
+    assert (run_dir / "final.json").exists()
 
 
 def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, monkeypatch):
