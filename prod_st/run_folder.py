@@ -156,16 +156,17 @@ def check_folder(folder: Path, recipe_name: str, *, force: bool) -> bool:
         raise ProdStError(f"the run folder {folder} exists and is not a folder: choose another --output")
     if not folder.exists():
         return False
-    stored = folder / "recipe.yaml"
+    stored, marked = folder / "recipe.yaml", (folder / MARKER).is_file()
     if stored.is_file():
         try:
             name = (yaml.safe_load(stored.read_text()) or {}).get("name")
         except (OSError, yaml.YAMLError, AttributeError):
             name = None  # prod-st's own file, unreadable: the fingerprints decide what is kept
-        if name is not None and name != recipe_name:
+        if name is not None and name != recipe_name and not (marked and force):
+            how = "--force to replace that run" if marked else "delete that folder yourself to start over"
             raise ProdStError(f"{folder} holds a run of a different recipe ({name!r}, not {recipe_name!r}); use "
-                              "another output.dir (or --output), or delete that folder yourself to start over")
-    if (folder / MARKER).is_file():
+                              f"another output.dir (or --output), or {how}")
+    if marked:
         return True
     if stored.is_file():
         raise ProdStError(f"{folder} holds a run without prod-st's {MARKER} marker (made by an older prod-st?): "

@@ -265,3 +265,15 @@ def test_recipe_changes_names_the_fields():
     new["stages"][1]["negatives"]["count"] = 2
     new["eval"]["beir"] = ["scifact"]
     assert run_folder.recipe_changes(old, new) == ["stages.1.negatives.count", "eval.beir"]
+
+
+def test_a_run_of_another_recipe_is_replaced_only_with_force(tmp_path):
+    run = tmp_path / "run"
+    other = recipe(lambda r: r.update(name="other"))
+    Runner(other, run).prepare_folder()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ProdStError, match="holds a run of a different recipe .*--force to replace that run"):
+        Runner(recipe(), run).prepare_folder()
+    Runner(recipe(), run, force=True).prepare_folder()
+    assert (run / "recipe.yaml").read_text() == recipe().resolved_yaml()
+    assert (run / "notes.txt").read_text() == "mine"
