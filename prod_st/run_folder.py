@@ -7,8 +7,8 @@ change invalidates.
   folder.
 - Every step (00-init, each stage, each DPD round, the final evaluation, the publication) has a fingerprint:
   a hash of the part of the recipe it depends on (seed, data, student, the dev-evaluation settings, the stage
-  specs up to and including its own, the teachers it uses and their specs; the final step adds `eval` and the
-  publication adds `publish`). A step folder stores its fingerprint in FINGERPRINT when the step starts;
+  specs up to and including its own, the teachers it uses and their specs; the final step adds `eval` (BEIR
+  included) and the publication adds `publish`). A step folder stores its fingerprint in FINGERPRINT when the step starts;
   final.json stores the final step's, the marker the last publication's. On a rerun, the first step whose
   fingerprint differs (or that is missing, or whose own files are unreadable) and every later step are redone,
   earlier ones are kept.
@@ -39,7 +39,10 @@ OWN_DIRS = ("teachers", "student", "hub-upload")
 STEP_DIR = re.compile(r"^\d{2}-[a-z0-9_-]+$")
 # atomic writes' temp files (.final.json.tmp123, .hub-upload.tmp-xyz): prod-st's too
 TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OWN_FILES + OWN_DIRS) + r")\.tmp")
-DEV_EVAL_IGNORED = ("beir", "metric", "batch_size")  # eval settings that do not change a step's dev results
+# eval settings that do not change a step's results: BEIR is evaluated at the end only; the encoding batch size
+# changes speed, not numbers; `metric` only picks the column the tables lead with and the teacher checks compare
+# (the warnings a finished step recorded keep the metric they were written with)
+DEV_EVAL_IGNORED = ("beir", "metric", "batch_size")
 
 
 def is_own(name: str) -> bool:
@@ -114,7 +117,7 @@ def plan(recipe) -> Plan:
         for round_no in range(1, recipe.dpd.rounds + 1):
             uses = {recipe.dpd.teacher: teacher(recipe.dpd.teacher, previous)}
             previous = steps[f"{len(steps):02d}-dpd-{round_no}"] = _hash("dpd", previous, spec, uses)
-    final = _hash("final", previous, r["eval"])
+    final = _hash("final", previous, {k: v for k, v in r["eval"].items() if k not in ("metric", "batch_size")})
     return Plan(steps, teachers, final, _hash("publish", final, r["publish"]) if r["publish"] else None)
 
 
