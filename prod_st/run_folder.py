@@ -7,9 +7,9 @@ change invalidates.
   folder.
 - Every step (00-init, each stage, each DPD round, the final evaluation, the publication) has a fingerprint:
   a hash of the part of the recipe it depends on (seed, data, student, the dev-evaluation settings, the stage
-  specs up to and including its own, the teachers it uses and their specs; the final step adds `eval` (BEIR
-  included) and the publication adds `publish`). A step folder stores its fingerprint in FINGERPRINT when the step starts;
-  final.json stores the final step's, the marker the last publication's. On a rerun, the first step whose
+  specs up to and including its own, the teachers it uses and their specs; the final step adds `eval`, BEIR
+  included, and the publication adds `publish`). A step folder stores its fingerprint in FINGERPRINT when the
+  step starts, final.json the final step's, the marker the last publication's. On a rerun, the first step whose
   fingerprint differs (or that is missing, or whose own files are unreadable) and every later step are redone,
   earlier ones are kept.
 """

@@ -138,7 +138,8 @@ def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, 
     code, out, err = run_cli(monkeypatch, capsys, "run", str(path), "--output", str(run_dir))
     assert code == 0, err
     header = next(line for line in out.splitlines() if "model" in line and "Acc@" in line)
-    assert [c.strip() for c in header.strip("┃│ ").replace("┃", "│").split("│")] == ["model", "Acc@20", "Acc@5", "Acc@100"]
+    columns = [c.strip() for c in header.strip("┃│ ").replace("┃", "│").split("│")]
+    assert columns == ["model", "Acc@20", "Acc@5", "Acc@100"]
     assert f"{metrics['Acc@20']:.4f}" in out
 
     report = (run_dir / "report.md").read_text()

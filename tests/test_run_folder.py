@@ -45,7 +45,7 @@ def changed_steps(change) -> tuple[list[str], bool]:
         (lambda r: r.update(output={"dir": "elsewhere"}), [], False),
         (lambda r: r["stages"][2].update(lr=1e-3), STEPS[3:], True),  # a stage and every later step
         (lambda r: r["teachers"]["ce"].update(batch_size=3), STEPS[3:], True),  # from the first stage using it
-        (lambda r: r["teachers"]["bi"]["train"].update(lr=1e-3), STEPS[2:], True),  # bi, and ce trained on its negatives
+        (lambda r: r["teachers"]["bi"]["train"].update(lr=1e-3), STEPS[2:], True),  # and ce, taught on its negatives
         (lambda r: r["dpd"].update(lr=1e-6), STEPS[4:], True),
         (lambda r: r["dpd"].update(rounds=2), [], True),  # a second round keeps the first
         (lambda r: r["eval"].update(top_k=50), STEPS, True),  # dev metrics of every step
