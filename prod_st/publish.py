@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["PROD_BIBTEX", "PROD_TAGS", "build_upload_folder", "push_run", "render_prod_section", "validate_repo_id"]
 
 PROD_TAGS = ("prod", "knowledge-distillation", "dense-retrieval")
-METRICS = ("nDCG@10", "MRR@10", "R@100")
 UPLOAD_DIR = "hub-upload"  # the dry run's default folder, inside the run folder
 HUB = "https://huggingface.co"
 PACKAGED_HUB_IDS = {  # packaged model names (prod_st.models.PACKAGED) -> their Hub id, for `base_model`
@@ -219,12 +218,12 @@ def _teacher_source(spec: dict) -> str:
     return text + ")"
 
 
-def _metric_columns(rows: list[dict]) -> list[str]:
-    return [m for m in METRICS if any(isinstance(r, dict) and m in r for r in rows)] or list(METRICS[:1])
-
-
 def render_prod_section(recipe: dict, records: list[dict], final: dict, *, repo_id: str) -> str:
-    """The PROD part of the model card (markdown): schedule, dev metrics per stage, test, BEIR, usage, citation."""
+    """The PROD part of the model card (markdown): schedule, dev metrics per stage, test, BEIR, usage, citation.
+    Metric tables show the metrics that exist, headed by the recipe's eval.metric."""
+    from prod_st.report import DEFAULT_METRIC, headline_metric, metric_columns
+
+    metric = headline_metric(recipe)
     data, student = recipe.get("data") or {}, recipe.get("student") or {}
     teachers, stages, dpd = recipe.get("teachers") or {}, recipe.get("stages") or [], recipe.get("dpd")
     lines = [
@@ -297,22 +296,19 @@ def render_prod_section(recipe: dict, records: list[dict], final: dict, *, repo_
     lines.append("")
 
     if records:
-        lines += [
-            "### Dev metrics per stage",
-            "",
-            "| # | stage | teacher | student nDCG@10 | student MRR@10 | student R@100 | teacher nDCG@10 (measured as) "
-            "| train steps | DPD: kept queries |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        dev_cols = metric_columns([r.get("student_dev") for r in records], metric)
+        teacher_metric = metric_columns([r.get("teacher_dev") for r in records], metric)[0]
+        header = ["#", "stage", "teacher", *(f"student {c}" for c in dev_cols),
+                  f"teacher {teacher_metric} (measured as)", "train steps", "DPD: kept queries"]
+        lines += ["### Dev metrics per stage", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in records:
             dev, teacher = r.get("student_dev") or {}, r.get("teacher_dev") or {}
-            teacher_cell = f"{_num(teacher.get('nDCG@10'))} ({r.get('teacher_measured_as')})" if teacher else ""
+            teacher_cell = f"{_num(teacher.get(teacher_metric))} ({r.get('teacher_measured_as')})" if teacher else ""
             kept = (r.get("selection") or {}).get("kept", "")
-            lines.append(
-                f"| {r.get('index')} | {_cell(r.get('name'))} | {_cell(r.get('teacher') or '')} "
-                f"| {_num(dev.get('nDCG@10'))} | {_num(dev.get('MRR@10'))} | {_num(dev.get('R@100'))} "
-                f"| {_cell(teacher_cell)} | {(r.get('train') or {}).get('steps', '')} | {kept} |"
-            )
+            cells = [str(r.get("index")), _cell(r.get("name")), _cell(r.get("teacher") or ""),
+                     *(_num(dev.get(c)) for c in dev_cols), _cell(teacher_cell),
+                     str((r.get("train") or {}).get("steps", "")), str(kept)]
+            lines.append("| " + " | ".join(cells) + " |")
         warnings = [(r.get("name"), w) for r in records for w in r.get("warnings") or []]
         lines += ["", "Warnings raised during the run:" if warnings else "No warnings were raised during the run.", ""]
         lines += [f"- **{_cell(name)}**: {_cell(w)}" for name, w in warnings]
@@ -330,7 +326,7 @@ def render_prod_section(recipe: dict, records: list[dict], final: dict, *, repo_
         if "student" in test:
             rows.append(("**student after PROD (this model)**", test["student"]))
         rows += [(f"teacher {n} ({m.get('as', '')})", m) for n, m in (test.get("teachers") or {}).items()]
-        cols = _metric_columns([m for _, m in rows])
+        cols = metric_columns([m for _, m in rows], metric)
         lines += [f"### Test metrics{size}", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         lines += [f"| {_cell(label)} | " + " | ".join(_num(m.get(c)) for c in cols) + " |" for label, m in rows]
         lines.append("")
@@ -339,7 +335,7 @@ def render_prod_section(recipe: dict, records: list[dict], final: dict, *, repo_
     if isinstance(beir, dict):
         datasets = {k: v for k, v in beir.items() if k != "average" and isinstance(v, dict)}
         if datasets:
-            cols = _metric_columns(list(datasets.values()))
+            cols = metric_columns(list(datasets.values()), DEFAULT_METRIC)
             average = {c: sum(m[c] for m in datasets.values()) / len(datasets)
                        for c in cols if all(isinstance(m.get(c), (int, float)) for m in datasets.values())}
             if not average and isinstance(beir.get("average"), dict):
@@ -405,7 +401,7 @@ def _read_recipe(run: Path) -> dict:
 
 
 def _fill(run: Path, out: Path, *, repo_id: str, language, license: str | None) -> None:
-    from prod_st.report import load_records, plot, render_markdown
+    from prod_st.report import headline_metric, load_records, plot, render_markdown
 
     recipe = _read_recipe(run)
     final = _read_json(run / "final.json", "the run's test metrics")
@@ -418,12 +414,12 @@ def _fill(run: Path, out: Path, *, repo_id: str, language, license: str | None) 
     if (run / "report.md").is_file():
         shutil.copy2(run / "report.md", prod / "report.md")
     else:  # render it here, never in the run folder
-        (prod / "report.md").write_text(render_markdown(run, records, final), encoding="utf-8")
+        (prod / "report.md").write_text(render_markdown(run, records, final, headline_metric(recipe)), encoding="utf-8")
     if (run / "report.png").is_file():
         shutil.copy2(run / "report.png", prod / "report.png")
     elif records:
         try:
-            plot(records, prod / "report.png")
+            plot(records, prod / "report.png", headline_metric(recipe))
         except Exception as e:  # a missing plot should not stop the publication
             logger.warning("could not draw report.png: %s", e)
     try:

@@ -1,17 +1,19 @@
 """The PROD schedule: recipe -> stages (mine -> score -> [DPD filter] -> train -> evaluate) -> report.
 
-Run folder (what resume reads):
-    <run>/recipe.yaml         the resolved recipe; a different recipe refuses to run here (unless --force)
+Run folder (what resume reads; prod_st.run_folder owns its rules):
+    <run>/.prod-st-run        prod-st's marker: only a folder with it is resumed, or cleared by --force
+    <run>/recipe.yaml         the resolved recipe; a recipe of another name refuses to run here
     <run>/00-init/            the untrained student (first k layers) and its dev metrics
-    <run>/NN-<stage>/         negatives.json, train_data/ (rows + teacher labels), checkpoints/, student/,
-                              metrics.json, DONE
+    <run>/NN-<stage>/         FINGERPRINT, negatives.json, train_data/ (rows + teacher labels), checkpoints/,
+                              student/, metrics.json, DONE
     <run>/teachers/<name>/    a teacher trained in the run (model/) and its dev metrics
     <run>/student/            the final student, a SentenceTransformer folder
     <run>/final.json          test metrics; <run>/report.md, report.png
 
 A step whose DONE marker exists is skipped; mining and teacher work are cached by content (model
-fingerprint + texts), and training resumes from the stage's last checkpoint, so a killed run picks up where
-it stopped. Only rank 0 writes run files.
+fingerprint + texts), and training resumes from the stage's last complete checkpoint, so a killed run picks
+up where it stopped. A changed recipe redoes the first step it changes and every later one. Only rank 0
+writes run files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
+from prod_st import run_folder
 from prod_st.distributed import barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
@@ -99,20 +102,21 @@ class Runner:
 
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
-        stored = self.dir / "recipe.yaml"
-        mine = self.recipe.resolved_yaml()
-        if stored.exists() and not self.force:
-            if stored.read_text() != mine:
-                raise ProdStError(
-                    f"{self.dir} holds a run of a different recipe; use another output.dir (or --output), "
-                    "or --force to start over"
-                )
-            logger.info("resuming the run in %s", self.dir)
-        elif is_main():
-            if self.force and self.dir.exists():
-                shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True, exist_ok=True)
-            stored.write_text(mine)
+        """Before any work: refuse a folder prod-st must not use (one line), make it a run folder of this
+        recipe, and remove what a changed recipe invalidates (see prod_st.run_folder). `--force` first removes
+        the earlier run's own files, and only from a folder prod-st created."""
+        self.plan = run_folder.plan(self.recipe)
+        if is_main():
+            ours = run_folder.check_folder(self.dir, self.recipe.name, force=self.force)
+            run_folder.check_writable(self.dir)
+            if ours and self.force:
+                removed = run_folder.clear(self.dir)
+                logger.info("--force: removed the earlier run (%s) from %s", ", ".join(removed), self.dir)
+            if not ours or self.force:
+                logger.info("new run in %s", self.dir)
+                run_folder.create(self.dir, self.recipe.name)
+            run_folder.reconcile(self.dir, self.recipe, self.plan)
+            run_folder.write_text_atomic(self.dir / "recipe.yaml", self.recipe.resolved_yaml())
         barrier()
 
     # ---- the schedule --------------------------------------------------------------------------------
@@ -121,12 +125,28 @@ class Runner:
         init_if_launched()
         self.prepare_folder()
         r = self.recipe
-        if (self.dir / "final.json").exists():
+        final = run_folder.final_payload(self.dir, self.plan.final)
+        if final is None:
+            final = self.run_steps(started)
+        else:
             logger.info("run already finished: %s", self.dir)
-            from prod_st.report import write_report
+        from prod_st.report import write_report
 
-            write_report(self.dir)
-            return json.loads((self.dir / "final.json").read_text())
+        write_report(self.dir)
+        if r.publish is not None and run_folder.marker(self.dir).get("published") != self.plan.publish:
+            from prod_st.publish import push_run
+
+            p = r.publish
+            where = push_run(self.dir, p.repo_id, private=p.private, exist_ok=p.exist_ok, dry_run=p.dry_run)
+            if is_main():
+                run_folder.write_marker(self.dir, run_folder.marker(self.dir) | {"published": self.plan.publish})
+            barrier()
+            logger.info("published: %s", where)
+        return final
+
+    def run_steps(self, started: float) -> dict:
+        """Every step not finished yet, then the final test evaluation (final.json)."""
+        r = self.recipe
         d = r.data
         with step("load data", {}, "data"):
             self.data = load_run_data(  # an evaluate-only recipe reads no train split, and maybe no dev split
@@ -143,17 +163,7 @@ class Runner:
         if r.dpd is not None:
             for round_no in range(1, r.dpd.rounds + 1):
                 records.append(self.run_dpd(len(records), round_no, records))
-        final = self.finish(records, time.perf_counter() - started)
-        from prod_st.report import write_report
-
-        write_report(self.dir)
-        if r.publish is not None:
-            from prod_st.publish import push_run
-
-            p = r.publish
-            where = push_run(self.dir, p.repo_id, private=p.private, exist_ok=p.exist_ok, dry_run=p.dry_run)
-            logger.info("published: %s", where)
-        return final
+        return self.finish(records, time.perf_counter() - started)
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.dir / f"{index:02d}-{name}"
@@ -164,9 +174,14 @@ class Runner:
         return model
 
     def done(self, folder: Path) -> StageRecord | None:
+        """The record of a finished step (prepare_folder kept its folder only if it matches the recipe), or None:
+        then the step starts, and its folder records the fingerprint it runs under."""
         if (folder / "DONE").exists():
             logger.info("%s: finished earlier, skipped", folder.name)
             return StageRecord(**json.loads((folder / "metrics.json").read_text()))
+        if is_main():
+            run_folder.write_text_atomic(folder / run_folder.FINGERPRINT, self.plan.steps[folder.name] + "\n")
+        barrier()
         return None
 
     def finish_stage(self, folder: Path, student: SentenceTransformer, record: StageRecord) -> StageRecord:
@@ -422,8 +437,10 @@ class Runner:
         timing: dict = {}
         with step("final: test evaluation", timing, "test"):
             final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
-            initial = final if len(records) == 1 else evaluate_model(  # evaluate-only: the same student
-                self.load_student(self.stage_dir(0, "init")), test, **kwargs)
+            tested = {"student": final.metrics}
+            if len(records) > 1:  # (an evaluate-only run has one student, tested as it is)
+                initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)
+                tested["student_before_training"] = initial.metrics
             teachers = {}
             queries = test.split_queries()
             used = [s.teacher for s in self.recipe.stages if s.teacher]
@@ -442,17 +459,21 @@ class Runner:
                 beir = evaluate_beir(self.load_student(last), list(e.beir), **kwargs | {"relevance_level": 1})
         payload = {
             "recipe": self.recipe.name,
+            "fingerprint": self.plan.final,  # what prod_st.run_folder compares on a rerun
             "beir": beir,
-            "test": {"student": final.metrics, "student_before_training": initial.metrics, "teachers": teachers},
+            "test": tested | {"teachers": teachers},
             "num_test_queries": final.num_queries,
             "num_docs": final.num_docs,
             "seconds": {"run": round(seconds + sum(timing.values()), 1), **timing},
         }
         write_json(self.dir / "final.json", payload)
-        logger.info("final test: student %s (before training %s)", _fmt(final.metrics), _fmt(initial.metrics))
+        before = tested.get("student_before_training")
+        logger.info("final test: student %s%s", _fmt(final.metrics), f" (before training {_fmt(before)})" if before else "")
         return payload
 
 
 def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100") if k in metrics)
+    from prod_st.report import metric_columns
+
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in metric_columns([metrics]) if k in metrics)
 

@@ -123,6 +123,33 @@ def run_with_fewer_layers(tmp: Path) -> None:
     (run / "student" / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
 
 
+def tiny_recipe_file(tmp: Path) -> Path:
+    """TMP/tiny.yaml: a small valid recipe (the packaged model, so nothing needs the MODEL placeholder)."""
+    import yaml
+    from test_runner import tiny_recipe
+
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe("all-MiniLM-L6-v2"), sort_keys=False))
+    return path
+
+
+def _file_named_afile(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "afile").write_text("not a folder")
+
+
+def _user_folder(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("keep me")
+
+
+def _run_without_marker(tmp: Path) -> None:
+    tiny_recipe_file(tmp)
+    (tmp / "old").mkdir()
+    (tmp / "old" / "recipe.yaml").write_text("name: tiny\n")
+
+
 # (id, args, message[, setup(tmp)[, env]])
 CASES: list[tuple] = [
     ("eval-missing-folder", ["eval", "MODEL", "TMP/no/such/folder"], "does not exist"),
@@ -170,6 +197,24 @@ CASES: list[tuple] = [
     ("student-out-under-a-file", ["student", "MODEL", "TMP/a-file/s", "--layers", "1"], "a-file is a file", a_file),
     ("push-student-fewer-layers", ["push", "RUN", "--repo-id", "me/student", "--dry-run"],
      "has 2 transformer layers but the run's recipe says student.num_layers: 3", run_with_fewer_layers),
+    # --- usage errors (option values) are one line too
+    ("eval-top-k-0", ["eval", "MODEL", "TOY", "--top-k", "0"], "Invalid value for '--top-k'"),
+    ("eval-batch-size-0", ["eval", "MODEL", "TOY", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    ("eval-max-queries-minus-1", ["eval", "MODEL", "TOY", "--max-queries", "-1"], "Invalid value for '--max-queries'"),
+    ("eval-relevance-level-0", ["eval", "MODEL", "TOY", "--relevance-level", "0"],
+     "Invalid value for '--relevance-level'"),
+    ("unknown-option", ["run", "TMP/tiny.yaml", "--bogus"], "No such option: --bogus"),
+    # --- run folder and resume
+    ("run-output-is-a-file", ["run", "TMP/tiny.yaml", "--output", "TMP/afile"], "exists and is not a folder",
+     _file_named_afile),
+    ("run-output-under-a-file", ["run", "TMP/tiny.yaml", "--output", "TMP/afile/run"], "cannot write the run folder",
+     _file_named_afile),
+    ("run-force-working-directory", ["run", "TMP/tiny.yaml", "--output", ".", "--force"], "is the working directory",
+     tiny_recipe_file),
+    ("run-force-folder-not-made-by-prod-st", ["run", "TMP/tiny.yaml", "--output", "TMP/mine", "--force"],
+     "not a prod-st run folder", _user_folder),
+    ("run-folder-of-an-older-prod-st", ["run", "TMP/tiny.yaml", "--output", "TMP/old"], "older prod-st",
+     _run_without_marker),
 ]
 
 

@@ -167,3 +167,102 @@ def test_student_refuses_a_folder_with_files(monkeypatch, capsys, tiny_model_dir
     assert code == 0, err
     assert json.loads((empty / "config.json").read_text())["num_hidden_layers"] == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# ---- prod-st run: answer-only test data, Ctrl-C ----
+
+NQ = __import__("conftest").FIXTURES / "dpr-nq"
+
+
+def finished_run(run_dir, recipe, final: dict, dev: dict) -> None:
+    """A run folder as a finished `prod-st run` of `recipe` leaves it (fingerprints, records, final.json)."""
+    from prod_st import run_folder
+    from prod_st.runner import Runner
+
+    Runner(recipe, run_dir).prepare_folder()
+    plan = run_folder.plan(recipe)
+    for index, name in enumerate(plan.steps):
+        folder = run_dir / name
+        (folder / "student").mkdir(parents=True)
+        (folder / "student" / "modules.json").write_text("[]")
+        (folder / run_folder.FINGERPRINT).write_text(plan.steps[name])
+        record = {"index": index, "name": name.split("-", 1)[1], "kind": "distill", "teacher": "ce",
+                  "student_dev": dev, "teacher_dev": dev, "teacher_measured_as": "retriever", "seconds": {"train": 1.0}}
+        (folder / "metrics.json").write_text(json.dumps(record))
+        (folder / "DONE").write_text("")
+    (run_dir / "final.json").write_text(json.dumps(final | {"fingerprint": plan.final}))
+
+
+def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """DPR's NQ test split has answers and no qrels: its metrics are Acc@5/20/100 only. `prod-st run` on the
+    finished run, report.md and the model card show those, headed by eval.metric (Acc@20), with no KeyError."""
+    import yaml
+    from sentence_transformers import SentenceTransformer
+
+    from prod_st.data import load_retrieval_data
+    from prod_st.evaluation import evaluate_model
+    from prod_st.publish import render_prod_section
+    from prod_st.recipe import load_recipe
+    from prod_st.report import load_records
+    from test_runner import tiny_recipe
+
+    metrics = evaluate_model(SentenceTransformer(tiny_model_dir), load_retrieval_data(NQ, "test"), top_k=100).metrics
+    assert set(metrics) == {"Acc@5", "Acc@20", "Acc@100"}
+    dev = evaluate_model(SentenceTransformer(tiny_model_dir), load_retrieval_data(NQ, "dev"), top_k=100).metrics
+    assert {"nDCG@10", "Acc@20"} <= set(dev)  # NQ dev: positives (qrels) and answers
+    final = {"recipe": "tiny", "beir": {}, "num_test_queries": 3, "num_docs": 8, "seconds": {"run": 1.0},
+             "test": {"student": metrics, "student_before_training": metrics,
+                      "teachers": {"ce": {"as": "reranker of the student's top 5", **metrics}}}}
+    recipe = tiny_recipe(tiny_model_dir)
+    recipe["eval"]["metric"] = "Acc@20"
+    path = tmp_path / "nq.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir = tmp_path / "run"
+    finished_run(run_dir, load_recipe(path), final, dev)
+
+    code, out, err = run_cli(monkeypatch, capsys, "run", str(path), "--output", str(run_dir))
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if "model" in line and "Acc@" in line)
+    columns = [c.strip() for c in header.strip("┃│ ").replace("┃", "│").split("│")]
+    assert columns == ["model", "Acc@20", "Acc@5", "Acc@100"]
+    assert f"{metrics['Acc@20']:.4f}" in out
+
+    report = (run_dir / "report.md").read_text()
+    assert "| model | Acc@20 | Acc@5 | Acc@100 |" in report
+    assert "| student Acc@20 | student nDCG@10 |" in report and "teacher Acc@20 (measured as)" in report
+    card = render_prod_section(yaml.safe_load((run_dir / "recipe.yaml").read_text()), load_records(run_dir),
+                               json.loads((run_dir / "final.json").read_text()), repo_id="me/nq")
+    assert "| model | Acc@20 | Acc@5 | Acc@100 |" in card
+    assert f"| **student after PROD (this model)** | {metrics['Acc@20']:.4f} |" in card
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
+    """SIGINT to a running `prod-st run`: one line saying how to resume, exit code 130, no traceback."""
+    import signal
+    import time
+    from pathlib import Path
+
+    import yaml
+    from test_runner import tiny_recipe
+
+    from prod_st_cli.main import INTERRUPTED
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir), sort_keys=False))
+    script = Path(sys.executable).with_name("prod-st")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "prod_st_cli.main"]
+    proc = subprocess.Popen([*command, "run", str(path), "--output", str(tmp_path / "run")], cwd=tmp_path,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:  # wait until the run has started its work
+        lines.append(line)
+        if "load data: done" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)[::-1]
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert (tmp_path / "run" / "recipe.yaml").is_file()  # nothing of the started run is lost

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import prod_st.runner as runner_module
+import prod_st.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
 from prod_st_cli.main import main
@@ -104,6 +105,28 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     again = Runner(load_recipe(recipe_file), run_dir).run()
     assert set(again["test"]["teachers"]) == {"bi", "ce"}
     assert again["test"]["student"] == pytest.approx(final["test"]["student"])
+
+    # Only eval.beir and publish change: every stage is kept, only the final steps run again.
+    finished = {name: (run_dir / name / "DONE").stat().st_mtime_ns for name in stages}
+    changed = yaml.safe_load(recipe_file.read_text())
+    changed["eval"]["beir"] = []
+    changed["publish"]["repo_id"] = "me/other-name"
+    again = Runner(load_recipe(write(tmp_path / "changed.yaml", changed)), run_dir).run()
+    assert again["beir"] == {} and again["test"]["student"] == pytest.approx(final["test"]["student"])
+    assert "me/other-name" in (run_dir / "hub-upload" / "README.md").read_text()
+    assert {name: (run_dir / name / "DONE").stat().st_mtime_ns for name in stages} == finished
+
+    # A stage changes: it and every later step are redone, earlier ones kept; no teacher is retrained.
+    changed["stages"][2]["lr"] = 1e-4
+    trained = []
+    real_train = train_student_module.train_student
+    monkeypatch.setattr(runner_module, "train_student",
+                        lambda *a, **k: trained.append(k["workdir"].parent.name) or real_train(*a, **k))
+    Runner(load_recipe(write(tmp_path / "changed.yaml", changed)), run_dir).run()
+    assert trained[0] == "03-ce" and set(trained) <= {"03-ce", "04-dpd-1"}
+    assert {n: (run_dir / n / "DONE").stat().st_mtime_ns for n in stages[:3]} == {n: finished[n] for n in stages[:3]}
+    assert (run_dir / "04-dpd-1" / "DONE").stat().st_mtime_ns > finished["04-dpd-1"]
+    assert (run_dir / "final.json").exists()
 
 
 def check_training_data(run_dir: Path) -> None:
@@ -209,30 +232,77 @@ def test_evaluate_only_recipe_tests_another_runs_student(monkeypatch, capsys, tm
     expected = evaluate_model(SentenceTransformer(str(previous / "student")), load_retrieval_data(toy_beir, "test"),
                               top_k=10).metrics
     assert final["test"]["student"] == pytest.approx(expected)
-    assert final["test"]["student_before_training"] == final["test"]["student"] and final["test"]["teachers"] == {}
+    assert "student_before_training" not in final["test"] and final["test"]["teachers"] == {}
     assert final["num_test_queries"] == 4 and (run_dir / "student" / "modules.json").exists()
     assert "## Test (4 queries" in (run_dir / "report.md").read_text()
     out = capsys.readouterr().out
     assert "dl19-like: test (4 queries" in out and "before training" not in out  # one row: the student tested
 
 
-def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
-    """A stage killed after a checkpoint restarts from it, not from step 0."""
+def _training_setup(tmp_path, tiny_model_dir):
+    import datasets
     from sentence_transformers import SentenceTransformer
 
     from prod_st.losses import contrastive_loss
-    from prod_st.student_training import train_student
-
-    import datasets
 
     data = datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(16)], "positive": [f"p{i}" for i in range(16)]})
     model = SentenceTransformer(tiny_model_dir)
     kwargs = dict(workdir=tmp_path / "ck", lr=1e-4, epochs=1.0, batch_size=2, warmup_ratio=0.0, seed=0, no_duplicates=False)
-    train_student(model, data, contrastive_loss(model), max_steps=4, **kwargs)
-    assert (tmp_path / "ck" / "checkpoint-4").is_dir()
+
+    def counted_loss():
+        """The loss, and a list that grows by one per training step actually run (one forward per step)."""
+        loss, calls = contrastive_loss(model), []
+        loss.register_forward_pre_hook(lambda *_: calls.append(1))
+        return loss, calls
+
+    return model, data, kwargs, counted_loss
+
+
+def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
+    """A stage killed after a checkpoint restarts from it, not from step 0."""
+    from prod_st.student_training import COMPLETE, train_student
+
+    model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
+    loss, calls = counted_loss()
+    train_student(model, data, loss, max_steps=4, **kwargs)
+    assert len(calls) == 4
+    # only the last checkpoint is kept, and it is marked complete
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["checkpoint-4"]
+    assert (tmp_path / "ck" / "checkpoint-4" / COMPLETE).is_file()
     # same folder, longer schedule: resumes at step 4 and runs only the remaining steps
-    result = train_student(model, data, contrastive_loss(model), max_steps=6, checkpoints=3, **kwargs)
-    assert result["steps"] == 6
+    loss, calls = counted_loss()
+    result = train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)
+    assert result["steps"] == 6 and len(calls) == 2
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed while the trainer saves checkpoint-4: checkpoint-2 (complete) is still on disk, the rerun resumes
+    from it (4 steps to go, not 2, not 6) and removes the half-written folder."""
+    from transformers import Trainer
+
+    from prod_st.student_training import COMPLETE, train_student
+
+    model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
+    real_save_rng_state = Trainer._save_rng_state
+
+    def killed_at_step_4(self, output_dir):  # the model and optimizer of checkpoint-4 are written by now
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return real_save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", killed_at_step_4)
+    loss, _ = counted_loss()
+    with pytest.raises(KeyboardInterrupt):
+        train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)  # checkpoints at steps 2, 4, 6
+    ck = tmp_path / "ck"
+    assert (ck / "checkpoint-2" / COMPLETE).is_file()
+    assert (ck / "checkpoint-4").is_dir() and not (ck / "checkpoint-4" / COMPLETE).exists()
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", real_save_rng_state)
+    loss, calls = counted_loss()
+    result = train_student(model, data, loss, max_steps=6, checkpoints=3, **kwargs)
+    assert result["steps"] == 6 and len(calls) == 4
+    assert [p.name for p in ck.iterdir()] == ["checkpoint-6"] and (ck / "checkpoint-6" / COMPLETE).is_file()
 
 
 # ---- bad input: one line, exit 2, nothing overwritten ----

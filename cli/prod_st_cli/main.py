@@ -12,10 +12,28 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from prod_st.errors import ProdStError
 
+INTERRUPTED = "interrupted: finished steps are kept; run the same command again to resume"
+
+
+class Interrupted(BaseException):
+    """Ctrl-C inside a command. Click (and Typer) turn a KeyboardInterrupt into a silent exit or "Aborted!";
+    this one passes through them to `main()`, which prints INTERRUPTED and exits 130."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Interrupted from e
+
+
 app = typer.Typer(
+    cls=_Group,
     name="prod-st",
     help="PROD progressive distillation for dense retrievers, on sentence-transformers.",
     no_args_is_help=True,
@@ -44,7 +62,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 def run_command(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or an embedded recipe name.")] = "quickstart",
     output: Annotated[Optional[Path], typer.Option(help="Run folder (default: the recipe's output.dir or runs/<name>).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Delete the run folder and start over.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Remove the earlier run's files (only from a folder prod-st created) and start over."
+    )] = False,
 ) -> None:
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
     from prod_st.preflight import preflight
@@ -60,21 +80,31 @@ def run_command(
     final = runner.run()
     if not is_main():
         return
-    table = Table(title=f"{loaded.name}: test ({final['num_test_queries']} queries, {final['num_docs']} docs)")
-    table.add_column("model")
-    for name in ("nDCG@10", "MRR@10", "R@100"):
-        table.add_column(name, justify="right")
-    test = final["test"]
-    rows = [("student before training", test["student_before_training"]), ("student after PROD", test["student"])]
-    if not loaded.trains:  # an evaluate-only recipe: one student, tested as it is
-        rows = [("student", test["student"])]
-    rows += [(f"teacher {n} ({m['as']})", m) for n, m in test["teachers"].items()]
-    for label, metrics in rows:
-        table.add_row(label, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")))
-    console.print(table)
+    print_test_table(f"{loaded.name}: test ({final['num_test_queries']} queries, {final['num_docs']} docs)", final,
+                     loaded.eval.metric)
     if final.get("beir"):
         print_beir_table("student: zero-shot BEIR", final["beir"])
     console.print(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
+
+
+def print_test_table(title: str, final: dict, metric: str) -> None:
+    """final.json's test table: the metrics that exist (Acc@k only on answer-only data such as DPR's NQ test),
+    headed by the recipe's eval.metric."""
+    from prod_st.report import final_test_rows, metric_columns
+
+    rows = final_test_rows(final)
+    columns = metric_columns([m for _, m in rows], metric)
+    table = Table(title=title)
+    table.add_column("model")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for label, metrics in rows:
+        table.add_row(label, *(_num(metrics.get(k)) for k in columns))
+    console.print(table)
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
 
 
 @app.command("validate")
@@ -186,12 +216,15 @@ def write_json_output(output: Path, payload: dict) -> None:
 
 
 def print_beir_table(title: str, results: dict) -> None:
+    from prod_st.report import metric_columns
+
+    columns = metric_columns(list(results.values()))
     table = Table(title=title)
-    for column in ("dataset", "nDCG@10", "MRR@10", "R@100"):
+    for column in ("dataset", *columns):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for name, metrics in results.items():
         style = "bold" if name == "average" else None
-        table.add_row(name, *(f"{metrics[k]:.4f}" for k in ("nDCG@10", "MRR@10", "R@100")), style=style)
+        table.add_row(name, *(_num(metrics.get(k)) for k in columns), style=style)
     console.print(table)
 
 
@@ -226,15 +259,31 @@ def student_command(
 
 
 def main() -> None:
-    """Console-script entry: Typer handles usage errors (exit 2); a ProdStError becomes one line, exit 2."""
+    """Console-script entry. A usage error (a bad option value, a missing argument) and a ProdStError are each one
+    `error:` line on stderr and exit 2; Ctrl-C says how to resume and exits 130. (Click runs in non-standalone
+    mode so that its usage errors reach this handler instead of being printed as a multi-line panel.)"""
+    try:  # Typer >= 0.20 vendors its own click
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - older Typer on the real click
+        from click import exceptions as click
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # `prod-st` or `prod-st CMD` alone: the help, as Typer prints it
+        print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {' '.join(e.format_message().split())}{where}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
     except ProdStError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished steps are kept; run the same command again to resume")
+    except (Interrupted, KeyboardInterrupt):
+        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
