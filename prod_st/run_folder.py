@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from prod_st.errors import ProdStError
+from prod_st.paths import write_text_atomic
 
 logger = logging.getLogger("prod_st.run")
 
@@ -48,13 +49,6 @@ DEV_EVAL_IGNORED = ("beir", "metric", "batch_size")
 def is_own(name: str) -> bool:
     """Whether an entry of a run folder is one prod-st creates (and so may delete)."""
     return name in OWN_FILES or name in OWN_DIRS or bool(STEP_DIR.match(name)) or bool(TEMP.match(name))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_ranked
 from prod_st.models import build_student
+from prod_st.paths import write_text_atomic
 from prod_st.resampling import epochs_read, total_steps
 from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
@@ -51,10 +51,7 @@ logger = logging.getLogger("prod_st.run")
 
 def atomic_json(path: Path, payload) -> None:
     """Write JSON to a temp file and rename it into place: a killed process never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def write_json(path: Path, payload) -> None:
@@ -116,7 +113,7 @@ class Runner:
                 logger.info("new run in %s", self.dir)
                 run_folder.create(self.dir, self.recipe.name)
             run_folder.reconcile(self.dir, self.recipe, self.plan)
-            run_folder.write_text_atomic(self.dir / "recipe.yaml", self.recipe.resolved_yaml())
+            write_text_atomic(self.dir / "recipe.yaml", self.recipe.resolved_yaml())
         barrier()
 
     # ---- the schedule --------------------------------------------------------------------------------
@@ -180,7 +177,7 @@ class Runner:
             logger.info("%s: finished earlier, skipped", folder.name)
             return StageRecord(**json.loads((folder / "metrics.json").read_text()))
         if is_main():
-            run_folder.write_text_atomic(folder / run_folder.FINGERPRINT, self.plan.steps[folder.name] + "\n")
+            write_text_atomic(folder / run_folder.FINGERPRINT, self.plan.steps[folder.name] + "\n")
         barrier()
         return None
 
