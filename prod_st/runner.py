@@ -230,8 +230,8 @@ class Runner:
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
-        rows, reads = self.stage_rows(stage, student, index, folder, record)
-        in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
+        in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
+        rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
         if stage.kind == "warmup":
             loss, dataset = contrastive_loss(student, gather_across_devices=world_size() > 1), rows.to_dataset()
         else:
@@ -247,17 +247,19 @@ class Runner:
             record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
         return self.finish_stage(folder, student, record)
 
-    def stage_rows(self, stage, student, index: int, folder: Path, record: StageRecord) -> tuple[TrainingRows, int]:
+    def stage_rows(
+        self, stage, student, index: int, folder: Path, record: StageRecord, *, in_batch: bool
+    ) -> tuple[TrainingRows, int]:
         """Mine the stage's negative pools with its miner, then draw fresh negatives for every epoch training
         will read (PROD resamples each time a query is read): the rows of epoch 0, then epoch 1, ... and the
-        number of epochs. Hardest-first negatives are the same every epoch: one block, read repeatedly."""
+        number of epochs. Hardest-first negatives are the same every epoch: one block, read repeatedly. With
+        `in_batch` candidates a query short of negatives is dropped (in-batch columns cannot be masked)."""
         neg = stage.negatives
         window = NegativeWindow(neg.start, neg.end, neg.count, neg.strategy)
         with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
             miner = self.teachers.miner_model(neg.miner, student)
             pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
                                       index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
-        in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"
 
         def rows_of(epoch: int) -> TrainingRows:
             drawn = draw_negatives(pools, window, seed=self.recipe.seed + index, epoch=epoch)
