@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="test on the full corpus for every seed, the first seed of each row, or none")
     parser.add_argument("--base", type=Path, default=BASE)
     parser.add_argument("--write-recipes", type=Path, help="write the derived recipes here and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no runs: the table and plot of the runs finished so far (their ablation.json)")
     args = parser.parse_args(argv)
     base = yaml.safe_load(args.base.read_text())
     rows = [r for r in args.rows.split(",") if r]
@@ -183,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             (args.write_recipes / f"{row}-{ROWS[row]}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         return 0
     OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+    if args.report_only:
+        results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*/ablation.json"))]
+        results = [r for r in results if r["row"] in rows and r["seed"] in seeds]
+        if not results:
+            parser.error(f"no finished runs under {OUT}")
+        seeds = []  # nothing to run
+    else:
+        results = []
     for seed in seeds:  # seed-major: every row has a result early
         for row in rows:
             full = args.full_corpus == "all" or (args.full_corpus == "first" and seed == seeds[0])
