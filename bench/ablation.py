@@ -149,8 +149,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.bar(i, statistics.mean(values), color="tab:blue", alpha=0.7)
         ax.scatter([i] * len(values), values, color="black", zorder=3, s=12)
     reference = next((r for r in results if r["row"] == "e"), results[0])
-    for name, teacher in reference["test"]["teachers"].items():
-        ax.axhline(teacher["nDCG@10"], linestyle="--", label=f"teacher {name} ({teacher['as'].split(' ')[0]})")
+    for i, (name, teacher) in enumerate(reference["test"]["teachers"].items(), 1):
+        ax.axhline(teacher["nDCG@10"], linestyle="--", color=f"C{i}",
+                   label=f"teacher {name} ({teacher['as'].split(' ')[0]})")
     ax.axhline(reference["test"]["student_before_training"]["nDCG@10"], color="grey", linestyle=":",
                label="student before training")
     ax.set_xticks(range(len(rows)), [f"({r}) {ROWS[r]}" for r in rows])
