@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
+import numpy as np
 import pytrec_eval
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
