@@ -1,6 +1,11 @@
-"""The one exception type the CLI turns into a one-line error and exit code 2."""
+"""The exceptions the CLI turns into a one-line error: exit code 2 for a usage error, 3 for a data error."""
 
 
 class ProdStError(Exception):
     """A user-facing error: bad input, missing files, unknown names. The message is one line that says what
-    was wrong and what to do; the CLI prints it without a traceback."""
+    was wrong and what to do; the CLI prints it without a traceback and exits 2."""
+
+
+class DataError(ProdStError):
+    """A data file that was found but whose contents cannot be used: malformed or non-UTF-8 lines, an empty
+    file, a repeated id, judgements naming ids absent from the files. The CLI exits 3."""

@@ -6,6 +6,9 @@
 - a folder of the original releases of the PROD paper's benchmarks, recognised by its files
   (`detect_format`): MS MARCO document and passage with TREC DL 2019 as test (`msmarco.py`), DPR's Natural
   Questions (`dpr.py`, whose splits also carry answer strings).
+
+Which files a folder holds is `layout.py`'s (standard library only); this package imports datasets and pyarrow
+only when a split is loaded, so `prod-st validate` stays fast.
 """
 
 from __future__ import annotations
@@ -13,28 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING
 
-from prod_st.data import dpr, msmarco
-from prod_st.data.beir_files import find_file, find_split_files, read_qrels, read_table
+from prod_st.data.layout import beir_files, detect_format, split_files
 from prod_st.data.sources import local_source, resolve_source
-from prod_st.errors import ProdStError
+from prod_st.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = [
     "RetrievalData", "load_retrieval_data", "resolve_source", "local_source", "document_text", "detect_format",
     "split_files",
 ]
-
-# format -> the file whose presence identifies it (also as .gz), in the order they are tried
-SIGNATURES = {
-    "beir": "corpus.jsonl",
-    "msmarco-doc": msmarco.DOC_CORPUS,
-    "msmarco-passage": msmarco.PASSAGE_CORPUS,
-    "dpr-nq": dpr.PASSAGES,
-}
-
 
 def document_text(title: str, text: str) -> str:
     """The string a model encodes for a document: BEIR's convention, title then text."""
@@ -63,33 +57,22 @@ class RetrievalData:
         return {qid: texts[qid] for qid in order}
 
 
-def detect_format(folder: Path) -> str:
-    """"beir", "msmarco-doc", "msmarco-passage" or "dpr-nq", from the corpus file in `folder` (a folder with
-    queries.jsonl or qrels/ but no corpus counts as BEIR, whose loader then says what is missing)."""
-    for name, signature in SIGNATURES.items():
-        if find_file(folder, signature) is not None:
-            return name
-    if find_file(folder, "queries.jsonl") is not None or (folder / "qrels").is_dir():
-        return "beir"
-    raise ProdStError(
-        f"{folder}: no corpus.jsonl (BEIR), {msmarco.DOC_CORPUS} (MS MARCO document), {msmarco.PASSAGE_CORPUS} "
-        f"(MS MARCO passage) or {dpr.PASSAGES} (DPR Natural Questions): not a dataset folder"
-    )
-
-
 def load_retrieval_data(
-    source: str | Path, split: str = "test", *, check_ids: bool = True, max_body_chars: int = msmarco.MAX_BODY_CHARS
+    source: str | Path, split: str = "test", *, check_ids: bool = True, max_body_chars: int | None = None
 ) -> RetrievalData:
     """Load `split` of `source` (embedded name, BEIR name, or a BEIR / MS MARCO / DPR NQ folder). With `check_ids`,
     qrels that name a query or document absent from the files are an error (one line, with the first offending
-    id). `max_body_chars` cuts MS MARCO document bodies (see `prod_st.data.msmarco`)."""
+    id). `max_body_chars` cuts MS MARCO document bodies (None: `prod_st.data.msmarco.MAX_BODY_CHARS`)."""
+    from prod_st.data import dpr, msmarco
+
     folder = resolve_source(source)
     answers = None
     kind = detect_format(folder)
     if kind == "beir":
         corpus, queries, qrels, qrels_file = _load_beir(folder, split)
     elif kind == "msmarco-doc":
-        corpus, queries, qrels, qrels_file = msmarco.load_msmarco_doc(folder, split, max_body_chars)
+        corpus, queries, qrels, qrels_file = msmarco.load_msmarco_doc(
+            folder, split, msmarco.MAX_BODY_CHARS if max_body_chars is None else max_body_chars)
     elif kind == "msmarco-passage":
         corpus, queries, qrels, qrels_file = msmarco.load_msmarco_passage(folder, split)
     else:
@@ -99,42 +82,19 @@ def load_retrieval_data(
     return RetrievalData(str(source), split, corpus, queries, qrels, answers)
 
 
-def split_files(folder: Path, split: str) -> list[Path]:
-    """The files that loading `split` of a dataset folder reads, found without reading them (a check before a
-    run); a missing file or an unknown split is the loader's own one-line error."""
-    kind = detect_format(folder)
-    if kind == "beir":
-        return list(_beir_files(folder, split))
-    if kind == "dpr-nq":
-        return [find_file(folder, dpr.PASSAGES), *find_split_files(folder, "DPR Natural Questions", dpr.SPLITS, split)]
-    if kind == "msmarco-doc":
-        return [find_file(folder, msmarco.DOC_CORPUS),
-                *find_split_files(folder, "MS MARCO document", msmarco.DOC_SPLITS, split)]
-    return [find_file(folder, msmarco.PASSAGE_CORPUS),
-            *find_split_files(folder, "MS MARCO passage", msmarco.PASSAGE_SPLITS, split)]
-
-
-def _beir_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
-    corpus_file = find_file(folder, "corpus.jsonl")
-    queries_file = find_file(folder, "queries.jsonl", "queries.tsv")
-    qrels_file = find_file(folder / "qrels", f"{split}.tsv", f"{split}.txt")
-    for what, found in (("corpus.jsonl", corpus_file), ("queries.jsonl", queries_file)):
-        if found is None:
-            raise ProdStError(f"{folder}: no {what} (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
-    if qrels_file is None:
-        available = sorted(p.name.split(".")[0] for p in (folder / "qrels").glob("*.*")) if (folder / "qrels").is_dir() else []
-        raise ProdStError(f"{folder}: no qrels for split {split!r} (available: {', '.join(available) or 'none'})")
-    return corpus_file, queries_file, qrels_file
-
-
 def _load_beir(folder: Path, split: str):
-    corpus_file, queries_file, qrels_file = _beir_files(folder, split)
+    from prod_st.data.beir_files import read_qrels, read_table
+
+    corpus_file, queries_file, qrels_file = beir_files(folder, split)
     return read_table(corpus_file, "corpus"), read_table(queries_file, "queries"), read_qrels(qrels_file), qrels_file
 
 
 def _check_ids(qrels_file: Path, qrels: dict, queries: datasets.Dataset, corpus: datasets.Dataset) -> None:
     """Every judged query and document is in the files: looked up with Arrow (`is_in` against the id column),
     not through a Python set of the whole corpus."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     for what, ids, table, where in (
         ("query", list(qrels), queries, "the queries file"),
         ("document", [d for judged in qrels.values() for d in judged], corpus, "the corpus"),
@@ -143,4 +103,4 @@ def _check_ids(qrels_file: Path, qrels: dict, queries: datasets.Dataset, corpus:
         count = pc.sum(absent).as_py() or 0
         if count:
             first = ids[pc.index(absent, True).as_py()]
-            raise ProdStError(f"{qrels_file}: {count} {what} id(s) not in {where}, e.g. {first!r}")
+            raise DataError(f"{qrels_file}: {count} {what} id(s) not in {where}, e.g. {first!r}")

@@ -18,7 +18,8 @@ from pathlib import Path
 import datasets
 import pyarrow.compute as pc
 
-from prod_st.errors import ProdStError
+from prod_st.data.layout import find_file, find_split_files  # noqa: F401  (the loaders import them from here)
+from prod_st.errors import DataError, ProdStError
 from prod_st.paths import cache_dir
 
 CORPUS_FEATURES = datasets.Features(
@@ -33,15 +34,6 @@ def open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def find_file(folder: Path, *names: str) -> Path | None:
-    """The first of `names` (each also tried with `.gz`) that exists in `folder`."""
-    for name in names:
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def _jsonl_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict]:
     # size and mtime_ns are unused here: they are part of the cache key of Dataset.from_generator.
     with open_text(Path(path)) as f:
@@ -51,9 +43,9 @@ def _jsonl_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ProdStError(f"{path}:{line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
+                raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text"), str):
-                raise ProdStError(f'{path}:{line_no}: expected an object with "_id" and a string "text"')
+                raise DataError(f'{path}:{line_no}: expected an object with "_id" and a string "text"')
             out = {"_id": str(row["_id"]), "text": row["text"]}
             if kind == "corpus":
                 out["title"] = str(row.get("title") or "")
@@ -69,7 +61,7 @@ def tsv_id_text_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator
                 continue
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2:
-                raise ProdStError(f"{path}:{line_no}: expected `id<TAB>text`, found {len(parts)} fields")
+                raise DataError(f"{path}:{line_no}: expected `id<TAB>text`, found {len(parts)} fields")
             row = {"_id": parts[0], "text": parts[1]}
             if kind == "corpus":
                 row["title"] = ""
@@ -101,11 +93,11 @@ def read_table(
             cache_dir=str(cache_dir("arrow")),
         )
     except datasets.exceptions.DatasetGenerationError as e:
-        if isinstance(e.__cause__, ProdStError):
-            raise e.__cause__ from None
+        if isinstance(e.__cause__, ProdStError):  # a row generator's complaint about the file's contents
+            raise DataError(str(e.__cause__)) from None
         if isinstance(e.__cause__, UnicodeDecodeError):
             raise not_utf8(path) from None
-        raise ProdStError(f"{path}: could not read ({e.__cause__ or e})") from None
+        raise DataError(f"{path}: could not read ({e.__cause__ or e})") from None
     if kind in ID_NAMES:
         check_unique_ids(table, path, ID_NAMES[kind])
     return table
@@ -119,10 +111,10 @@ def _rows_or_error(rows: Callable[..., Iterator[dict]], path: str, kind: str, **
         yield row
     if empty:
         rows_are = {"corpus": "documents", "queries": "queries", "questions": "questions"}.get(kind, "rows")
-        raise ProdStError(f"{path}: no {rows_are} in this file (it is empty)")
+        raise DataError(f"{path}: no {rows_are} in this file (it is empty)")
 
 
-def not_utf8(path: Path) -> ProdStError:
+def not_utf8(path: Path) -> DataError:
     """The error for a file that is not UTF-8, naming the first bad line: read again as bytes, line by line,
     which only an error pays for (a newline byte never occurs inside a multi-byte UTF-8 character)."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -131,9 +123,9 @@ def not_utf8(path: Path) -> ProdStError:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return ProdStError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                return DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
                                    f"{e.start + 1} of the line): save the file as UTF-8")
-    return ProdStError(f"{path}: not UTF-8 text: save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text: save the file as UTF-8")
 
 
 def check_unique_ids(table: datasets.Dataset, path: Path, what: str) -> None:
@@ -146,7 +138,7 @@ def check_unique_ids(table: datasets.Dataset, path: Path, what: str) -> None:
     counts = pc.value_counts(table.data.column("_id"))  # distinct ids, in the order of their first occurrence
     if len(counts) != len(table):
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]
-        raise ProdStError(f"{path}: {what} id {repeated['values'].as_py()!r} appears {repeated['counts'].as_py()} "
+        raise DataError(f"{path}: {what} id {repeated['values'].as_py()!r} appears {repeated['counts'].as_py()} "
                           f"times ({len(table) - len(counts)} row(s) repeat an earlier id): ids must be unique")
     marker.touch()
 
@@ -160,7 +152,7 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     if not qrels:
-        raise ProdStError(f"{path}: no relevance judgements in this file (empty, or only a header)")
+        raise DataError(f"{path}: no relevance judgements in this file (empty, or only a header)")
     return qrels
 
 
@@ -177,29 +169,11 @@ def _qrels_lines(path: Path, qrels: dict[str, dict[str, int]]) -> None:
             elif len(parts) == 4:
                 qid, _, docid, grade = parts
             else:
-                raise ProdStError(
+                raise DataError(
                     f"{path}:{line_no}: expected `query-id corpus-id score` or TREC `qid Q0 docid grade`, "
                     f"found {len(parts)} fields"
                 )
             try:
                 qrels.setdefault(qid, {})[docid] = int(float(grade))
             except ValueError:
-                raise ProdStError(f"{path}:{line_no}: relevance grade {grade!r} is not a number") from None
-
-
-def find_split_files(
-    folder: Path, layout: str, splits: dict[str, tuple[tuple[str, ...], ...]], split: str
-) -> list[Path]:
-    """The files `split` needs in a `layout` folder: `splits` maps each split to its files, each given as a tuple
-    of accepted names (each also tried with `.gz`). A missing split or file is a one-line error naming them all."""
-    if split not in splits:
-        raise ProdStError(f"{folder}: no split {split!r} in the {layout} layout (splits: {', '.join(splits)})")
-    found = [find_file(folder, *names) for names in splits[split]]
-    missing = [" or ".join(names) for names, path in zip(splits[split], found) if path is None]
-    if missing:
-        needed = " and ".join(" or ".join(names) for names in splits[split])
-        raise ProdStError(
-            f"{folder}: split {split!r} of the {layout} layout needs {needed} (each may be .gz); "
-            f"missing: {', '.join(missing)}"
-        )
-    return found
+                raise DataError(f"{path}:{line_no}: relevance grade {grade!r} is not a number") from None

@@ -29,14 +29,9 @@ from typing import Any
 import datasets
 
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_table
+from prod_st.data.layout import DPR_PASSAGES as PASSAGES, DPR_SPLITS as SPLITS  # read without datasets
 from prod_st.errors import ProdStError
 
-PASSAGES = "psgs_w100.tsv"
-SPLITS = {
-    "train": (("nq-train.json", "biencoder-nq-train.json"),),
-    "dev": (("nq-dev.json", "biencoder-nq-dev.json"),),
-    "test": (("nq-test.qa.csv", "nq-test.csv"),),
-}
 QUESTION_FEATURES = datasets.Features({
     "_id": datasets.Value("string"),
     "text": datasets.Value("string"),

@@ -30,23 +30,15 @@ from pathlib import Path
 import datasets
 
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_qrels, read_table
+from prod_st.data.layout import (  # file names and splits: read without datasets
+    MSMARCO_DOC_CORPUS as DOC_CORPUS,
+    MSMARCO_DOC_SPLITS as DOC_SPLITS,
+    MSMARCO_PASSAGE_CORPUS as PASSAGE_CORPUS,
+    MSMARCO_PASSAGE_SPLITS as PASSAGE_SPLITS,
+)
 from prod_st.errors import ProdStError
 
-DOC_CORPUS = "msmarco-docs.tsv"
-PASSAGE_CORPUS = "collection.tsv"
 MAX_BODY_CHARS = 10_000
-
-# split -> (queries file, qrels file), each a tuple of accepted names
-DOC_SPLITS = {
-    "train": (("msmarco-doctrain-queries.tsv",), ("msmarco-doctrain-qrels.tsv",)),
-    "dev": (("msmarco-docdev-queries.tsv",), ("msmarco-docdev-qrels.tsv",)),
-    "test": (("msmarco-test2019-queries.tsv",), ("2019qrels-docs.txt",)),
-}
-PASSAGE_SPLITS = {
-    "train": (("queries.train.tsv",), ("qrels.train.tsv",)),
-    "dev": (("queries.dev.small.tsv",), ("qrels.dev.small.tsv",)),
-    "test": (("msmarco-test2019-queries.tsv",), ("2019qrels-pass.txt",)),
-}
 
 Tables = tuple[datasets.Dataset, datasets.Dataset, dict[str, dict[str, int]], Path]
 
