@@ -18,7 +18,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from prod_st.data.layout import beir_files, detect_format, split_files
+from prod_st.data.layout import beir_split_files, detect_format, split_files
 from prod_st.data.sources import local_source, resolve_source
 from prod_st.errors import DataError
 
@@ -85,7 +85,7 @@ def load_retrieval_data(
 def _load_beir(folder: Path, split: str):
     from prod_st.data.beir_files import read_qrels, read_table
 
-    corpus_file, queries_file, qrels_file = beir_files(folder, split)
+    corpus_file, queries_file, qrels_file = beir_split_files(folder, split)
     return read_table(corpus_file, "corpus"), read_table(queries_file, "queries"), read_qrels(qrels_file), qrels_file
 
 

@@ -85,7 +85,7 @@ def split_files(folder: Path, split: str) -> list[Path]:
     run); a missing file or an unknown split is the loader's own one-line error."""
     kind = detect_format(folder)
     if kind == "beir":
-        return list(beir_files(folder, split))
+        return list(beir_split_files(folder, split))
     if kind == "dpr-nq":
         return [find_file(folder, DPR_PASSAGES), *find_split_files(folder, "DPR Natural Questions", DPR_SPLITS, split)]
     if kind == "msmarco-doc":
@@ -95,7 +95,7 @@ def split_files(folder: Path, split: str) -> list[Path]:
             *find_split_files(folder, "MS MARCO passage", MSMARCO_PASSAGE_SPLITS, split)]
 
 
-def beir_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
+def beir_split_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
     """(corpus, queries, qrels file) of `split` of a BEIR folder."""
     corpus_file = find_file(folder, "corpus.jsonl")
     queries_file = find_file(folder, "queries.jsonl", "queries.tsv")
