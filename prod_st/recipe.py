@@ -30,7 +30,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from prod_st.errors import ProdStError
 from prod_st.publish import REPO_ID_PATTERN
@@ -48,9 +58,13 @@ __all__ = [
     "Student",
     "Teacher",
     "TeacherTrain",
+    "Training",
+    "apply_overrides",
+    "embedded_recipe_file",
     "embedded_recipes",
     "load_recipe",
     "parse_recipe",
+    "recipe_summary",
     "recipes_folder",
 ]
 
@@ -311,6 +325,48 @@ class Publish(_Model):
     dry_run: bool = Field(False, description="only write the upload folder (<run>/hub-upload/)")
 
 
+# Integrations transformers' `report_to` knows (prod-st checks the package of the common ones before a run).
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive",
+             "codecarbon", "azure_ml", "dagshub", "flyte", "swanlab", "trackio")
+ReportTo = Literal[REPORT_TO]  # type: ignore[valid-type]
+
+
+class Training(_Model):
+    """Trainer settings for every student stage and DPD round (SentenceTransformerTrainingArguments), and the
+    precision teachers score in. The defaults train as a recipe without this block did."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="student training (the trainer's bf16 / fp16 mixed precision) and teacher scoring "
+        "(torch.autocast; cached scores are kept per precision); fp16 needs a GPU, bf16 also runs on CPU"
+    )
+    gradient_accumulation_steps: PosInt = Field(
+        1, description="batches per optimizer step: the stage's batch_size x this rows per step (in-batch "
+        "candidates still come from one batch of batch_size)"
+    )
+    dataloader_num_workers: Annotated[int, Strict(), Field(ge=0)] = 0
+    report_to: Union[ReportTo, list[ReportTo]] = Field(  # type: ignore[valid-type]
+        "none", description="where the trainer logs: none, tensorboard, wandb, ... (a list for several)"
+    )
+
+    @model_validator(mode="after")
+    def _none_alone(self) -> Training:
+        if isinstance(self.report_to, list) and len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
+            raise ValueError("report_to: 'none' and 'all' stand alone, not in a list with others")
+        return self
+
+    def report_list(self) -> list[str]:
+        return list(self.report_to) if isinstance(self.report_to, list) else [self.report_to]
+
+    def results_key(self) -> dict:
+        """The fields that change what training computes, where they differ from the defaults ({} = as before)."""
+        return {k: getattr(self, k) for k in TRAINING_RESULTS if getattr(self, k) != Training.model_fields[k].default}
+
+
+# Training fields that change what a step computes (the others only change speed or where logs go): a step's
+# fingerprint includes them when they differ from the default.
+TRAINING_RESULTS = ("precision", "gradient_accumulation_steps")
+
+
 # ----------------------------------------------------------------------------------------------- recipe
 class Recipe(_Model):
     name: Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
@@ -323,6 +379,23 @@ class Recipe(_Model):
     eval: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
     publish: Optional[Publish] = None
+    training: Training = Field(default_factory=Training)
+
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_training(self, handler):
+        """A `training:` block left at its defaults is not written out: a recipe that never had one dumps (and
+        fingerprints) exactly as before the block existed."""
+        data = handler(self)
+        if isinstance(data, dict) and self.training == Training():
+            data.pop("training", None)
+        return data
+
+    @property
+    def overrides(self) -> list[str]:
+        """The `--set FIELD=VALUE` overrides applied when the recipe was loaded (empty for a plain file)."""
+        return list(self._overrides)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:
@@ -418,6 +491,12 @@ class Recipe(_Model):
             self.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120
         )
 
+    def run_yaml(self) -> str:
+        """What a run folder's recipe.yaml holds: :meth:`resolved_yaml`, after a comment naming the `--set`
+        overrides when there were any (their values are in the YAML itself)."""
+        header = "".join(f"# --set {o}\n" for o in self._overrides)
+        return header + self.resolved_yaml()
+
     def fingerprint(self) -> str:
         """A hash of :meth:`resolved_yaml` (32 hex characters): two recipes that would run the same match."""
         return hashlib.sha256(self.resolved_yaml().encode("utf-8")).hexdigest()[:32]
@@ -470,11 +549,38 @@ def recipes_folder() -> Path:
 
 
 def embedded_recipes() -> list[str]:
-    """Names of the embedded recipes (`quickstart`, `wordnet-full`, ...), sorted."""
+    """Names of the embedded recipes (`quickstart`, `wordnet-full`, ..., `ablations/prod` in a subfolder), sorted:
+    top-level ones first."""
     folder = recipes_folder()
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    names = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
+    return sorted(names, key=lambda n: (n.count("/"), n))
+
+
+def embedded_recipe_file(name: str) -> Path | None:
+    """The file of embedded recipe `name` (`quickstart`, `ablations/prod`), or None."""
+    if not name or name.startswith(("/", ".")) or "\\" in name or ".." in name.split("/"):
+        return None
+    path = recipes_folder() / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def recipe_summary(name: str) -> str:
+    """One line about an embedded recipe: the first sentence of its header comment (without its `name:` prefix)."""
+    path = embedded_recipe_file(name)
+    lines = []
+    for line in (path.read_text(encoding="utf-8").splitlines() if path else []):
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    stem = name.rsplit("/", 1)[-1]
+    if text.startswith(f"{stem}:"):
+        text = text[len(stem) + 1:].strip()
+    end = text.find(". ")
+    text = text[: end + 1] if end >= 0 else text
+    return text if len(text) <= 110 else text[:107].rstrip() + "..."
 
 
 def _one_line(text: str) -> str:
@@ -566,22 +672,70 @@ def _resolve(path_or_name: str | Path) -> tuple[Path, str]:
     text = str(path_or_name)
     path = Path(text).expanduser()
     looks_like_path = isinstance(path_or_name, Path) or path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text
+    embedded = None if path.is_file() or path.suffix in (".yaml", ".yml") else embedded_recipe_file(text)
+    if embedded is not None:
+        return embedded, f"{text}.yaml"
     if path.is_file() or looks_like_path:
         if not path.exists():
             raise ProdStError(f"recipe file not found: {text}")
         if not path.is_file():
             raise ProdStError(f"recipe path is not a file: {text}")
         return path, text
-    embedded = recipes_folder() / f"{text}.yaml"
-    if embedded.is_file():
-        return embedded, f"{text}.yaml"
     names = ", ".join(embedded_recipes()) or "none found"
     raise ProdStError(f"recipe {text!r} not found: no such file, and not an embedded recipe (embedded: {names})")
 
 
-def load_recipe(path_or_name: str | Path) -> Recipe:
-    """Load and validate a recipe from a YAML file or an embedded recipe name; any problem is a one-line
-    :class:`ProdStError`."""
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`a.b.1.c=value` -> (["a", "b", 1, "c"], value): a dotted path (integers index lists) and a YAML value
+    (`3e-5`, `true`, `null`, `[scifact, nfcorpus]`, `'007'` for a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ProdStError(f"--set {text!r}: expected FIELD=VALUE with a dotted field path, e.g. stages.1.lr=3e-5")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ProdStError(f"--set {text!r}: the value is not valid YAML ({_one_line(exc)})") from None
+    return [int(p) if p.isdigit() else p for p in key.split(".")], value
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """`data` (a parsed recipe mapping) with each `FIELD=VALUE` of `overrides` set, in order. A missing mapping on
+    the way is created (`publish.repo_id=me/x`); a list index must exist. What the values mean is checked by
+    the schema afterwards, like the file's own fields."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path):
+            where = ".".join(str(p) for p in path[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    size = f"{len(node)} entries (0..{len(node) - 1})" if node else "no entries"
+                    raise ProdStError(f"--set {text!r}: {where}: {'.'.join(map(str, path[:depth])) or 'recipe'} is "
+                                      f"a list with {size}; give an existing index")
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+            elif isinstance(node, dict):
+                key = str(part)
+                if last:
+                    node[key] = value
+                else:
+                    if node.get(key) is None:
+                        node[key] = {}
+                    node = node[key]
+            else:
+                raise ProdStError(f"--set {text!r}: {'.'.join(map(str, path[:depth]))} is a value "
+                                  f"({node!r}), not a section or list")
+    return data
+
+
+def load_recipe(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and validate a recipe from a YAML file or an embedded recipe name, with `overrides` (`--set
+    FIELD=VALUE`, see :func:`apply_overrides`) applied before validation; any problem is a one-line
+    :class:`ProdStError`. The overrides are kept on the recipe (`Recipe.overrides`)."""
     path, source = _resolve(path_or_name)
     try:
         text = path.read_text(encoding="utf-8")
@@ -598,4 +752,11 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         raise ProdStError(f"{source}: invalid YAML{where}: {_one_line(what)}") from None
     except yaml.YAMLError as exc:
         raise ProdStError(f"{source}: invalid YAML: {_one_line(exc)}") from None
-    return parse_recipe(data, source)
+    if overrides:
+        if not isinstance(data, dict):
+            parse_recipe(data, source)  # the top-level error
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} with --set"
+    recipe = parse_recipe(data, source)
+    recipe._overrides = list(overrides)
+    return recipe

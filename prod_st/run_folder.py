@@ -35,13 +35,13 @@ logger = logging.getLogger("prod_st.run")
 
 MARKER = ".prod-st-run"
 FINGERPRINT = "FINGERPRINT"  # in a step folder and in teachers/<name>/: the fingerprint it was made under
-OWN_FILES = ("recipe.yaml", "final.json", "report.md", "report.png", MARKER)
+OWN_FILES = ("recipe.yaml", "final.json", "report.md", "report.png", "run.log", MARKER)
 OWN_DIRS = ("teachers", "student", "hub-upload")
 STEP_DIR = re.compile(r"^\d{2}-[a-z0-9_-]+$")
 # atomic writes' temp files (.final.json.tmp123, .hub-upload.tmp-xyz): prod-st's too
 TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OWN_FILES + OWN_DIRS) + r")\.tmp")
 # eval settings that do not change a step's results: BEIR is evaluated at the end only; the encoding batch size
-# changes speed, not numbers; `metric` only picks the column the tables lead with and the teacher checks compare
+# changes speed, not numbers (nor do training.dataloader_num_workers and report_to); `metric` only picks the column the tables lead with and the teacher checks compare
 # (the warnings a finished step recorded keep the metric they were written with)
 DEV_EVAL_IGNORED = ("beir", "metric", "batch_size")
 
@@ -100,17 +100,20 @@ def plan(recipe) -> Plan:
             teachers[name] = _hash("teacher", teacher_base, spec, depends)
         return teachers[name]
 
+    # training settings that change results (precision, gradient accumulation), only where not the defaults: a
+    # recipe without a `training:` block keeps the fingerprints it had before the block existed
+    trainer = [training] if (training := recipe.training.results_key()) else []
     previous = _hash("init", r["seed"], r["data"], r["student"], dev_eval)
     steps = {"00-init": previous}
     for i, (stage, spec) in enumerate(zip(recipe.stages, r["stages"]), 1):
         used = [stage.teacher, stage.negatives.miner]
         uses = {t: teacher(t, previous) for t in used if t in r["teachers"]}
-        previous = steps[f"{i:02d}-{stage.name}"] = _hash("stage", previous, spec, uses)
+        previous = steps[f"{i:02d}-{stage.name}"] = _hash("stage", previous, spec, uses, *trainer)
     if recipe.dpd is not None:
         spec = {k: v for k, v in r["dpd"].items() if k != "rounds"}  # more rounds keep the earlier ones
         for round_no in range(1, recipe.dpd.rounds + 1):
             uses = {recipe.dpd.teacher: teacher(recipe.dpd.teacher, previous)}
-            previous = steps[f"{len(steps):02d}-dpd-{round_no}"] = _hash("dpd", previous, spec, uses)
+            previous = steps[f"{len(steps):02d}-dpd-{round_no}"] = _hash("dpd", previous, spec, uses, *trainer)
     final = _hash("final", previous, {k: v for k, v in r["eval"].items() if k not in ("metric", "batch_size")})
     return Plan(steps, teachers, final, _hash("publish", final, r["publish"]) if r["publish"] else None)
 

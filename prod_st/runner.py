@@ -9,6 +9,7 @@ Run folder (what resume reads; prod_st.run_folder owns its rules):
     <run>/teachers/<name>/    a teacher trained in the run (model/) and its dev metrics
     <run>/student/            the final student, a SentenceTransformer folder
     <run>/final.json          test metrics; <run>/report.md, report.png
+    <run>/run.log             every log line of every run and resume in this folder, appended
 
 A step whose DONE marker exists is skipped; mining and teacher work are cached by content (model
 fingerprint + texts), and training resumes from the stage's last complete checkpoint, so a killed run picks
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st import run_folder
+from prod_st import __version__, run_folder
 from prod_st.distributed import barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
@@ -40,6 +41,7 @@ from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_
 from prod_st.models import build_student
 from prod_st.paths import write_text_atomic
 from prod_st.resampling import epochs_read, total_steps
+from prod_st.run_log import RunLog
 from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
@@ -92,10 +94,11 @@ class StageRecord:
 
 
 class Runner:
-    def __init__(self, recipe, run_dir: Path | None = None, *, force: bool = False) -> None:
+    def __init__(self, recipe, run_dir: Path | None = None, *, force: bool = False, progress: bool = True) -> None:
         self.recipe = recipe
         self.dir = Path(run_dir) if run_dir else recipe.run_dir()
         self.force = force
+        self.progress = progress  # the trainer's progress bars (off: --no-progress)
 
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
@@ -113,14 +116,26 @@ class Runner:
                 logger.info("new run in %s", self.dir)
                 run_folder.create(self.dir, self.recipe.name)
             run_folder.reconcile(self.dir, self.recipe, self.plan)
-            write_text_atomic(self.dir / "recipe.yaml", self.recipe.resolved_yaml())
+            write_text_atomic(self.dir / "recipe.yaml", self.recipe.run_yaml())
         barrier()
 
     # ---- the schedule --------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The whole run, every log line also appended to <run>/run.log."""
+        log = RunLog.attach()
+        try:
+            return self._run(log)
+        finally:
+            log.close()
+
+    def _run(self, log: RunLog) -> dict:
         started = time.perf_counter()
         init_if_launched()
         self.prepare_folder()
+        if is_main():
+            log.open(self.dir)
+            sets = "".join(f" --set {o}" for o in self.recipe.overrides)
+            logger.info("prod-st %s: recipe %s%s in %s", __version__, self.recipe.name, sets, self.dir)
         r = self.recipe
         final = run_folder.final_payload(self.dir, self.plan.final)
         if final is None:
@@ -153,7 +168,8 @@ class Runner:
                 answer_positives=d.positives == "answers",
             )
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
-                                    eval_batch_size=r.eval.batch_size, index=r.eval.index)
+                                    eval_batch_size=r.eval.batch_size, index=r.eval.index,
+                                    precision=r.training.precision)
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
             records.append(self.run_stage(i, stage, records))
@@ -173,6 +189,8 @@ class Runner:
     def done(self, folder: Path) -> StageRecord | None:
         """The record of a finished step (prepare_folder kept its folder only if it matches the recipe), or None:
         then the step starts, and its folder records the fingerprint it runs under."""
+        names = list(self.plan.steps)
+        logger.info("stage %d of %d: %s", names.index(folder.name) + 1, len(names) + 1, folder.name)
         if (folder / "DONE").exists():
             logger.info("%s: finished earlier, skipped", folder.name)
             return StageRecord(**json.loads((folder / "metrics.json").read_text()))
@@ -268,8 +286,9 @@ class Runner:
         rows = rows_of(0)
         if not rows.queries:
             raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
-        steps = total_steps(len(rows.queries), stage.batch_size, stage.epochs, stage.max_steps)
-        reads = epochs_read(len(rows.queries), stage.batch_size, steps) if neg.strategy == "sample" else 1
+        batch = stage.batch_size * self.recipe.training.gradient_accumulation_steps  # rows per optimizer step
+        steps = total_steps(len(rows.queries), batch, stage.epochs, stage.max_steps)
+        reads = epochs_read(len(rows.queries), batch, steps) if neg.strategy == "sample" else 1
         for epoch in range(1, reads):
             rows.extend(rows_of(epoch))
         write_json(folder / "negatives.json", {"epochs": reads, "pools": pools})
@@ -282,12 +301,14 @@ class Runner:
         """Train with the stage's (or DPD's) optimisation settings; checkpoints under <stage>/checkpoints.
         `block_size`: the dataset holds consecutive epochs of that many rows (`prod_st.resampling`)."""
         rows = block_size or len(dataset)
-        steps = total_steps(rows, spec.batch_size, spec.epochs, spec.max_steps)
+        training = self.recipe.training
+        steps = total_steps(rows, spec.batch_size * training.gradient_accumulation_steps, spec.epochs, spec.max_steps)
         with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"):
             return train_student(
                 student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
                 max_steps=steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
-                seed=self.recipe.seed, no_duplicates=no_duplicates, block_size=block_size,
+                seed=self.recipe.seed, no_duplicates=no_duplicates, block_size=block_size, training=training,
+                progress=self.progress,
             )
 
     def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:
@@ -434,6 +455,7 @@ class Runner:
         level = self.recipe.data.test_relevance_level or self.recipe.data.relevance_level
         kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size, relevance_level=level)
         timing: dict = {}
+        logger.info("stage %d of %d: final test", len(self.plan.steps) + 1, len(self.plan.steps) + 1)
         with step("final: test evaluation", timing, "test"):
             final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
             tested = {"student": final.metrics}

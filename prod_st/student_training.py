@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from prod_st.distributed import barrier, is_main
 
 from prod_st.encoding import training_roles
+from prod_st.errors import ProdStError
 from prod_st.resampling import EpochBlockBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,27 @@ class CompleteCheckpoints(TrainerCallback):
         return control
 
 
+def precision_flags(precision: str) -> dict[str, bool]:
+    """The trainer's mixed-precision flags for a recipe's `training.precision` (fp16 needs a CUDA GPU: a one-line
+    error here rather than the trainer's traceback)."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ProdStError("training.precision: fp16 needs a CUDA GPU and none is visible; use bf16 (runs on CPU "
+                          "too) or fp32")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def trainer_settings(training) -> dict:
+    """SentenceTransformerTrainingArguments keywords from the recipe's `training:` block (None = defaults)."""
+    if training is None:
+        return {"report_to": "none"}
+    return {
+        **precision_flags(training.precision),
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "dataloader_num_workers": training.dataloader_num_workers,
+        "report_to": training.report_list(),
+    }
+
+
 def train_student(
     model: SentenceTransformer,
     dataset: datasets.Dataset,
@@ -87,12 +109,17 @@ def train_student(
     no_duplicates: bool,
     checkpoints: int = 4,
     block_size: int | None = None,
+    training=None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Train `model` in place on `dataset`, resuming from the newest complete checkpoint under `workdir` if any.
     About `checkpoints` checkpoints are written over the stage; only the last complete one is kept. With
     `block_size`, the dataset is consecutive epochs of `block_size` rows each (fresh negatives per epoch) read
-    block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes."""
-    steps_per_epoch = max(1, -(-len(dataset) // batch_size))
+    block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes.
+    `training`: the recipe's `training:` block (precision, gradient accumulation, dataloader workers, report_to);
+    None = its defaults. `max_steps` counts optimizer steps."""
+    accumulation = training.gradient_accumulation_steps if training is not None else 1
+    steps_per_epoch = max(1, -(-len(dataset) // (batch_size * accumulation)))
     total = max_steps or max(1, int(steps_per_epoch * epochs))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir),
@@ -108,7 +135,8 @@ def train_student(
         save_steps=max(1, total // checkpoints),
         save_total_limit=None,  # CompleteCheckpoints rotates, after the new checkpoint is complete
         logging_steps=max(1, total // 10),
-        report_to="none",
+        disable_tqdm=not progress,
+        **trainer_settings(training),
         batch_sampler=(
             functools.partial(EpochBlockBatchSampler, block_size=block_size, no_duplicates=no_duplicates)
             if block_size else BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER

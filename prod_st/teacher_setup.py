@@ -29,7 +29,8 @@ class TeacherPool:
     saved under `<folder>/<name>/model/`, so a resumed run loads it from there without re-mining its data."""
 
     def __init__(
-        self, specs: dict, data: RunData, *, folder: Path, seed: int, eval_batch_size: int = 64, index: str = "Flat"
+        self, specs: dict, data: RunData, *, folder: Path, seed: int, eval_batch_size: int = 64, index: str = "Flat",
+        precision: str = "fp32",
     ):
         self.specs = specs
         self.folder = folder
@@ -37,6 +38,7 @@ class TeacherPool:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.index = index
+        self.precision = precision  # teachers score under it (trained teachers are trained in fp32)
         self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher] = {}
 
     def get(self, name: str, student: SentenceTransformer | None = None):
@@ -75,8 +77,9 @@ class TeacherPool:
                 (saved / "DONE").write_text("")
             barrier()
         if bi:
-            return BiEncoderTeacher(model, batch_size=spec.batch_size, name=name)
-        return CrossEncoderTeacher(model, batch_size=spec.batch_size, max_length=spec.max_length, name=name)
+            return BiEncoderTeacher(model, batch_size=spec.batch_size, name=name, precision=self.precision)
+        return CrossEncoderTeacher(model, batch_size=spec.batch_size, max_length=spec.max_length, name=name,
+                                   precision=self.precision)
 
     def _train(self, name: str, spec, student: SentenceTransformer | None):
         train = spec.train

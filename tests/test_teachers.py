@@ -287,3 +287,37 @@ def test_train_bi_encoder_is_cached(tiny_model_dir, tmp_path, monkeypatch):
 def test_training_rows_must_be_rectangular(tiny_model_dir, tmp_path):
     with pytest.raises(ProdStError):
         train_bi_encoder(tiny_model_dir, [ROWS[0], ("q", "p", ["n"])], cache_root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- precision
+def test_teacher_precision_scores_under_autocast_and_keys_the_cache(tiny_ce_dir, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """bf16 scoring runs the model under torch.autocast (bf16 activations), is close to fp32, and is cached in its
+    own folder; fp32 keeps the folder it always had (<root>/<fingerprint>), so existing caches stay valid."""
+    fp32 = CrossEncoderTeacher(tiny_ce_dir, cache_root=tmp_path)
+    bf16 = CrossEncoderTeacher(tiny_ce_dir, cache_root=tmp_path, precision="bf16")
+    assert fp32.cache_folder == tmp_path / fp32.fingerprint
+    assert bf16.cache_folder == tmp_path / f"{fp32.fingerprint}-bf16"
+    dtypes = []
+    linear = next(m for m in bf16.model.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    low = bf16.score(QUERIES, CANDIDATES, progress=False)
+    hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    full = fp32.score(QUERIES, CANDIDATES, progress=False)
+    assert low != full  # computed, not read from the fp32 cache
+    np.testing.assert_allclose(low, full, rtol=0.05, atol=0.5)
+    assert len(ScoreCache(bf16.cache_folder / "scores")) == NUM_PAIRS
+
+    bi = BiEncoderTeacher(tiny_model_dir, cache_root=tmp_path, precision="bf16")
+    assert bi.cache_folder.name.endswith("-bf16")
+    vectors = bi.embed(QUERIES, "query")
+    assert vectors.dtype == np.float32
+    reference = BiEncoderTeacher(tiny_model_dir, cache_root=tmp_path).embed(QUERIES, "query")
+    np.testing.assert_allclose(vectors, reference, atol=0.05)
+
+
+def test_fp16_teacher_on_cpu_is_a_one_line_error(tiny_ce_dir, tmp_path):
+    teacher = CrossEncoderTeacher(tiny_ce_dir, cache_root=tmp_path, precision="fp16")
+    with pytest.raises(ProdStError, match="fp16 teacher scoring needs a GPU"):
+        teacher.score(QUERIES, CANDIDATES, progress=False)

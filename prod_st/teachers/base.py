@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -11,6 +12,7 @@ from prod_st.errors import ProdStError
 from prod_st.paths import cache_dir
 
 TeacherKind = Literal["bi-encoder", "cross-encoder"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @runtime_checkable
@@ -39,6 +41,23 @@ def teacher_cache_root(cache_root: str | Path | None) -> Path:
     path = Path(cache_root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def precision_context(precision: Precision, device: torch.device | str):
+    """torch.autocast for a teacher's forward passes in `precision` (fp32: no autocast). fp16 needs a GPU."""
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device_type == "cpu":
+        raise ProdStError("training.precision: fp16 teacher scoring needs a GPU (the teacher is on the CPU); use "
+                          "bf16 or fp32")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def cache_folder(cache_root: str | Path | None, fingerprint: str, precision: Precision) -> Path:
+    """`<cache_root>/<fingerprint>` for fp32 (the caches written before precision existed stay valid), else
+    `<cache_root>/<fingerprint>-<precision>`: scores computed in another precision are never mixed."""
+    return teacher_cache_root(cache_root) / (fingerprint if precision == "fp32" else f"{fingerprint}-{precision}")
 
 
 def model_name(model: object, given: str | Path | None) -> str:

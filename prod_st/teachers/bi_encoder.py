@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from prod_st.errors import ProdStError
 from prod_st.encoding import Role, encode_texts
 from prod_st.models import load_model
-from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
+from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import EmbeddingCache, fill_missing
 from prod_st.fingerprint import model_fingerprint, text_key
 
@@ -26,7 +26,8 @@ class BiEncoderTeacher:
 
     Embeddings are cached per text under `<cache_root>/<model fingerprint>/embeddings/`; only texts never
     seen by these exact weights and settings are encoded, `chunk_size` texts per written shard. The model
-    must not be trained while wrapped (its fingerprint is taken once, here).
+    must not be trained while wrapped (its fingerprint is taken once, here). `precision` (bf16 / fp16) encodes
+    under torch.autocast, cached apart from fp32 embeddings (`cache_folder`); the cached vectors are float32.
     """
 
     kind: TeacherKind = "bi-encoder"
@@ -39,13 +40,15 @@ class BiEncoderTeacher:
         cache_root: str | Path | None = None,
         chunk_size: int = 4096,
         name: str | None = None,
+        precision: Precision = "fp32",
     ) -> None:
         self.model = model if isinstance(model, SentenceTransformer) else load_model(model)
         self.name = name or model_name(self.model, None if isinstance(model, SentenceTransformer) else model)
         self.batch_size = batch_size
         self.chunk_size = chunk_size
+        self.precision = precision
         self.fingerprint = model_fingerprint(self.model)
-        self.cache_folder = teacher_cache_root(cache_root) / self.fingerprint
+        self.cache_folder = cache_folder(cache_root, self.fingerprint, precision)
         self.cache = EmbeddingCache(self.cache_folder / "embeddings")
 
     def embed(self, texts: list[str], role: Role, *, progress: bool = False) -> np.ndarray:
@@ -55,7 +58,9 @@ class BiEncoderTeacher:
         keys = [text_key(role, t) for t in texts]
 
         def encode(batch: list[str]) -> np.ndarray:
-            return encode_texts(self.model, batch, role, batch_size=self.batch_size, show_progress_bar=False)
+            with precision_context(self.precision, self.model.device):
+                vectors = encode_texts(self.model, batch, role, batch_size=self.batch_size, show_progress_bar=False)
+            return np.asarray(vectors, dtype=np.float32)
 
         fill_missing(
             self.cache, dict(zip(keys, texts)), encode, chunk_size=self.chunk_size, length=len,

@@ -10,7 +10,7 @@ from sentence_transformers import CrossEncoder
 
 from prod_st.errors import ProdStError
 from prod_st.models import hub_reachable, resolve_model_path
-from prod_st.teachers.base import TeacherKind, check_rows, model_name, teacher_cache_root
+from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import ScoreCache, fill_missing
 from prod_st.fingerprint import model_fingerprint, text_key
 
@@ -42,6 +42,7 @@ class CrossEncoderTeacher:
     scores. Only uncached pairs go through the model, longest first, `chunk_size` pairs per written shard:
     an interrupted scoring keeps its finished chunks and a rerun scores only the rest.
     `max_length`, when given, is set on the model (it is the model's truncation length from then on).
+    `precision` (bf16 / fp16) scores under torch.autocast, cached apart from fp32 scores (`cache_folder`).
     """
 
     kind: TeacherKind = "cross-encoder"
@@ -55,6 +56,7 @@ class CrossEncoderTeacher:
         cache_root: str | Path | None = None,
         chunk_size: int = 2048,
         name: str | None = None,
+        precision: Precision = "fp32",
     ) -> None:
         if isinstance(model, CrossEncoder):
             self.model = model
@@ -68,15 +70,18 @@ class CrossEncoderTeacher:
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.max_length = self.model.max_seq_length
+        self.precision = precision
         self.fingerprint = model_fingerprint(self.model)
-        self.cache_folder = teacher_cache_root(cache_root) / self.fingerprint
+        self.cache_folder = cache_folder(cache_root, self.fingerprint, precision)
         self.cache = ScoreCache(self.cache_folder / "scores")
 
     def _predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        return self.model.predict(
-            pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(), convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32, copy=False)
+        with precision_context(self.precision, self.model.device):
+            scores = self.model.predict(
+                pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(), convert_to_tensor=True,
+                show_progress_bar=False,
+            )
+        return scores.float().cpu().numpy()
 
     def score(
         self, queries: list[str], candidate_lists: list[list[str]], *, progress: bool = True
@@ -93,4 +98,5 @@ class CrossEncoderTeacher:
         return [[found[k] for k in row] for row in keys]
 
     def __repr__(self) -> str:
-        return f"CrossEncoderTeacher({self.name!r}, max_length={self.max_length}, fingerprint={self.fingerprint[:12]})"
+        return (f"CrossEncoderTeacher({self.name!r}, max_length={self.max_length}, precision={self.precision}, "
+                f"fingerprint={self.fingerprint[:12]})")
