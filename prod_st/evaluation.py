@@ -19,6 +19,7 @@ from prod_st.answer_match import top_k_accuracy
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
+from prod_st.progress import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def build_index(
             f"it trains on {training} (the corpus has {len(corpus)} documents): use 'Flat' or fewer lists"
         )
     ids: list[str] = []
-    with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not progress) as bar:
+    with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not enabled(progress)) as bar:
         for chunk in corpus.iter(batch_size=chunk_size):
             texts = [document_text(t, x) for t, x in zip(chunk["title"], chunk["text"])]
             vectors = encode_texts(model, texts, "document", batch_size)
@@ -157,7 +158,7 @@ def search(
     """Top-`top_k` documents per query as {query id: {doc id: score}}."""
     require_positive(top_k=top_k, batch_size=batch_size)
     qids = list(queries)
-    vectors = encode_texts(model, [queries[q] for q in qids], "query", batch_size, show_progress_bar=progress)
+    vectors = encode_texts(model, [queries[q] for q in qids], "query", batch_size, show_progress_bar=enabled(progress))
     scores, rows = index.search(vectors, min(top_k, len(doc_ids)))
     return {
         qid: {doc_ids[r]: float(s) for r, s in zip(row_ids, row_scores) if r >= 0}

@@ -7,6 +7,8 @@ training. `prod-st validate` reports these problems and `prod-st run` checks the
   local Hub cache (else it is left to the run). `student.num_layers` is checked against the model's config.json.
 - Data (`data.dataset`, `eval.beir`): the folder, its format, and the files of every split the run reads, with
   the loaders' own file-finding helpers; a BEIR name that is not downloaded yet is left to the run.
+- Training (`training.precision`, `training.report_to`): fp16 needs a GPU (bf16 also runs on CPU); a logger
+  (tensorboard, wandb, ...) needs its package installed.
 
 Nothing here loads weights or imports torch / sentence-transformers: the checks read a few small files.
 """
@@ -57,7 +59,45 @@ def check_recipe(recipe: Recipe) -> list[str]:
     problems += _data_problems("data.dataset", d.dataset, splits)
     for i, name in enumerate(recipe.eval.beir):
         problems += _data_problems(f"eval.beir.{i}", name, [(f"eval.beir.{i}", "test")])
+    if recipe.trains:
+        problems += _training_problems(recipe.training)
     return problems
+
+
+# report_to integration -> the packages transformers needs for it (any one of them)
+REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",),
+                   "dvclive": ("dvclive",), "codecarbon": ("codecarbon",), "swanlab": ("swanlab",),
+                   "trackio": ("trackio",)}
+
+
+def _training_problems(training) -> list[str]:
+    import importlib.util
+
+    problems = []
+    if training.precision == "fp16" and not gpu_visible():
+        problems.append("training.precision: fp16 needs a CUDA GPU and none is visible here; use bf16 (which also "
+                        "runs on CPU) or fp32")
+    for name in training.report_list():
+        packages = REPORT_PACKAGES.get(name, ())
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            problems.append(f"training.report_to: {name!r} needs the {packages[0]} package (pip install "
+                            f"{packages[0]}), or use report_to: none")
+    return problems
+
+
+def gpu_visible() -> bool:
+    """Whether a CUDA GPU is visible, without importing torch: torch's own answer when torch is loaded already,
+    else the NVIDIA driver's files (and CUDA_VISIBLE_DEVICES not hiding every device)."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -396,3 +396,110 @@ def test_trec_dl19_recipes_evaluate_the_msmarco_student(kind):
     assert recipe.data.dataset == msmarco.data.dataset and recipe.data.test_relevance_level == 2
     assert recipe.student.num_layers is None and recipe.student.max_doc_length == msmarco.student.max_doc_length
     assert f"Run recipes/msmarco-{kind}.yaml FIRST" in (RECIPES / f"trec-dl19-{kind}.yaml").read_text()
+
+
+# ------------------------------------------------------------------------------------------ embedded listing
+def test_embedded_recipes_include_subfolders_and_summaries():
+    from prod_st.recipe import embedded_recipe_file, recipe_summary
+
+    names = embedded_recipes()
+    assert {"quickstart", "msmarco-passage", "ablations/prod"} <= set(names)
+    assert names.index("ablations/prod") > names.index("wordnet-full")  # top-level ones first
+    assert load_recipe("ablations/prod").name == yaml.safe_load(embedded_recipe_file("ablations/prod").read_text())["name"]
+    for name in names:
+        summary = recipe_summary(name)
+        assert summary and "\n" not in summary and len(summary) <= 110 and not summary.startswith(f"{name}:")
+    assert recipe_summary("quickstart").startswith("PROD's whole schedule on a small slice of wordnet-gloss")
+    assert embedded_recipe_file("../pyproject") is None and embedded_recipe_file("nope") is None
+
+
+# ------------------------------------------------------------------------------------------ --set overrides
+def test_overrides_set_fields_with_yaml_values(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["stages.1.lr=3e-5", "data.train_queries=2000", "stages.2.loss.reg_weight=0",
+                                "eval.beir=[scifact, nfcorpus]", "publish.repo_id=me/mini", "dpd.rule.variant=nq"])
+    assert recipe.stages[1].lr == 3e-5 and recipe.data.train_queries == 2000
+    assert recipe.stages[2].loss.reg_weight == 0.0 and recipe.eval.beir == ["scifact", "nfcorpus"]
+    assert recipe.publish.repo_id == "me/mini" and recipe.dpd.rule.variant == "nq"
+    assert recipe.overrides[0] == "stages.1.lr=3e-5"
+    assert recipe.run_yaml().startswith("# --set stages.1.lr=3e-5\n# --set data.train_queries=2000\n")
+    assert yaml.safe_load(recipe.run_yaml()) == yaml.safe_load(recipe.resolved_yaml())
+    plain = load_recipe(path)
+    assert plain.overrides == [] and plain.run_yaml() == plain.resolved_yaml()
+    assert load_recipe(path, ["seed=13"]).fingerprint() == plain.fingerprint()  # the default, spelled out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.1.lrr=1e-4", "with --set: stages.1.lrr: unknown key (did you mean 'lr'?)"),
+    ("stages.1.lr=fast", "with --set: stages.1.lr: "),
+    ("stages.1.batch_size=true", "stages.1.batch_size"),
+    ("stages.7.lr=1e-4", "stages.7: stages is a list with 3 entries (0..2); give an existing index"),
+    ("stages.first.lr=1e-4", "stages.first: stages is a list"),
+    ("name.x=1", "name is a value ('mini'), not a section or list"),
+    ("seed.x=1", "with --set: seed: Input should be a valid integer"),  # absent: made a section, then refused
+    ("lr", "expected FIELD=VALUE"),
+    ("stages..lr=1", "expected FIELD=VALUE"),
+    ("eval.beir=[unclosed", "the value is not valid YAML"),
+    ("training.precision=fp8", "training.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+])
+def test_bad_overrides_are_one_line_naming_the_field(tmp_path, override, message):
+    with pytest.raises(ProdStError) as info:
+        load_recipe(write(tmp_path, MINIMAL), [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ training: block
+# Recipe.fingerprint and every step fingerprint of MINIMAL as computed before the `training:` block existed
+# (commit 9626e0d): a recipe without the block keeps the run folders it already has.
+FINGERPRINT_BEFORE_TRAINING = "dc8e2ba38e8da40bbb4aad969326d18b"
+STEPS_BEFORE_TRAINING = {
+    "00-init": "6ab385afaa2fdb5cda59f2c0158fe960", "01-warmup": "40f93473dc289e5551ea82d6f2e0d9c4",
+    "02-bi": "77e2abf67757c3e3f0747cb886906772", "03-ce": "6a643ab87fcdc1ad6f769650c4fb2e26",
+    "04-dpd-1": "d523557a035eeb390f9a6a711a1e5061",
+}
+
+
+def test_default_training_block_changes_no_fingerprint():
+    from prod_st.run_folder import plan
+
+    defaults = {"precision": "fp32", "gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
+                "report_to": "none"}
+    for data in (MINIMAL, recipe_dict(training={}), recipe_dict(training=defaults)):
+        recipe = parse_recipe(data)
+        assert recipe.fingerprint() == FINGERPRINT_BEFORE_TRAINING
+        assert plan(recipe).steps == STEPS_BEFORE_TRAINING and plan(recipe).final == "e7391d25a04e00924e632ed352d8f39e"
+        assert "training" not in recipe.resolved_yaml()
+
+    speed_only = parse_recipe(recipe_dict(training={"dataloader_num_workers": 4, "report_to": "tensorboard"}))
+    assert plan(speed_only).steps == STEPS_BEFORE_TRAINING  # recorded in recipe.yaml, no step redone
+    assert "dataloader_num_workers: 4" in speed_only.resolved_yaml()
+    for change in ({"precision": "bf16"}, {"gradient_accumulation_steps": 2}):
+        steps = plan(parse_recipe(recipe_dict(training=change))).steps
+        assert steps["00-init"] == STEPS_BEFORE_TRAINING["00-init"]  # the untrained student is not trained
+        assert all(steps[k] != v for k, v in STEPS_BEFORE_TRAINING.items() if k != "00-init")
+
+
+def test_training_block_is_validated(tmp_path):
+    recipe = parse_recipe(recipe_dict(training={"precision": "bf16", "report_to": ["tensorboard", "wandb"]}))
+    assert recipe.training.precision == "bf16" and recipe.training.report_list() == ["tensorboard", "wandb"]
+    assert "training.precision" in error_of(tmp_path, recipe_dict(training={"precision": "half"}))
+    assert "training.gradient_accumulation_steps" in error_of(tmp_path, recipe_dict(
+        training={"gradient_accumulation_steps": 0}))
+    assert "training.report_to" in error_of(tmp_path, recipe_dict(training={"report_to": "tensorbord"}))
+    assert "'none' and 'all' stand alone" in error_of(tmp_path, recipe_dict(training={"report_to": ["none", "wandb"]}))
+    assert "training.workers: unknown key" in error_of(tmp_path, recipe_dict(training={"workers": 2}))
+
+
+def test_preflight_checks_precision_and_loggers(monkeypatch):
+    import prod_st.preflight as preflight
+
+    monkeypatch.setattr(preflight, "gpu_visible", lambda: False)
+    fp16 = parse_recipe(recipe_dict(training={"precision": "fp16"}))
+    assert any(p.startswith("training.precision: fp16 needs a CUDA GPU") for p in preflight.check_recipe(fp16))
+    bf16 = parse_recipe(recipe_dict(training={"precision": "bf16"}))
+    assert not [p for p in preflight.check_recipe(bf16) if p.startswith("training")]
+    monkeypatch.setattr(preflight, "gpu_visible", lambda: True)
+    assert not [p for p in preflight.check_recipe(fp16) if p.startswith("training")]
+    monkeypatch.setitem(preflight.REPORT_PACKAGES, "wandb", ("no_such_package_xyz",))
+    logged = parse_recipe(recipe_dict(training={"report_to": "wandb"}))
+    assert "training.report_to: 'wandb' needs the no_such_package_xyz package" in " ".join(preflight.check_recipe(logged))

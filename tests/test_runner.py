@@ -363,3 +363,70 @@ def test_fillers_are_never_scored_and_become_minus_inf():
     assert rows.real_candidates() == [["pa", "n1", "n2"], ["pb", "m1"]]
     labels = scores_to_labels([[3.0, 1.0, 0.0], [2.0, 1.0]], width=3)
     assert labels[1].tolist() == [2.0, 1.0, float("-inf")]
+
+
+# ---- the training: block ----
+
+def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
+    """bf16 trains under autocast on CPU (the trainer's bf16 flag); gradient accumulation takes batch_size x k
+    rows per optimizer step, so one epoch of 16 rows in batches of 2 is 4 steps of 2 forward passes each."""
+    import torch
+
+    from prod_st.recipe import Training
+    from prod_st.student_training import train_student, trainer_settings
+
+    assert trainer_settings(None) == {"report_to": "none"}
+    assert trainer_settings(Training(precision="bf16", report_to=["tensorboard"], dataloader_num_workers=2)) == {
+        "bf16": True, "fp16": False, "gradient_accumulation_steps": 1, "dataloader_num_workers": 2,
+        "report_to": ["tensorboard"]}
+    model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
+    dtypes = []
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    loss, calls = counted_loss()
+    training = Training(precision="bf16", gradient_accumulation_steps=2)
+    result = train_student(model, data, loss, max_steps=None, training=training, progress=False, **kwargs)
+    assert result["steps"] == 4 and len(calls) == 8
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_fp16_training_on_cpu_is_a_one_line_error():
+    from prod_st.errors import ProdStError
+    from prod_st.student_training import precision_flags
+
+    with pytest.raises(ProdStError, match="fp16 needs a CUDA GPU"):
+        precision_flags("fp16")
+    assert precision_flags("fp32") == {"bf16": False, "fp16": False}
+
+
+# ---- run.log, stage lines, --set recorded, --no-progress ----
+
+def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_path, tiny_model_dir, toy_beir):
+    """`prod-st run R --set ... --no-progress`: the override is in the run's recipe.yaml (value and a comment),
+    every log line goes to <run>/run.log, appended by the rerun, with one `stage i of n` line per step."""
+    recipe = {
+        "name": "eval-only",
+        "data": {"dataset": str(toy_beir), "train_split": None, "dev_split": None, "test_split": "test"},
+        "student": {"init": tiny_model_dir, "max_doc_length": 64},
+        "stages": [],
+        "eval": {"top_k": 10},
+    }
+    path = write(tmp_path / "eval-only.yaml", recipe)
+    run_dir = tmp_path / "run"
+    args = ["run", str(path), "--output", str(run_dir), "--set", "eval.top_k=5", "--no-progress", "-v"]
+    code, errors = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, errors
+    stored = (run_dir / "recipe.yaml").read_text()
+    assert stored.startswith("# --set eval.top_k=5\n") and yaml.safe_load(stored)["eval"]["top_k"] == 5
+    log = (run_dir / "run.log").read_text()
+    assert "recipe eval-only --set eval.top_k=5 in" in log
+    assert "stage 1 of 2: 00-init" in log and "stage 2 of 2: final test" in log
+    assert "new run in" in log  # logged before the folder existed, kept
+    code, errors = run_cli(monkeypatch, capsys, *args)  # the rerun: nothing to do, its lines appended
+    assert code == 0, errors
+    again = (run_dir / "run.log").read_text()
+    assert again.startswith(log) and "run already finished" in again[len(log):]
+    from prod_st import progress
+
+    assert progress.ENABLED is False
+    monkeypatch.setattr(progress, "ENABLED", True)

@@ -1,5 +1,10 @@
 """`prod-st`: command-line entry point. Parses arguments, calls the library, prints with rich, and turns
-every `ProdStError` into one line on stderr and exit code 2."""
+every error a user can cause into one `error:` line on stderr.
+
+Exit codes: 0 done; 2 a usage error (a bad option or argument, a recipe that does not validate, a model, dataset
+folder or file that does not exist, a run folder prod-st must not use); 3 a data error (a data file that exists
+but cannot be used: malformed or non-UTF-8 lines, an empty file, repeated ids, judgements naming missing ids);
+130 interrupted (Ctrl-C; finished steps are kept). Anything else is a bug, with its traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from prod_st.errors import ProdStError
+from prod_st import __version__
+from prod_st.errors import DataError, ProdStError
 
+USAGE_ERROR, DATA_ERROR, INTERRUPTED_CODE = 2, 3, 130
 INTERRUPTED = "interrupted: finished steps are kept; run the same command again to resume"
 
 
@@ -37,15 +44,43 @@ app = typer.Typer(
     name="prod-st",
     help="PROD progressive distillation for dense retrievers, on sentence-transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
 
 
+def _set_verbose(verbose: bool) -> bool:
+    """`-v`: debug logging (rank 0 only), wherever it is given: before the command or after it."""
+    from prod_st.distributed import rank
+
+    if verbose and rank() == 0:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return verbose
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"prod-st {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", callback=_set_verbose)]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="FIELD=VALUE",
+    help="Override a recipe field (dotted path, list indices as numbers, a YAML value): --set stages.1.lr=3e-5. "
+         "Repeatable; validated like the file.",
+)]
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _setup(
+    verbose: Verbose = False,
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print prod-st's version and exit.", callback=_print_version, is_eager=True
+    )] = False,
+) -> None:
     from prod_st.distributed import rank
 
     quiet = rank() != 0  # under torchrun, one log for the run: rank 0's (other ranks report warnings only)
@@ -58,6 +93,38 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+recipes_app = typer.Typer(help="The embedded recipes: list them, print one to copy and edit.",
+                          invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context, verbose: Verbose = False) -> None:
+    """List the embedded recipes, one line each (run one with `prod-st run NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prod_st.recipe import embedded_recipes, recipe_summary
+
+    names = embedded_recipes()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        console.print(f"{name:<{width}}  {recipe_summary(name)}", highlight=False, markup=False, soft_wrap=True)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="An embedded recipe name (see `prod-st recipes`).")],
+    verbose: Verbose = False,
+) -> None:
+    """Print an embedded recipe as shipped, comments included (`prod-st recipes show quickstart > my.yaml`)."""
+    from prod_st.recipe import embedded_recipe_file, embedded_recipes
+
+    path = embedded_recipe_file(name.removesuffix(".yaml"))
+    if path is None:
+        raise ProdStError(f"no embedded recipe {name!r} (embedded: {', '.join(embedded_recipes())})")
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+
+
 @app.command("run")
 def run_command(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or an embedded recipe name.")] = "quickstart",
@@ -65,19 +132,30 @@ def run_command(
     force: Annotated[bool, typer.Option(
         "--force", help="Remove the earlier run's files (only from a folder prod-st created) and start over."
     )] = False,
+    overrides: Overrides = None,
+    no_progress: Annotated[bool, typer.Option(
+        "--no-progress", help="No progress bars (log files, CI): only log lines, also kept in <run>/run.log."
+    )] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes."""
+    """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes; every log line is
+    appended to <run>/run.log."""
     from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
 
     from prod_st.distributed import is_main
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, overrides or ())
     preflight(loaded, recipe)  # models, data folders and split files: before any work (and before torch loads)
+    if no_progress:
+        _disable_progress_bars()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from prod_st.runner import Runner
 
-    runner = Runner(loaded, output, force=force)
-    final = runner.run()
+    runner = Runner(loaded, output, force=force, progress=not no_progress)
+    with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+        final = runner.run()
     if not is_main():
         return
     print_test_table(f"{loaded.name}: test ({final['num_test_queries']} queries, {final['num_docs']} docs)", final,
@@ -85,6 +163,19 @@ def run_command(
     if final.get("beir"):
         print_beir_table("student: zero-shot BEIR", final["beir"])
     console.print(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
+
+
+def _disable_progress_bars() -> None:
+    """--no-progress: the Hugging Face libraries' bars off, and every other tqdm bar (prod-st's teacher scoring
+    and corpus encoding) through tqdm's TQDM_DISABLE, read when tqdm is first imported."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from prod_st import progress
+
+    progress.ENABLED = False
 
 
 def print_test_table(title: str, final: dict, metric: str) -> None:
@@ -110,14 +201,17 @@ def _num(value) -> str:
 @app.command("validate")
 def validate_command(
     recipes: Annotated[list[str], typer.Argument(help="Recipe YAML files or embedded recipe names.")],
+    overrides: Overrides = None,
+    verbose: Verbose = False,
 ) -> None:
     """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
-    folders and split files; Hub ids only when they are in the local Hub cache)."""
+    folders and split files; Hub ids only when they are in the local Hub cache). Imports no torch: it takes a
+    fraction of a second."""
     from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
 
     for recipe in recipes:
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe, overrides or ())
         preflight(loaded, recipe)
         steps = [s.name for s in loaded.stages] + ([f"dpd x{loaded.dpd.rounds}"] if loaded.dpd else [])
         console.print(f"{recipe}: valid ({' -> '.join(steps) or 'evaluate only'})")
@@ -135,6 +229,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 64,
     relevance_level: Annotated[int, typer.Option(min=1, help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
     max_queries: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N judged queries.")] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
     zero-shot on the --beir sets."""
@@ -236,6 +331,7 @@ def push_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only write the folder that would be uploaded.")] = False,
     dry_run_dir: Annotated[Optional[Path], typer.Option(help="Where --dry-run writes (default RUN_DIR/hub-upload).")] = None,
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Push a new commit to an existing repository.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Publish the run's student with a model card (schedule, metrics per stage and on BEIR, PROD citation)."""
     from prod_st.publish import push_run
@@ -249,6 +345,7 @@ def student_command(
     base: Annotated[str, typer.Argument(help="Encoder to cut: folder, Hub id or packaged name.")],
     output: Annotated[Path, typer.Argument(help="Folder to save the student in: new or empty.")],
     layers: Annotated[int, typer.Option(min=1, help="Number of first transformer layers kept.")] = 6,
+    verbose: Verbose = False,
 ) -> None:
     """Build PROD's student: the first LAYERS layers of BASE, saved as a SentenceTransformer folder (a new or
     empty one: prod-st does not overwrite a folder it did not create)."""
@@ -260,8 +357,9 @@ def student_command(
 
 def main() -> None:
     """Console-script entry. A usage error (a bad option value, a missing argument) and a ProdStError are each one
-    `error:` line on stderr and exit 2; Ctrl-C says how to resume and exits 130. (Click runs in non-standalone
-    mode so that its usage errors reach this handler instead of being printed as a multi-line panel.)"""
+    `error:` line on stderr and exit 2, a DataError exit 3; Ctrl-C says how to resume and exits 130. (Click runs
+    in non-standalone mode so that its usage errors reach this handler instead of being printed as a multi-line
+    panel.)"""
     try:  # Typer >= 0.20 vendors its own click
         from typer._click import exceptions as click
     except ImportError:  # pragma: no cover - older Typer on the real click
@@ -271,18 +369,18 @@ def main() -> None:
         code = app(standalone_mode=False)
     except click.NoArgsIsHelpError as e:  # `prod-st` or `prod-st CMD` alone: the help, as Typer prints it
         print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
     except click.UsageError as e:
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
         err_console.print(f"[bold red]error:[/] {' '.join(e.format_message().split())}{where}", highlight=False,
                           soft_wrap=True)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
     except ProdStError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(DATA_ERROR if isinstance(e, DataError) else USAGE_ERROR)
     except (Interrupted, KeyboardInterrupt):
         err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_CODE)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from prod_st.distributed import is_main
+from prod_st.progress import enabled
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def fill_missing(
     if not todo:
         return 0
     todo.sort(key=lambda k: length(items[k]), reverse=True)
-    bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not enabled(progress))
     try:
         for start in range(0, len(todo), chunk_size):
             keys = todo[start : start + chunk_size]
