@@ -75,11 +75,14 @@ class CompleteCheckpoints(TrainerCallback):
 
 def precision_flags(precision: str) -> dict[str, bool]:
     """The trainer's mixed-precision flags for a recipe's `training.precision` (fp16 needs a CUDA GPU: a one-line
-    error here rather than the trainer's traceback)."""
-    if precision == "fp16" and not torch.cuda.is_available():
+    error here rather than the trainer's traceback; bf16 without one trains on the CPU, which the trainer wants
+    said with `use_cpu`)."""
+    gpu = torch.cuda.is_available()
+    if precision == "fp16" and not gpu:
         raise ProdStError("training.precision: fp16 needs a CUDA GPU and none is visible; use bf16 (runs on CPU "
                           "too) or fp32")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    return flags | ({"use_cpu": True} if precision == "bf16" and not gpu else {})
 
 
 def trainer_settings(training) -> dict:
