@@ -1,5 +1,6 @@
-"""Every bad input a user can give, through the installed `prod-st` console script: exit code 2, exactly one
-`error:` line on stderr (the last one), no traceback, and no file outside the run folder changed.
+"""Every bad input a user can give, through the installed `prod-st` console script: exit code 2 (3 for a data
+file that exists but cannot be used: DATA_ERRORS), exactly one `error:` line on stderr (the last one), no
+traceback, and no file outside the run folder changed.
 
 One row per case: (id, args, message). In `args`, these placeholders are replaced before the run:
 TOY (a good BEIR folder), MODEL (a tiny SentenceTransformer folder), RECIPE (a good tiny recipe file), RUN
@@ -39,10 +40,10 @@ def run_script(args: list[str], cwd: Path, env: dict | None = None) -> subproces
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-def check_one_line_error(proc: subprocess.CompletedProcess, message: str) -> str:
-    """Exit 2, no traceback, exactly one `error:` line, and it is the last line of stderr; returns it."""
+def check_one_line_error(proc: subprocess.CompletedProcess, message: str, code: int = 2) -> str:
+    """Exit `code`, no traceback, exactly one `error:` line, and it is the last line of stderr; returns it."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
@@ -204,6 +205,10 @@ CASES: list[tuple] = [
     ("eval-relevance-level-0", ["eval", "MODEL", "TOY", "--relevance-level", "0"],
      "Invalid value for '--relevance-level'"),
     ("unknown-option", ["run", "TMP/tiny.yaml", "--bogus"], "No such option: --bogus"),
+    ("run-set-unknown-field", ["run", "TMP/tiny.yaml", "--set", "stages.0.lrr=1e-4"],
+     "tiny.yaml with --set: stages.0.lrr: unknown key (did you mean 'lr'?)", tiny_recipe_file),
+    ("validate-set-no-such-stage", ["validate", "TMP/tiny.yaml", "--set", "stages.9.lr=1e-4"],
+     "stages.9: stages is a list with", tiny_recipe_file),
     # --- run folder and resume
     ("run-output-is-a-file", ["run", "TMP/tiny.yaml", "--output", "TMP/afile"], "exists and is not a folder",
      _file_named_afile),
@@ -216,6 +221,11 @@ CASES: list[tuple] = [
     ("run-folder-of-an-older-prod-st", ["run", "TMP/tiny.yaml", "--output", "TMP/old"], "older prod-st",
      _run_without_marker),
 ]
+
+
+# the cases whose error is a data error (exit 3): the file is there, its contents cannot be used
+DATA_ERRORS = {"eval-empty-corpus", "eval-empty-queries", "eval-qrels-only-header", "eval-qrels-not-utf8",
+               "eval-corpus-not-utf8", "eval-repeated-doc-id", "eval-repeated-query-id"}
 
 
 @pytest.fixture
@@ -241,7 +251,7 @@ def test_bad_input_exits_2_with_one_line(case, places, tmp_path):
     before = snapshot(tmp_path, skip=(tmp_path / "run",))
     env = {key: fill([value], places)[0] for key, value in (env or {}).items()}
     proc = run_script(fill(args, places), cwd=tmp_path, env=env)
-    error = check_one_line_error(proc, message)
+    error = check_one_line_error(proc, message, 3 if case[0] in DATA_ERRORS else 2)
     assert snapshot(tmp_path, skip=(tmp_path / "run",)) == before
     if os.environ.get("PROD_ST_BAD_INPUTS_TABLE"):  # bench/bad_inputs.py collects the table for RESULTS.md
         record = {"id": case[0], "args": args, "exit": proc.returncode, "error": error.replace(str(tmp_path), "TMP")}

@@ -266,3 +266,86 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert stderr.strip().splitlines()[-1] == INTERRUPTED
     assert (tmp_path / "run" / "recipe.yaml").is_file()  # nothing of the started run is lost
+
+
+# ---- recipes, --version, -v after the command, completion, exit codes, validate's imports ----
+def test_version(monkeypatch, capsys):
+    from prod_st import __version__
+
+    code, out, _ = run_cli(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"prod-st {__version__}"
+
+
+def test_recipes_lists_every_embedded_recipe_on_one_line(monkeypatch, capsys):
+    from prod_st.recipe import embedded_recipes
+
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == embedded_recipes() and "ablations/prod" in embedded_recipes()
+    assert any(line.startswith("quickstart ") and "wordnet-gloss" in line for line in lines)
+
+
+def test_recipes_show_prints_the_shipped_file(monkeypatch, capsys):
+    from prod_st.recipe import embedded_recipe_file
+
+    for name in ("quickstart", "ablations/prod"):
+        code, out, _ = run_cli(monkeypatch, capsys, "recipes", "show", name)
+        assert code == 0 and out == embedded_recipe_file(name).read_text()
+    code, out, err = run_cli(monkeypatch, capsys, "recipes", "show", "nope")
+    assert code == 2 and err.strip().startswith("error: no embedded recipe 'nope' (embedded: ")
+
+
+def test_validate_takes_set_and_verbose_after_the_command(monkeypatch, capsys):
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        code, out, err = run_cli(monkeypatch, capsys, "validate", "quickstart", "--set", "stages.1.lr=3e-5", "-v")
+        assert code == 0 and "quickstart: valid" in out, err
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(level)
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "quickstart", "--set", "stages.9.lr=3e-5")
+    assert code == 2 and "stages.9: stages is a list with 3 entries" in err
+
+
+def test_data_errors_exit_3(monkeypatch, capsys, toy_beir):
+    (toy_beir / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\nnot json\n')
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir))
+    assert code == 3 and "corpus.jsonl:2: malformed JSON" in err and "Traceback" not in err + out
+
+
+def _script() -> list[str] | None:
+    script = Path(sys.executable).with_name("prod-st")
+    return [str(script)] if script.exists() else None
+
+
+def test_shell_completion_is_on():
+    import os
+
+    if _script() is None:
+        pytest.skip("no installed prod-st script")
+    env = {**os.environ, "_PROD_ST_COMPLETE": "complete_bash", "COMP_WORDS": "prod-st rec", "COMP_CWORD": "1"}
+    proc = subprocess.run(_script(), capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.split() == ["recipes"]
+
+
+def test_validate_imports_no_torch_datasets_or_sentence_transformers(tmp_path, toy_beir):
+    """`prod-st validate` reads YAML and a few small files: the heavy libraries stay unimported (it takes a
+    fraction of a second). A BEIR folder recipe exercises the data checks too."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\ndata: {{dataset: {toy_beir}, train_split: null, dev_split: null}}\n"
+                      "student: {init: all-MiniLM-L6-v2}\nstages: []\n")
+    code = (
+        "import sys\nfrom prod_st_cli.main import main\n"
+        f"sys.argv = ['prod-st', 'validate', 'quickstart', {str(recipe)!r}, '--set', 'training.precision=bf16']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'datasets', 'sentence_transformers', 'transformers', 'pyarrow', 'faiss')"
+        " if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quickstart: valid" in proc.stdout and "r.yaml: valid (evaluate only)" in " ".join(proc.stdout.split())
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
