@@ -1,6 +1,6 @@
 """Data progressive distillation (DPD): pick the training queries the student nearly gets right.
 
-See PROD.md, "Data progressive distillation (DPD)": the strongest teacher reranks the student's top
+The PROD paper (arXiv:2209.13335), "Data Progressive Distillation": the strongest teacher reranks the student's top
 results of every training query; queries where the student is a near miss and the teacher is right
 are kept, with the student's hardest negatives, for a further round of distillation.
 """
@@ -76,7 +76,7 @@ def keep_query(
     teacher_max: int = 1,
     variant: Variant = "msmarco",
 ) -> bool:
-    """PROD's DPD rule (PROD.md, "Data progressive distillation"), on 1-based ranks of the first relevant
+    """PROD's DPD rule (the paper's "Data Progressive Distillation"), on 1-based ranks of the first relevant
     document (None = not retrieved).
 
     - ``"msmarco"``: keep when ``student_min <= student_rank <= student_max`` (a near miss, 2..15 by

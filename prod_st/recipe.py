@@ -1,6 +1,6 @@
 """The recipe: a YAML file that says what to train, validated by a pydantic v2 schema.
 
-A recipe is one record per step of PROD's schedule (see PROD.md): the data, the student, the teachers
+A recipe is one record per step of PROD's schedule (Lin et al., WWW 2023): the data, the student, the teachers
 (pretrained, or trained by prod-st from a backbone), an ordered list of stages (a warm-up, then one
 distillation stage per teacher), an optional DPD step, the evaluation and the output folder. With no stages
 and no DPD a recipe only evaluates its student (e.g. another run's, `student.init: runs/<name>/student`) on

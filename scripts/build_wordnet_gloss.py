@@ -5,9 +5,9 @@
 
 Documents: every synset with a definition; _id = pos letter + offset ("n02787772"), title = its lemmas
 ("bank, depository financial institution"), text = its definition. Queries: one example sentence per
-synset (its first usable one), _id = "q" + the synset's id; the relevant document is the synset. Two traps are removed (see ../shared/CALIBRATION.md):
-queries whose synset shares its definition with another synset (an unlabelled twin of the positive), and
-example sentences that belong to several synsets. Queries are split train/dev/test 80/10/10 BY SYNSET
+synset (its first usable one), _id = "q" + the synset's id; the relevant document is the synset. Two traps are
+removed: queries whose synset shares its definition with another synset (an unlabelled twin of the positive:
+1,630 synsets share their definition text with another), and example sentences that belong to several synsets. Queries are split train/dev/test 80/10/10 BY SYNSET
 (no synset in two splits), seeded. Output is a gzipped BEIR folder in prod_st/data/wordnet_gloss/.
 """
 

@@ -1,4 +1,4 @@
-"""DPD query selection (PROD.md, "Data progressive distillation")."""
+"""DPD query selection (the PROD paper, "Data Progressive Distillation")."""
 
 from __future__ import annotations
 

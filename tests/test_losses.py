@@ -1,4 +1,4 @@
-"""PROD loss maths and PRODLoss against hand-computed values (formulas of PROD.md, "Losses")."""
+"""PROD loss maths and PRODLoss against hand-computed values (formulas of the PROD paper, arXiv:2209.13335)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from prod_st.losses import PRODLoss, prod_distill_loss
 INF = math.inf
 
 
-# ---- reference maths, written from PROD.md with plain floats -------------------------------------------------
+# ---- reference maths, written from the paper with plain floats -------------------------------------------------
 
 
 def softmax(xs: list[float]) -> list[float]:

@@ -1,4 +1,4 @@
-"""Model-free PROD loss maths on score matrices (see PROD.md, "Losses").
+"""Model-free PROD loss maths on score matrices (the PROD paper's losses, arXiv:2209.13335).
 
 For every query ``b`` with candidate set ``C_b`` (one row of a ``(B, C)`` score matrix):
 
