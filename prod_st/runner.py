@@ -136,6 +136,8 @@ class Runner:
             log.open(self.dir)
             sets = "".join(f" --set {o}" for o in self.recipe.overrides)
             logger.info("prod-st %s: recipe %s%s in %s", __version__, self.recipe.name, sets, self.dir)
+        else:
+            log.close()  # one run.log, rank 0's: other ranks keep nothing
         r = self.recipe
         final = run_folder.final_payload(self.dir, self.plan.final)
         if final is None:

@@ -414,6 +414,11 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     }
     path = write(tmp_path / "eval-only.yaml", recipe)
     run_dir = tmp_path / "run"
+    from prod_st import progress
+
+    monkeypatch.setattr(progress, "ENABLED", True)  # (restored after the test: --no-progress is process-wide)
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(name, "0")
     args = ["run", str(path), "--output", str(run_dir), "--set", "eval.top_k=5", "--no-progress", "-v"]
     code, errors = run_cli(monkeypatch, capsys, *args)
     assert code == 0, errors
@@ -427,7 +432,4 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     assert code == 0, errors
     again = (run_dir / "run.log").read_text()
     assert again.startswith(log) and "run already finished" in again[len(log):]
-    from prod_st import progress
-
     assert progress.ENABLED is False
-    monkeypatch.setattr(progress, "ENABLED", True)
