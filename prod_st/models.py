@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.errors import ProdStError
+from prod_st.hub import hub_error
 from prod_st.model_paths import LAYER_KEYS, PACKAGED, layer_count, looks_like_path, resolve_model_path  # noqa: F401
 from prod_st.paths import check_output_folder, write_folder_atomic
 
@@ -20,37 +19,19 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(name: str | Path, device: str | None = None) -> SentenceTransformer:
-    """Load a SentenceTransformer from a folder, a packaged name or a Hub id, with a one-line error when
-    none of these works."""
+    """Load a SentenceTransformer from a folder, a packaged name or a Hub id (huggingface_hub's own cache
+    fallback and HF_HUB_OFFLINE apply), with a one-line error when none of these works."""
     path = resolve_model_path(name)
     if looks_like_path(name) and not Path(path).is_dir():
         raise ProdStError(f"model folder {str(name)!r} does not exist")
-    offline = not Path(path).is_dir() and not hub_reachable()
     try:
-        return SentenceTransformer(path, device=device, local_files_only=offline)
-    except Exception as e:  # OSError, huggingface_hub errors, ValueError: all mean "no such model here"
-        where = "the Hugging Face Hub is unreachable and it is not in the local Hub cache" if offline else (
-            f"not loadable from the Hugging Face Hub ({type(e).__name__})"
-        )
-        raise ProdStError(
-            f"unknown model {str(name)!r}: not a local folder, not a packaged model ({', '.join(PACKAGED)}); "
-            f"{where}"
-        ) from None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False under HF_HUB_OFFLINE or when the Hub's host cannot be reached: one quick probe instead of
-    huggingface_hub's minute of retries per file."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        return SentenceTransformer(path, device=device)
+    except Exception as e:  # OSError wrapping huggingface_hub's typed errors, ValueError: no such model here
+        if Path(path).is_dir():
+            raise ProdStError(f"cannot load model folder {str(name)!r}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}") from None
+        raise hub_error(e, f"unknown model {str(name)!r} (not a local folder, not a packaged model: "
+                           f"{', '.join(PACKAGED)})", repo_id=str(name)) from None
 
 
 def set_pooling_and_similarity(model: SentenceTransformer, pooling: str | None, similarity: str | None) -> None:
