@@ -61,6 +61,37 @@ def _layer_list(encoder: torch.nn.Module, num_layers: int) -> tuple[torch.nn.Mod
     raise ProdStError(f"cannot find the {num_layers} transformer layers of {type(encoder).__name__}")
 
 
+def _load_first_layers(base: str | Path, num_layers: int) -> SentenceTransformer | None:
+    """`base` built with `config_kwargs={"num_hidden_layers": k}`: transformers then loads only the first k
+    layers' weights (the later ones are "unexpected" in its load report, which is kept quiet). None when that
+    does not give the first k layers (a missing or mismatched weight, another depth): then build_student cuts."""
+    path = resolve_model_path(base)
+    if looks_like_path(base) and not Path(path).is_dir():
+        raise ProdStError(f"model folder {str(base)!r} does not exist")
+    reports: list[str] = []
+
+    def keep_load_report(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            reports.append(record.getMessage())
+            return False
+        return True
+
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addFilter(keep_load_report)
+    try:
+        model = SentenceTransformer(path, config_kwargs={"num_hidden_layers": num_layers})
+    except Exception:  # noqa: BLE001 - the full load below gives the one-line error, if any
+        return None
+    finally:
+        transformers_log.removeFilter(keep_load_report)
+    if any(word in r for r in reports for word in ("MISSING", "MISMATCH")):
+        return None
+    encoder = model[0].auto_model
+    found = getattr(encoder.config, "num_hidden_layers", None)
+    blocks = [m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers]
+    return model if found == num_layers and blocks else None
+
+
 def build_student(
     base: str | Path | SentenceTransformer,
     num_layers: int | None,
@@ -73,11 +104,28 @@ def build_student(
     normalisation kept), saved to `output` as a normal SentenceTransformer folder when given.
     `pooling` ("cls" / "mean") and `similarity` ("dot" drops a Normalize module, "cosine") override the
     model's own, e.g. PROD's CLS pooling with dot product for a raw encoder such as ERNIE-2.0.
-    `output` must be absent or an empty folder (checked before the model is loaded); it is written atomically."""
+    `output` must be absent or an empty folder (checked before the model is loaded); it is written atomically.
+
+    The student is loaded with `config_kwargs={"num_hidden_layers": k}` (only its k layers' weights are read);
+    a model already loaded, or one that this does not cut cleanly, is loaded whole and cut (`cut_layers`)."""
     if output is not None:
         output = check_output_folder(output, "student folder")
-    model = base if isinstance(base, SentenceTransformer) else load_model(base)
+    model = None
+    if num_layers is not None and num_layers >= 1 and not isinstance(base, SentenceTransformer):
+        model = _load_first_layers(base, num_layers)
+    if model is None:
+        model = base if isinstance(base, SentenceTransformer) else load_model(base)
+        cut_layers(model, num_layers)
+    else:
+        logger.info("student: first %d layers of %s", num_layers, base)
     set_pooling_and_similarity(model, pooling, similarity)
+    if output is not None:
+        write_folder_atomic(output, lambda tmp: model.save(str(tmp)))
+    return model
+
+
+def cut_layers(model: SentenceTransformer, num_layers: int | None) -> None:
+    """Keep the first `num_layers` transformer blocks of `model`'s encoder in place (None: all of them)."""
     encoder = model[0].auto_model
     config = encoder.config
     key = next((k for k in LAYER_KEYS if hasattr(config, k)), None)
@@ -93,9 +141,6 @@ def build_student(
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:num_layers]
     logger.info("student: first %d of %d layers of %s", num_layers, total, type(encoder).__name__)
-    if output is not None:
-        write_folder_atomic(output, lambda tmp: model.save(str(tmp)))
-    return model
 
 
 def saved_layer_count(folder: Path | str) -> int | None:
