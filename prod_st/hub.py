@@ -64,7 +64,7 @@ def hub_error(exc: BaseException, what: str, repo_id: str | None = None) -> Prod
         return ProdStError(f"{what}: {OFFLINE}: HF_HUB_OFFLINE is set or the network is down, and it is not in "
                            "the local Hub cache")
     if status == 403:
-        return ProdStError(f"{what}: your Hugging Face token may not write to {repo.split('/')[0]!r} (403): use a "
+        return ProdStError(f"{what}: your Hugging Face token cannot write to {repo.split('/')[0]!r} (403): use a "
                            f"token with write access ({LOGIN}) or your own namespace")
     if status == 409:
         return ProdStError(f"{what}: {repo} already exists: pass --exist-ok to push a new commit to it")

@@ -87,11 +87,13 @@ def train_student(
     no_duplicates: bool,
     checkpoints: int = 4,
     block_size: int | None = None,
+    evaluator=None,
 ) -> dict[str, float]:
     """Train `model` in place on `dataset`, resuming from the newest complete checkpoint under `workdir` if any.
     About `checkpoints` checkpoints are written over the stage; only the last complete one is kept. With
     `block_size`, the dataset is consecutive epochs of `block_size` rows each (fresh negatives per epoch) read
-    block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes."""
+    block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes.
+    `evaluator` (a RetrievalEvaluator on dev) is the trainer's, run when the arguments set an eval_strategy."""
     steps_per_epoch = max(1, -(-len(dataset) // batch_size))
     total = max_steps or max(1, int(steps_per_epoch * epochs))
     args = SentenceTransformerTrainingArguments(
@@ -117,7 +119,7 @@ def train_student(
         **training_roles(model, dataset.column_names),
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                         callbacks=[CompleteCheckpoints(workdir)])
+                                         evaluator=evaluator, callbacks=[CompleteCheckpoints(workdir)])
     last = last_complete_checkpoint(workdir)
     if is_main():
         prune_checkpoints(workdir, keep=last)  # half-written ones from a kill, and older complete ones

@@ -243,7 +243,7 @@ def test_card_without_beir_or_report_is_still_complete(finished_run, tmp_path):
     before = tree_hash(finished_run)
     out = build_upload_folder(finished_run, tmp_path / "up", repo_id=REPO)
     card = (out / "README.md").read_text()
-    assert "BEIR" not in card and "### Test metrics (400 queries, 4000 documents)" in card
+    assert "### BEIR zero-shot" not in card and "### Test (400 queries, 4000 documents)" in card
     assert "## Dev metrics per stage" in (out / "prod" / "report.md").read_text()  # rendered, not copied
     assert tree_hash(finished_run) == before  # ...and not written into the run
 
@@ -274,7 +274,7 @@ def test_push_with_exist_ok_passes_it_on(finished_run):
 
 FAILURES = {
     "no token": (LocalTokenNotFoundError("Token is required (`token=True`), but no token found."), None,
-                 ("no Hugging Face token", "login", "HF_TOKEN")),
+                 ("no valid Hugging Face token", "login", "HF_TOKEN")),
     "401": (http_error(401, "Invalid username or password."), None,
             ("no valid Hugging Face token", "login", "HF_TOKEN")),
     "network down (httpx)": (httpx2.ConnectError("[Errno 111] Connection refused"), None,
@@ -286,7 +286,7 @@ FAILURES = {
     "offline mode": (OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."), None,
                      ("cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE", "--dry-run")),
     "repo exists": (http_error(409, "You already created this model repo"), None,
-                    (f"repository {REPO} already exists", "--exist-ok")),
+                    (f"{REPO} already exists", "--exist-ok")),
     "no write access": (http_error(403, "Forbidden"), None, ("cannot write to 'someone'",)),
     "upload fails": (None, httpx2.ReadTimeout("timed out"), ("cannot reach the Hugging Face Hub", "--exist-ok")),
 }
