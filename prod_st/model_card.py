@@ -31,14 +31,20 @@ KEPT_DATASET_KEYS = ("name", "split", "size", "columns", "stats_table", "example
 def save_stage_card(model, folder: Path, stage: str, dataset: str) -> None:
     """Write what the trainer (and the dev evaluator) recorded in `model.model_card_data` to `folder/card.json`."""
     card = model.model_card_data
-    train = [{k: d[k] for k in KEPT_DATASET_KEYS if k in d} | {"name": f"{dataset}: {stage}", "split": "train"}
+    name = f"{Path(str(dataset)).name}: {stage}"
+    train = [{k: d[k] for k in KEPT_DATASET_KEYS if k in d} | {"name": name, "split": "train"}
              for d in card.train_datasets]
-    steps = max((row.get("Step", 0) for row in card.training_logs), default=0)
-    logs = [row | {"Step": row.get("Step") or steps} for row in card.training_logs]  # dev metrics at the end
+    logs: list[dict] = []
+    for row in card.training_logs:
+        if "Training Loss" in row or row.get("Step") or not logs:
+            logs.append(dict(row))
+        else:  # the dev evaluation after training (recorded at step 0) joins the stage's last step
+            logs[-1].update({k: v for k, v in row.items() if k not in ("Epoch", "Step")})
     evaluations = [{"name": getattr(e, "name", ""), "primary": getattr(e, "primary_metric", None),
                     "config": e.get_config_dict(), "metrics": m} for e, m in card.eval_results_dict.items()]
     payload = {"stage": stage, "train_datasets": train, "citations": card.citations, "tags": card.tags,
-               "non_default_hyperparameters": card.non_default_hyperparameters, "training_logs": logs,
+               "non_default_hyperparameters": card.non_default_hyperparameters,
+               "all_hyperparameters": card.all_hyperparameters, "training_logs": logs,
                "evaluations": evaluations}
     write_text_atomic(folder / STAGE_CARD, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -54,12 +60,13 @@ def _restore(model, stage_cards: list[dict]) -> None:
         card.train_datasets += stage["train_datasets"]
         card.citations |= stage["citations"]
         card.add_tags(stage["tags"])
-        card.non_default_hyperparameters |= {f"{stage['stage']}: {k}": v
-                                             for k, v in stage["non_default_hyperparameters"].items()}
-        rows = [row | {"Stage": stage["stage"], "Step": row["Step"] + offset} for row in stage["training_logs"]]
+        for field in ("non_default_hyperparameters", "all_hyperparameters"):
+            getattr(card, field).update({f"{stage['stage']}: {k}": v for k, v in stage.get(field, {}).items()})
+        rows = [{"Stage": stage["stage"], **row, "Step": row["Step"] + offset} for row in stage["training_logs"]]
         card.training_logs += rows
         offset = max([offset] + [row["Step"] for row in rows])
-    for evaluation in (stage_cards[-1]["evaluations"] if stage_cards else []):
+    evaluated = [stage["evaluations"] for stage in stage_cards if stage["evaluations"]]
+    for evaluation in (evaluated[-1] if evaluated else []):  # the dev metrics of the final student
         evaluator = RetrievalEvaluator(name=evaluation["name"], metric=evaluation["primary"] or "nDCG@10",
                                        **evaluation["config"])
         card.eval_results_dict[evaluator] = evaluation["metrics"]
@@ -99,12 +106,17 @@ def write_card(run: Path, out: Path, *, model_id: str | None = None, language: s
                    for r in records if (run / f"{r['index']:02d}-{r['name']}" / STAGE_CARD).is_file()]
     _restore(model, stage_cards)
     data, student, metric = recipe.get("data") or {}, recipe.get("student") or {}, headline_metric(recipe)
-    tested = (final.get("test") or {}).get("student")
-    if tested:
-        RetrievalEvaluator(name=f"{data.get('dataset')}-{data.get('test_split')}", metric=metric).record(model, tested)
-    for name, metrics in (final.get("beir") or {}).items():
-        if name != "average" and isinstance(metrics, dict):
-            RetrievalEvaluator(name=f"beir-{Path(name).name}", metric="nDCG@10").record(model, metrics)
+    tested = {f"{Path(str(data.get('dataset'))).name}-{data.get('test_split')}": ((final.get("test") or {}).get("student"), metric)}
+    tested |= {f"beir-{Path(name).name}": (m, "nDCG@10") for name, m in (final.get("beir") or {}).items()
+               if name != "average"}
+    settings = recipe.get("eval") or {}
+    settings = {"top_k": settings.get("top_k", 1000), "index_factory": settings.get("index", "Flat")}
+    for name, (metrics, primary) in tested.items():  # into the model-index, not into the training logs
+        if isinstance(metrics, dict) and metrics:
+            level = data.get("test_relevance_level") or data.get("relevance_level") or 1
+            evaluator = RetrievalEvaluator(name=name, metric=primary, relevance_level=1 if name.startswith("beir-")
+                                           else level, **settings)
+            card.eval_results_dict[evaluator] = evaluator.prefix_name_to_metrics(metrics, name)
     if model_id:
         card.set_model_id(model_id)
     if language:
@@ -113,7 +125,7 @@ def write_card(run: Path, out: Path, *, model_id: str | None = None, language: s
         card.set_license(license)
     card.add_tags(list(PROD_TAGS))
     card.base_model = _base_model(student.get("init"))
-    layers, origin = student.get("num_layers"), card.base_model or student.get("init")
+    layers, origin = student.get("num_layers"), card.base_model or Path(str(student.get("init") or "")).name
     card.model_name = " ".join(part for part in ("PROD student", f"(first {layers} layers)" if layers else "",
                                                  f"of {origin}" if origin else "") if part)
     card.task_name = "dense retrieval (semantic search): encode queries and documents, rank documents by similarity"

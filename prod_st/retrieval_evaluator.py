@@ -8,6 +8,8 @@ sentence-transformers 6 has one evaluator base class for every model type, `Base
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sentence_transformers.base.evaluation import BaseEvaluator
 
 from prod_st.errors import ProdStError
@@ -17,7 +19,7 @@ class RetrievalEvaluator(BaseEvaluator):
     """Retrieval metrics (nDCG@10, MRR@10, R@k, MAP, Acc@k with answers) of a model on one split.
 
     `data` is a `prod_st.data.RetrievalData`; `metric` (the recipe's eval.metric) is the primary metric. Metrics
-    are returned and recorded under "<name>_<metric>", name defaulting to "<dataset>-<split>". After a call,
+    are returned and recorded under "<name>_<metric>", name defaulting to "<dataset (folder name)>-<split>". After a call,
     `last_result` holds the `EvalResult` (with the run: the ranked documents per query)."""
 
     def __init__(self, data=None, *, name: str | None = None, metric: str = "nDCG@10", top_k: int = 1000,
@@ -26,7 +28,7 @@ class RetrievalEvaluator(BaseEvaluator):
         super().__init__()
         if data is None and name is None:
             raise ProdStError("a RetrievalEvaluator needs its data or, to describe recorded metrics, a name")
-        self.data, self.name = data, name or f"{data.name}-{data.split}"
+        self.data, self.name = data, name or f"{Path(str(data.name)).name}-{data.split}"
         self.primary_metric = metric
         self.top_k, self.index_factory, self.batch_size = top_k, index_factory, batch_size
         self.relevance_level, self.max_queries, self.progress = relevance_level, max_queries, progress

@@ -202,6 +202,26 @@ def test_dry_run_writes_the_exact_upload_folder(finished_run, tiny_model_dir):
     assert "booktitle={Proceedings of the ACM Web Conference 2023}" in card
 
 
+def test_push_publishes_the_card_the_run_wrote_without_loading_the_model(finished_run, monkeypatch):
+    """The run writes student/README.md (prod_st.model_card) at its end; push copies it, puts the repository id in
+    place of sentence-transformers' placeholder, and loads no model."""
+    import sentence_transformers
+
+    from prod_st.model_card import MODEL_ID_PLACEHOLDER, write_card
+
+    write_card(finished_run, finished_run / "student")
+    written = (finished_run / "student" / "README.md").read_text()
+    assert f'SentenceTransformer("{MODEL_ID_PLACEHOLDER}")' in written
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: pytest.fail("model loaded"))
+    out = push_run(finished_run, REPO, dry_run=True)
+    assert (out / "README.md").read_text() == written.replace(MODEL_ID_PLACEHOLDER, REPO)
+    card = (out / "README.md").read_text()
+    assert card.count("\n## Usage") == 1 and card.count("\n## Citation") == 1  # one of each, sentence-transformers'
+    assert card.index("## Evaluation") < card.index("## PROD: progressive distillation") < card.index("## Training")
+    assert "name: quickstart test" not in card and "name: wordnet gloss test" in card  # test metrics, model-index
+    assert "name: beir scifact" in card and "#### PROD\n" in card  # BEIR too; PROD's citation (no stage recorded one)
+
+
 def test_dry_run_folder_loads_as_the_same_model(finished_run):
     from sentence_transformers import SentenceTransformer
 
