@@ -132,7 +132,7 @@ class Runner:
         from prod_st.report import write_report
 
         write_report(self.dir)
-        if is_main():
+        if is_main() and (self.dir / "student" / "modules.json").is_file():
             from prod_st.model_card import write_card
 
             write_card(self.dir, self.dir / "student")  # the card `prod-st push` publishes
