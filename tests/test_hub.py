@@ -89,3 +89,20 @@ def test_load_model_reads_huggingface_hubs_own_cache_offline(tmp_path, monkeypat
     assert model.get_embedding_dimension() == 32
     with pytest.raises(ProdStError, match="not in the local Hub cache"):
         load_model("someone/not-cached")
+
+
+def test_recipe_publish_repo_id_is_checked_by_the_hub_validator(tmp_path):
+    import yaml
+
+    from prod_st.recipe import load_recipe
+
+    recipe = yaml.safe_load(load_recipe("quickstart").resolved_yaml())
+    for bad in ("us--er/name", "no-namespace"):
+        recipe["publish"] = {"repo_id": bad}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        with pytest.raises(ProdStError, match=rf"publish\.repo_id: invalid Hub repository id '{bad}'") as error:
+            load_recipe(tmp_path / "r.yaml")
+        assert "\n" not in str(error.value)
+    recipe["publish"] = {"repo_id": "user/name"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert load_recipe(tmp_path / "r.yaml").publish.repo_id == "user/name"
