@@ -106,7 +106,8 @@ def write_card(run: Path, out: Path, *, model_id: str | None = None, language: s
                    for r in records if (run / f"{r['index']:02d}-{r['name']}" / STAGE_CARD).is_file()]
     _restore(model, stage_cards)
     data, student, metric = recipe.get("data") or {}, recipe.get("student") or {}, headline_metric(recipe)
-    tested = {f"{Path(str(data.get('dataset'))).name}-{data.get('test_split')}": ((final.get("test") or {}).get("student"), metric)}
+    test_name = f"{Path(str(data.get('dataset'))).name}-{data.get('test_split')}"
+    tested = {test_name: ((final.get("test") or {}).get("student"), metric)}
     tested |= {f"beir-{Path(name).name}": (m, "nDCG@10") for name, m in (final.get("beir") or {}).items()
                if name != "average"}
     settings = recipe.get("eval") or {}

@@ -87,7 +87,8 @@ def _loss_text(loss: dict | None, kind: str) -> str:
     if not loss:
         return ""
     text = f"{loss.get('hard_weight')}·hard + {loss.get('kd_weight')}·KD"
-    return text + (f" + {loss['reg_weight']}·reg" if loss.get("reg_weight") else "") + f", T = {loss.get('temperature')}"
+    text += f" + {loss['reg_weight']}·reg" if loss.get("reg_weight") else ""
+    return text + f", T = {loss.get('temperature')}"
 
 
 def _length_text(spec: dict) -> str:
@@ -111,7 +112,8 @@ def _schedule(recipe: dict, h: str) -> list[str]:
     teachers, stages, dpd = recipe.get("teachers") or {}, recipe.get("stages") or [], recipe.get("dpd")
     lines = [
         f"{h} Data", "",
-        f"- Dataset: `{data.get('dataset')}` (splits: train `{data.get('train_split')}`, dev `{data.get('dev_split')}`, "
+        f"- Dataset: `{data.get('dataset')}` (splits: train `{data.get('train_split')}`, "
+        f"dev `{data.get('dev_split')}`, "
         f"test `{data.get('test_split')}`; relevance level {data.get('relevance_level')})",
         "- Subsets (seeded; *all* = the full split): "
         + ", ".join(f"{k} queries {data.get(f'{k}_queries') or 'all'}" for k in ("train", "dev", "test"))
@@ -137,7 +139,8 @@ def _schedule(recipe: dict, h: str) -> list[str]:
                      str(dpd.get("lr")), _length_text(dpd), str(dpd.get("batch_size"))])
     lines += [f"{h} Schedule", ""] + _table(
         ["#", "stage", "kind", "teacher", "candidates", "negatives", "loss", "lr", "length", "batch"], rows)
-    lines += ["", "Loss: hard = cross-entropy of the positive over the candidates; KD = T²·KL(teacher ‖ student) over "
+    lines += ["", "Loss: hard = cross-entropy of the positive over the candidates; KD = T²·KL(teacher ‖ student) "
+              "over "
               "the temperature softmaxes; reg = the same against a frozen copy of the stage-start student. Negatives "
               "are re-mined before each stage."]
     if dpd:
@@ -146,7 +149,8 @@ def _schedule(recipe: dict, h: str) -> list[str]:
         teacher_rule = (f"the teacher ranks a relevant one within its top {rule.get('teacher_max')}"
                         if variant == "msmarco" else "the teacher ranks a relevant one better than the student (and "
                         f"within {rule.get('student_max')})")
-        lines += ["", f"DPD: {dpd.get('rounds')} round(s). The teacher `{dpd.get('teacher')}` reranks the student's top "
+        lines += ["", f"DPD: {dpd.get('rounds')} round(s). The teacher `{dpd.get('teacher')}` reranks the "
+                  "student's top "
                   f"{dpd.get('rerank_depth')} for each training query; a query is kept when the student's first "
                   f"relevant document is at rank {rule.get('student_min')}-{rule.get('student_max')} and "
                   f"{teacher_rule} ({variant} rule)."]
@@ -165,7 +169,8 @@ def _stages(records: list[dict], metric: str, h: str, detail: bool) -> list[str]
     rows = []
     for r in records:
         dev, teacher = r.get("student_dev") or {}, r.get("teacher_dev") or {}
-        cells = [str(r.get("index")), _cell(r.get("name")), _cell(r.get("teacher")), *(_num(dev.get(c)) for c in dev_cols),
+        cells = [str(r.get("index")), _cell(r.get("name")), _cell(r.get("teacher")),
+                 *(_num(dev.get(c)) for c in dev_cols),
                  f"{_num(teacher.get(teacher_metric))} ({r.get('teacher_measured_as')})" if teacher else ""]
         if detail:
             reranked = r.get("teacher_rerank_dev") or {}
@@ -179,7 +184,8 @@ def _stages(records: list[dict], metric: str, h: str, detail: bool) -> list[str]
     lines = [f"{h} Dev metrics per stage", ""] + _table(header, rows)
     if detail:
         lines += ["", "Gap = teacher vs student over the student's dev top-k: T^2-scaled KL of their temperature "
-                  "softmaxes, Kendall tau of their orderings, share of queries where both rank the same document first."]
+                  "softmaxes, Kendall tau of their orderings, share of queries where both rank the same document "
+                  "first."]
     warnings = [(r.get("name"), w) for r in records for w in r.get("warnings") or []]
     lines += ["", f"{h} Warnings", ""] + ([f"- **{_cell(n)}**: {_cell(w)}" for n, w in warnings] or ["None."])
     return lines + [""]

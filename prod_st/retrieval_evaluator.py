@@ -19,8 +19,8 @@ class RetrievalEvaluator(BaseEvaluator):
     """Retrieval metrics (nDCG@10, MRR@10, R@k, MAP, Acc@k with answers) of a model on one split.
 
     `data` is a `prod_st.data.RetrievalData`; `metric` (the recipe's eval.metric) is the primary metric. Metrics
-    are returned and recorded under "<name>_<metric>", name defaulting to "<dataset (folder name)>-<split>". After a call,
-    `last_result` holds the `EvalResult` (with the run: the ranked documents per query)."""
+    are returned and recorded under "<name>_<metric>", name defaulting to "<dataset (folder name)>-<split>".
+    After a call, `last_result` holds the `EvalResult` (with the run: the ranked documents per query)."""
 
     def __init__(self, data=None, *, name: str | None = None, metric: str = "nDCG@10", top_k: int = 1000,
                  index_factory: str = "Flat", batch_size: int = 64, relevance_level: int = 1,
