@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st.errors import ProdStError
+from prod_st.hub import hub_error
 from prod_st.model_paths import LAYER_KEYS, PACKAGED, layer_count, looks_like_path, resolve_model_path  # noqa: F401
 from prod_st.paths import check_output_folder, write_folder_atomic
 
@@ -20,37 +19,19 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(name: str | Path, device: str | None = None) -> SentenceTransformer:
-    """Load a SentenceTransformer from a folder, a packaged name or a Hub id, with a one-line error when
-    none of these works."""
+    """Load a SentenceTransformer from a folder, a packaged name or a Hub id (huggingface_hub's own cache
+    fallback and HF_HUB_OFFLINE apply), with a one-line error when none of these works."""
     path = resolve_model_path(name)
     if looks_like_path(name) and not Path(path).is_dir():
         raise ProdStError(f"model folder {str(name)!r} does not exist")
-    offline = not Path(path).is_dir() and not hub_reachable()
     try:
-        return SentenceTransformer(path, device=device, local_files_only=offline)
-    except Exception as e:  # OSError, huggingface_hub errors, ValueError: all mean "no such model here"
-        where = "the Hugging Face Hub is unreachable and it is not in the local Hub cache" if offline else (
-            f"not loadable from the Hugging Face Hub ({type(e).__name__})"
-        )
-        raise ProdStError(
-            f"unknown model {str(name)!r}: not a local folder, not a packaged model ({', '.join(PACKAGED)}); "
-            f"{where}"
-        ) from None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False under HF_HUB_OFFLINE or when the Hub's host cannot be reached: one quick probe instead of
-    huggingface_hub's minute of retries per file."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        return SentenceTransformer(path, device=device)
+    except Exception as e:  # OSError wrapping huggingface_hub's typed errors, ValueError: no such model here
+        if Path(path).is_dir():
+            raise ProdStError(f"cannot load model folder {str(name)!r}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}") from None
+        raise hub_error(e, f"unknown model {str(name)!r} (not a local folder, not a packaged model: "
+                           f"{', '.join(PACKAGED)})", repo_id=str(name)) from None
 
 
 def set_pooling_and_similarity(model: SentenceTransformer, pooling: str | None, similarity: str | None) -> None:
@@ -80,6 +61,37 @@ def _layer_list(encoder: torch.nn.Module, num_layers: int) -> tuple[torch.nn.Mod
     raise ProdStError(f"cannot find the {num_layers} transformer layers of {type(encoder).__name__}")
 
 
+def _load_first_layers(base: str | Path, num_layers: int) -> SentenceTransformer | None:
+    """`base` built with `config_kwargs={"num_hidden_layers": k}`: transformers then loads only the first k
+    layers' weights (the later ones are "unexpected" in its load report, which is kept quiet). None when that
+    does not give the first k layers (a missing or mismatched weight, another depth): then build_student cuts."""
+    path = resolve_model_path(base)
+    if looks_like_path(base) and not Path(path).is_dir():
+        raise ProdStError(f"model folder {str(base)!r} does not exist")
+    reports: list[str] = []
+
+    def keep_load_report(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            reports.append(record.getMessage())
+            return False
+        return True
+
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addFilter(keep_load_report)
+    try:
+        model = SentenceTransformer(path, config_kwargs={"num_hidden_layers": num_layers})
+    except Exception:  # noqa: BLE001 - the full load below gives the one-line error, if any
+        return None
+    finally:
+        transformers_log.removeFilter(keep_load_report)
+    if any(word in r for r in reports for word in ("MISSING", "MISMATCH")):
+        return None
+    encoder = model[0].auto_model
+    found = getattr(encoder.config, "num_hidden_layers", None)
+    blocks = [m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers]
+    return model if found == num_layers and blocks else None
+
+
 def build_student(
     base: str | Path | SentenceTransformer,
     num_layers: int | None,
@@ -92,11 +104,28 @@ def build_student(
     normalisation kept), saved to `output` as a normal SentenceTransformer folder when given.
     `pooling` ("cls" / "mean") and `similarity` ("dot" drops a Normalize module, "cosine") override the
     model's own, e.g. PROD's CLS pooling with dot product for a raw encoder such as ERNIE-2.0.
-    `output` must be absent or an empty folder (checked before the model is loaded); it is written atomically."""
+    `output` must be absent or an empty folder (checked before the model is loaded); it is written atomically.
+
+    The student is loaded with `config_kwargs={"num_hidden_layers": k}` (only its k layers' weights are read);
+    a model already loaded, or one that this does not cut cleanly, is loaded whole and cut (`cut_layers`)."""
     if output is not None:
         output = check_output_folder(output, "student folder")
-    model = base if isinstance(base, SentenceTransformer) else load_model(base)
+    model = None
+    if num_layers is not None and num_layers >= 1 and not isinstance(base, SentenceTransformer):
+        model = _load_first_layers(base, num_layers)
+    if model is None:
+        model = base if isinstance(base, SentenceTransformer) else load_model(base)
+        cut_layers(model, num_layers)
+    else:
+        logger.info("student: first %d layers of %s", num_layers, base)
     set_pooling_and_similarity(model, pooling, similarity)
+    if output is not None:
+        write_folder_atomic(output, lambda tmp: model.save(str(tmp)))
+    return model
+
+
+def cut_layers(model: SentenceTransformer, num_layers: int | None) -> None:
+    """Keep the first `num_layers` transformer blocks of `model`'s encoder in place (None: all of them)."""
     encoder = model[0].auto_model
     config = encoder.config
     key = next((k for k in LAYER_KEYS if hasattr(config, k)), None)
@@ -112,9 +141,6 @@ def build_student(
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:num_layers]
     logger.info("student: first %d of %d layers of %s", num_layers, total, type(encoder).__name__)
-    if output is not None:
-        write_folder_atomic(output, lambda tmp: model.save(str(tmp)))
-    return model
 
 
 def saved_layer_count(folder: Path | str) -> int | None:

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,7 +44,7 @@ from pydantic import (
 )
 
 from prod_st.errors import ProdStError
-from prod_st.publish import REPO_ID_PATTERN
+from prod_st.hub import check_repo_id
 
 __all__ = [
     "Data",
@@ -316,10 +317,18 @@ class Output(_Model):
     dir: Optional[Path] = Field(None, description="the run folder (None = runs/<name>)")
 
 
+def _hub_repo_id(value: str) -> str:
+    """huggingface_hub's own check of a repository id (`user/name`), as a validation error."""
+    try:
+        return check_repo_id(value)
+    except ProdStError as e:
+        raise ValueError(str(e)) from None
+
+
 class Publish(_Model):
     """Push the final student to the Hugging Face Hub at the end of a run (`prod-st push` does it later)."""
 
-    repo_id: Annotated[str, Field(pattern=REPO_ID_PATTERN.pattern)]
+    repo_id: Annotated[str, AfterValidator(_hub_repo_id)]
     private: bool = False
     exist_ok: bool = False
     dry_run: bool = Field(False, description="only write the upload folder (<run>/hub-upload/)")

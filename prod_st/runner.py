@@ -38,10 +38,12 @@ from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_ranked
+from prod_st.model_card import save_stage_card
 from prod_st.models import build_student
 from prod_st.paths import write_text_atomic
 from prod_st.resampling import epochs_read, total_steps
 from prod_st.run_log import RunLog
+from prod_st.retrieval_evaluator import RetrievalEvaluator
 from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
@@ -147,6 +149,11 @@ class Runner:
         from prod_st.report import write_report
 
         write_report(self.dir)
+        if is_main() and (self.dir / "student" / "modules.json").is_file():
+            from prod_st.model_card import write_card
+
+            write_card(self.dir, self.dir / "student")  # the card `prod-st push` publishes
+        barrier()
         if r.publish is not None and run_folder.marker(self.dir).get("published") != self.plan.publish:
             from prod_st.publish import push_run
 
@@ -204,6 +211,7 @@ class Runner:
     def finish_stage(self, folder: Path, student: SentenceTransformer, record: StageRecord) -> StageRecord:
         if is_main():
             student.save(str(folder / "student"))
+            save_stage_card(student, folder, record.name, self.recipe.data.dataset)
         write_json(folder / "metrics.json", record.__dict__)
         if is_main():
             (folder / "DONE").write_text("")
@@ -216,14 +224,20 @@ class Runner:
         """Dev metrics of the student; its dev run (top `teacher_rerank_depth`) is kept for teacher checks."""
         e = self.recipe.eval
         with step(f"{folder.name}: dev evaluation", seconds, "eval"):
-            result = evaluate_model(student, self.data.dev, top_k=e.top_k, index_factory=e.index,
-                                    batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level,
-                                    keep_run=True)
+            evaluator = self.dev_evaluator()
+            evaluator(student)  # the metrics go into the student's card data too
+            result = evaluator.last_result
         run = top_candidates(result.run, e.teacher_rerank_depth)
         scores = {q: {doc: result.run[q][doc] for doc in docs} for q, docs in run.items()}
         write_json(folder / "dev_run.json", scores)
         logger.info("%s: student dev %s", folder.name, _fmt(result.metrics))
         return result.metrics
+
+    def dev_evaluator(self) -> RetrievalEvaluator:
+        e = self.recipe.eval
+        return RetrievalEvaluator(self.data.dev, metric=e.metric, top_k=e.top_k, index_factory=e.index,
+                                  batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level,
+                                  progress=True)
 
     def dev_run(self, folder: Path) -> dict:
         return json.loads((folder / "dev_run.json").read_text())
@@ -310,7 +324,7 @@ class Runner:
                 student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
                 max_steps=steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,
                 seed=self.recipe.seed, no_duplicates=no_duplicates, block_size=block_size, training=training,
-                progress=self.progress,
+                progress=self.progress, evaluator=self.dev_evaluator(),
             )
 
     def prod_loss(self, student: SentenceTransformer, candidates: str, spec) -> PRODLoss:

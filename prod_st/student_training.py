@@ -114,13 +114,15 @@ def train_student(
     block_size: int | None = None,
     training=None,
     progress: bool = True,
+    evaluator=None,
 ) -> dict[str, float]:
     """Train `model` in place on `dataset`, resuming from the newest complete checkpoint under `workdir` if any.
     About `checkpoints` checkpoints are written over the stage; only the last complete one is kept. With
     `block_size`, the dataset is consecutive epochs of `block_size` rows each (fresh negatives per epoch) read
     block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes.
     `training`: the recipe's `training:` block (precision, gradient accumulation, dataloader workers, report_to);
-    None = its defaults. `max_steps` counts optimizer steps."""
+    None = its defaults. `max_steps` counts optimizer steps. `evaluator` (a RetrievalEvaluator on dev) is the
+    trainer's, run when the arguments set an eval_strategy."""
     accumulation = training.gradient_accumulation_steps if training is not None else 1
     steps_per_epoch = max(1, -(-len(dataset) // (batch_size * accumulation)))
     total = max_steps or max(1, int(steps_per_epoch * epochs))
@@ -148,7 +150,7 @@ def train_student(
         **training_roles(model, dataset.column_names),
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                         callbacks=[CompleteCheckpoints(workdir)])
+                                         evaluator=evaluator, callbacks=[CompleteCheckpoints(workdir)])
     last = last_complete_checkpoint(workdir)
     if is_main():
         prune_checkpoints(workdir, keep=last)  # half-written ones from a kill, and older complete ones

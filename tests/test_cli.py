@@ -201,9 +201,8 @@ def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, 
 
     from prod_st.data import load_retrieval_data
     from prod_st.evaluation import evaluate_model
-    from prod_st.publish import render_prod_section
     from prod_st.recipe import load_recipe
-    from prod_st.report import load_records
+    from prod_st.report import load_records, render_prod_section
     from test_runner import tiny_recipe
 
     metrics = evaluate_model(SentenceTransformer(tiny_model_dir), load_retrieval_data(NQ, "test"), top_k=100).metrics
@@ -231,9 +230,9 @@ def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, 
     assert "| model | Acc@20 | Acc@5 | Acc@100 |" in report
     assert "| student Acc@20 | student nDCG@10 |" in report and "teacher Acc@20 (measured as)" in report
     card = render_prod_section(yaml.safe_load((run_dir / "recipe.yaml").read_text()), load_records(run_dir),
-                               json.loads((run_dir / "final.json").read_text()), repo_id="me/nq")
+                               json.loads((run_dir / "final.json").read_text()))
     assert "| model | Acc@20 | Acc@5 | Acc@100 |" in card
-    assert f"| **student after PROD (this model)** | {metrics['Acc@20']:.4f} |" in card
+    assert f"| student after PROD | {metrics['Acc@20']:.4f} |" in card
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):

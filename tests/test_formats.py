@@ -114,12 +114,14 @@ def test_dpr_nq_train_dev_and_answer_only_test():
                                     "test-2": "who won the nba finals in 2018"}
 
 
-def test_json_list_is_streamed_across_chunk_boundaries(monkeypatch):
+def test_json_list_is_streamed_element_by_element(tmp_path):
     text = (NQ / "nq-dev.json").read_text()
-    monkeypatch.setattr(dpr, "_CHUNK", 7)  # every element spans many chunks
-    elements = list(dpr.iter_json_list(NQ / "nq-dev.json"))
-    assert [e for _, e in elements] == json.loads(text)
-    assert [line for line, _ in elements] == [2, text.splitlines().index("    {", 2) + 1]
+    elements = dpr.iter_json_list(NQ / "nq-dev.json")
+    assert next(elements) == json.loads(text)[0]  # one element at a time (a generator), as json reads them
+    assert list(elements) == json.loads(text)[1:]
+    with gzip.open(tmp_path / "nq-dev.json.gz", "wt") as f:
+        f.write(text)
+    assert list(dpr.iter_json_list(tmp_path / "nq-dev.json.gz")) == json.loads(text)
 
 
 def test_dpr_positive_not_in_passages(tmp_path):
@@ -191,21 +193,21 @@ def test_repeated_ids_and_bytes_that_are_not_utf8(tmp_path, folder, name, line, 
         load_retrieval_data(folder, split)
 
 
-def test_non_utf8_in_a_streamed_json_list_names_its_line(tmp_path):
+def test_non_utf8_in_a_streamed_json_list_names_its_element(tmp_path):
     folder = copy_of(NQ, tmp_path)
     text = (folder / "nq-dev.json").read_bytes()
     (folder / "nq-dev.json").write_bytes(text.replace(b'"party"', b'"part\xff"', 1))
-    line = text[:text.index(b'"party"')].count(b"\n") + 1
-    with pytest.raises(ProdStError, match=rf"nq-dev\.json:{line}: not UTF-8 text \(byte 0xff"):
+    message = r"nq-dev\.json: malformed JSON at element 1 of the list \(counting from 0\) \(lexical error: invalid"
+    with pytest.raises(ProdStError, match=message):
         load_retrieval_data(folder, "dev")
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace('"passage_id": "10404512"', '"id": "10404512"'),
-     r"nq-dev\.json:2: a positive_ctxs entry of question 0 has no passage_id \(or psg_id\)"),
+     r"nq-dev\.json: question 0: a positive_ctxs entry has no passage_id \(or psg_id\)"),
     (lambda t: t.replace('"answers": [\n            "party"', '"answers": [\n            "party",,'),
-     r"nq-dev\.json:32: malformed JSON \(Expecting value\)"),
-    (lambda t: t.replace("    },\n    {", "    }\n    {"), r"nq-dev\.json:28: expected ',' or '\]'"),
+     r"nq-dev\.json: malformed JSON at element 1 of the list \(counting from 0\) \(parse error: unallowed token"),
+    (lambda t: t.replace("    },\n    {", "    }\n    {"), r"nq-dev\.json: malformed JSON at element 1 of the list"),
 ])
 def test_malformed_dpr_json(tmp_path, edit, message):
     folder = copy_of(NQ, tmp_path)
@@ -218,7 +220,7 @@ def test_gzipped_dpr_json_malformed(tmp_path):
     folder = copy_of(NQ, tmp_path)
     with gzip.open(folder / "nq-train.json.gz", "wt") as f:
         f.write('{"question": "not a list"}\n')
-    with pytest.raises(ProdStError, match=r"nq-train\.json\.gz:1: expected a JSON list"):
+    with pytest.raises(ProdStError, match=r"nq-train\.json\.gz: expected a JSON list"):
         load_retrieval_data(folder, "train")
 
 

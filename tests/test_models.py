@@ -67,3 +67,45 @@ def test_dot_similarity_drops_normalisation():
     model = build_student("all-MiniLM-L6-v2", 2, similarity="dot")
     assert "Normalize" not in [type(m).__name__ for m in model]
     assert model.similarity_fn_name == "dot"
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_config_kwargs_student_equals_the_cut_model(tiny_model_dir, minilm_path, k, caplog):
+    """`config_kwargs={"num_hidden_layers": k}` loads exactly the weights that cutting the full model keeps:
+    same parameters, same embeddings; and build_student takes that path (no full load)."""
+    import prod_st.models as models
+
+    texts = ["the cat purred on my lap", "a bank of the river"]
+    for base in (tiny_model_dir, minilm_path):
+        loaded = models._load_first_layers(base, k)
+        assert loaded is not None
+        cut = SentenceTransformer(base)
+        models.cut_layers(cut, k)
+        a, b = loaded.state_dict(), cut.state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+        embeddings = [m.encode(texts, convert_to_tensor=True) for m in (loaded, cut)]
+        torch.testing.assert_close(*embeddings)
+    assert "LOAD REPORT" not in caplog.text  # the dropped layers' "unexpected" weights are expected
+
+
+def test_build_student_falls_back_to_cutting(tiny_model_dir, monkeypatch):
+    """When config_kwargs cannot give the first k layers (here: it reports nothing usable), the full model is
+    loaded and cut, with the same result."""
+    import prod_st.models as models
+
+    direct = build_student(tiny_model_dir, 1)
+    monkeypatch.setattr(models, "_load_first_layers", lambda *a, **k: None)
+    cut = build_student(tiny_model_dir, 1)
+    texts = ["a cat", "money"]
+    torch.testing.assert_close(direct.encode(texts, convert_to_tensor=True), cut.encode(texts, convert_to_tensor=True))
+    assert len(cut[0].auto_model.encoder.layer) == 1 and cut[0].auto_model.config.num_hidden_layers == 1
+
+
+def test_config_kwargs_deeper_than_the_model_is_refused(tiny_model_dir):
+    import prod_st.models as models
+
+    assert models._load_first_layers(tiny_model_dir, 3) is None  # layer 3 would be randomly initialised
+    with pytest.raises(ProdStError, match="between 1 and 2"):
+        build_student(tiny_model_dir, 3)

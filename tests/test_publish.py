@@ -202,6 +202,26 @@ def test_dry_run_writes_the_exact_upload_folder(finished_run, tiny_model_dir):
     assert "booktitle={Proceedings of the ACM Web Conference 2023}" in card
 
 
+def test_push_publishes_the_card_the_run_wrote_without_loading_the_model(finished_run, monkeypatch):
+    """The run writes student/README.md (prod_st.model_card) at its end; push copies it, puts the repository id in
+    place of sentence-transformers' placeholder, and loads no model."""
+    import sentence_transformers
+
+    from prod_st.model_card import MODEL_ID_PLACEHOLDER, write_card
+
+    write_card(finished_run, finished_run / "student")
+    written = (finished_run / "student" / "README.md").read_text()
+    assert f'SentenceTransformer("{MODEL_ID_PLACEHOLDER}")' in written
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **k: pytest.fail("model loaded"))
+    out = push_run(finished_run, REPO, dry_run=True)
+    assert (out / "README.md").read_text() == written.replace(MODEL_ID_PLACEHOLDER, REPO)
+    card = (out / "README.md").read_text()
+    assert card.count("\n## Usage") == 1 and card.count("\n## Citation") == 1  # one of each, sentence-transformers'
+    assert card.index("## Evaluation") < card.index("## PROD: progressive distillation") < card.index("## Training")
+    assert "name: quickstart test" not in card and "name: wordnet gloss test" in card  # test metrics, model-index
+    assert "name: beir scifact" in card and "#### PROD\n" in card  # BEIR too; PROD's citation (no stage recorded one)
+
+
 def test_dry_run_folder_loads_as_the_same_model(finished_run):
     from sentence_transformers import SentenceTransformer
 
@@ -243,7 +263,7 @@ def test_card_without_beir_or_report_is_still_complete(finished_run, tmp_path):
     before = tree_hash(finished_run)
     out = build_upload_folder(finished_run, tmp_path / "up", repo_id=REPO)
     card = (out / "README.md").read_text()
-    assert "BEIR" not in card and "### Test metrics (400 queries, 4000 documents)" in card
+    assert "### BEIR zero-shot" not in card and "### Test (400 queries, 4000 documents)" in card
     assert "## Dev metrics per stage" in (out / "prod" / "report.md").read_text()  # rendered, not copied
     assert tree_hash(finished_run) == before  # ...and not written into the run
 
@@ -274,7 +294,7 @@ def test_push_with_exist_ok_passes_it_on(finished_run):
 
 FAILURES = {
     "no token": (LocalTokenNotFoundError("Token is required (`token=True`), but no token found."), None,
-                 ("no Hugging Face token", "login", "HF_TOKEN")),
+                 ("no valid Hugging Face token", "login", "HF_TOKEN")),
     "401": (http_error(401, "Invalid username or password."), None,
             ("no valid Hugging Face token", "login", "HF_TOKEN")),
     "network down (httpx)": (httpx2.ConnectError("[Errno 111] Connection refused"), None,
@@ -286,7 +306,7 @@ FAILURES = {
     "offline mode": (OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."), None,
                      ("cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE", "--dry-run")),
     "repo exists": (http_error(409, "You already created this model repo"), None,
-                    (f"repository {REPO} already exists", "--exist-ok")),
+                    (f"{REPO} already exists", "--exist-ok")),
     "no write access": (http_error(403, "Forbidden"), None, ("cannot write to 'someone'",)),
     "upload fails": (None, httpx2.ReadTimeout("timed out"), ("cannot reach the Hugging Face Hub", "--exist-ok")),
 }

@@ -83,13 +83,31 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     student = __import__("sentence_transformers").SentenceTransformer(str(run_dir / "student"))
     assert student.encode(["a query"]).shape == (1, 32)
     card = (run_dir / "hub-upload" / "README.md").read_text()
-    assert "## PROD: progressive distillation" in card and "me/tiny-prod" in card
+    assert "## PROD: progressive distillation" in card and 'SentenceTransformer("me/tiny-prod")' in card
+    # the card the trainer built, stage by stage: training data with sizes, losses and their citations, logs
+    assert card == (run_dir / "student" / "README.md").read_text().replace("sentence_transformers_model_id",
+                                                                           "me/tiny-prod")
+    front = card.split("---")[1]
+    assert "- loss:PRODLoss" in front and "- loss:MultipleNegativesRankingLoss" in front and "dataset_size:" in front
+    assert "model-index:" in front and "type: nDCG@10" in front and "name: wordnet gloss test" in front
+    for stage in ("warmup", "bi", "ce"):  # (dpd-1 kept no query here: it trained nothing)
+        assert f"#### wordnet-gloss: {stage}" in card and f"- wordnet-gloss: {stage}" in card
+    assert "Training Dataset:** Unknown" not in card and "Unnamed Dataset" not in card
+    assert card.count("\n## Usage") == 1 and card.count("\n## Citation") == 1 and card.count("```bibtex") == 3
+    assert "#### PRODLoss" in card and "@inproceedings{lin2023prod," in card  # PRODLoss's own citation
+    assert "### Training Logs" in card and "| Training Loss | Stage " in card
+    assert "| wordnet-gloss-dev_nDCG@10 |" in card  # the dev evaluator's metric, stage by stage in the logs
+    assert "* Datasets: `wordnet-gloss-dev`, `wordnet-gloss-test` and `beir-toy`" in card  # dev, test, BEIR: one table
+    assert "- `ce: max_steps`: 3" in card and "- `ce: learning_rate`: 5e-05" in card  # each stage's settings
     report = (run_dir / "report.md").read_text()
     assert "| 3 | ce | ce |" in report and "## Test" in report and (run_dir / "report.png").stat().st_size > 1000
 
     # A rerun finds final.json and does no work at all: no model is trained or evaluated.
+    import prod_st.evaluation
+
     real_evaluate = runner_module.evaluate_model
     monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(prod_st.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     assert Runner(load_recipe(recipe_file), run_dir).run() == final
 
@@ -98,6 +116,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     import prod_st.teacher_setup as teacher_setup
 
     monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
+    monkeypatch.setattr(prod_st.evaluation, "evaluate_model", real_evaluate)
     for trainer in ("train_bi_encoder", "train_cross_encoder"):
         monkeypatch.setattr(teacher_setup, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))

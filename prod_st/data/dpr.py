@@ -10,8 +10,8 @@ Splits: train / dev from the JSON files (query ids `train-<i>` / `dev-<i>`, i th
 qrels = the positive_ctxs' passage ids, grade 1; questions without positives have answers but no qrels), test
 from the .qa.csv (ids `test-<i>`, answers only, no qrels: evaluate with `prod_st.answer_match.top_k_accuracy`).
 
-The JSON lists are streamed with the standard library (`json.JSONDecoder.raw_decode` over 1 MiB chunks; ijson
-is not a dependency), one question at a time, and only the question, answers and positive ids are kept
+The JSON lists are streamed with ijson (its C backend: as fast as the standard library's decoder here), one
+question at a time, and only the question, answers and positive ids are kept
 (the negative contexts are dropped), so the ~8 GB nq-train.json never sits in memory. The result is cached as
 an Arrow table like every other file.
 """
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
-import re
+import gzip
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
+import ijson
 
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_table
 from prod_st.data.layout import DPR_PASSAGES as PASSAGES, DPR_SPLITS as SPLITS  # read without datasets
@@ -38,9 +38,6 @@ QUESTION_FEATURES = datasets.Features({
     "answers": datasets.Sequence(datasets.Value("string")),
     "positives": datasets.Sequence(datasets.Value("string")),
 })
-
-_CHUNK = 1 << 20  # characters read at a time from a JSON list
-_MAX_ELEMENT = 1 << 28  # a list element this long without parsing is a malformed file, not a big question
 
 Tables = tuple[datasets.Dataset, datasets.Dataset, dict[str, dict[str, int]], dict[str, list[str]], Path]
 
@@ -99,85 +96,35 @@ def qa_csv_rows(path: str, kind: str, size: int, mtime_ns: int, split: str) -> I
 
 def json_question_rows(path: str, kind: str, size: int, mtime_ns: int, split: str) -> Iterator[dict]:
     """Rows of a DPR retriever JSON (nq-train.json) -> {_id: <split>-<i>, text, answers, positives}."""
-    for index, (line_no, item) in enumerate(iter_json_list(Path(path))):
-        where = f"{path}:{line_no}"
+    for index, item in enumerate(iter_json_list(Path(path))):
+        where = f"{path}: question {index}"
         if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-            raise ProdStError(f'{where}: expected an object with a string "question" (question {index})')
+            raise ProdStError(f'{where}: expected an object with a string "question"')
         answers = item.get("answers") or []
         if not isinstance(answers, list):
-            raise ProdStError(f'{where}: "answers" of question {index} is not a list')
+            raise ProdStError(f'{where}: "answers" is not a list')
         positives = []
         for ctx in item.get("positive_ctxs") or []:
             passage_id = ctx.get("passage_id", ctx.get("psg_id")) if isinstance(ctx, dict) else None
             if passage_id is None:
-                raise ProdStError(f"{where}: a positive_ctxs entry of question {index} has no passage_id (or psg_id)")
+                raise ProdStError(f"{where}: a positive_ctxs entry has no passage_id (or psg_id)")
             positives.append(str(passage_id))
         yield {"_id": f"{split}-{index}", "text": item["question"], "answers": [str(a) for a in answers],
                "positives": positives}
 
 
-class _Reader:
-    """A sliding window over a text file: `buf[pos:]` is unread; `line` is the line number at `counted`."""
-
-    def __init__(self, f):
-        self.f, self.buf, self.pos, self.eof = f, "", 0, False
-        self.line, self.counted = 1, 0
-
-    def fill(self) -> None:
-        """Drop what was consumed and read one more chunk (sets `eof` at the end of the file)."""
-        self.line_at(self.pos)
-        self.buf, self.counted, self.pos = self.buf[self.pos:], 0, 0
-        chunk = self.f.read(_CHUNK)
-        self.eof = not chunk
-        self.buf += chunk
-
-    def peek(self) -> str:
-        """The next non-whitespace character ('' at the end of the file), `pos` moved onto it."""
-        while True:
-            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf) or self.eof:
-                return self.buf[self.pos:self.pos + 1]
-            self.fill()
-
-    def line_at(self, index: int) -> int:
-        if index >= self.counted:
-            self.line += self.buf.count("\n", self.counted, index)
-            self.counted = index
-            return self.line
-        return self.line - self.buf.count("\n", index, self.counted)
-
-
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, element) for each element of the JSON list in `path`, one at a time."""
-    decoder = json.JSONDecoder()
-    with open_text(path) as f:
-        r = _Reader(f)
-        if r.peek() != "[":
-            raise ProdStError(f"{path}:{r.line_at(r.pos)}: expected a JSON list")
-        r.pos += 1
-        if r.peek() == "]":
-            return
-        while True:
-            start = r.pos
-            try:
-                element, end = decoder.raw_decode(r.buf, r.pos)
-                complete = end < len(r.buf) or r.eof  # a number could continue in the next chunk
-            except json.JSONDecodeError as e:
-                if r.eof or len(r.buf) - r.pos > _MAX_ELEMENT:
-                    raise ProdStError(f"{path}:{r.line_at(e.pos)}: malformed JSON ({e.msg})") from None
-                complete = False
-            if not complete:
-                r.fill()
-                continue
-            yield r.line_at(start), element
-            r.pos = end
-            following = r.peek()
-            if following == "]":
-                return
-            if following != ",":
-                raise ProdStError(f"{path}:{r.line_at(r.pos)}: expected ',' or ']' after a list element")
-            r.pos += 1
-            r.peek()
+def iter_json_list(path: Path) -> Iterator[Any]:
+    """Each element of the JSON list in `path` (or `path.gz`), one at a time (ijson)."""
+    index = 0
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        try:
+            if next(ijson.parse(f), (None, None))[1] != "start_array":
+                raise ProdStError(f"{path}: expected a JSON list")
+            f.seek(0)
+            for index, element in enumerate(ijson.items(f, "item", use_float=True), 1):
+                yield element
+        except (ijson.JSONError, UnicodeDecodeError, OSError) as e:
+            reason = e.args[0] if e.args else e
+            reason = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+            raise ProdStError(f"{path}: malformed JSON at element {index} of the list (counting from 0) "
+                              f"({' '.join(reason.split())[:120]})") from None

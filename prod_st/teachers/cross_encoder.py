@@ -9,7 +9,8 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from prod_st.errors import ProdStError
-from prod_st.models import hub_reachable, resolve_model_path
+from prod_st.hub import hub_error
+from prod_st.models import resolve_model_path
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import ScoreCache, fill_missing
 from prod_st.fingerprint import model_fingerprint, text_key
@@ -28,10 +29,9 @@ def load_cross_encoder(
     try:
         return CrossEncoder(
             path, num_labels=num_labels, max_length=max_length, activation_fn=torch.nn.Identity(),
-            local_files_only=not local and not hub_reachable(),
         )
-    except Exception as e:  # OSError, huggingface_hub errors, ValueError: all mean "no such model here"
-        raise ProdStError(f"cannot load cross-encoder {str(name)!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    except Exception as e:  # OSError wrapping huggingface_hub's typed errors, ValueError: no such model here
+        raise hub_error(e, f"cannot load cross-encoder {str(name)!r}", repo_id=None if local else str(name)) from None
 
 
 class CrossEncoderTeacher:
