@@ -311,6 +311,14 @@ class Publish(_Model):
     dry_run: bool = Field(False, description="only write the upload folder (<run>/hub-upload/)")
 
 
+class Distributed(_Model):
+    """Runs under torchrun / accelerate launch."""
+
+    timeout_minutes: PosFloat = Field(
+        180.0, description="how long a rank may wait for the others (process-group timeout; NCCL's default is 10)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- recipe
 class Recipe(_Model):
     name: Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
@@ -323,6 +331,7 @@ class Recipe(_Model):
     eval: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
     publish: Optional[Publish] = None
+    distributed: Distributed = Field(default_factory=lambda: Distributed())
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:

@@ -31,7 +31,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st import run_folder
-from prod_st.distributed import barrier, init_if_launched, is_main, world_size
+from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
@@ -119,7 +119,7 @@ class Runner:
     # ---- the schedule --------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.perf_counter()
-        init_if_launched()
+        init_if_launched(self.recipe.distributed.timeout_minutes)
         self.prepare_folder()
         r = self.recipe
         final = run_folder.final_payload(self.dir, self.plan.final)
@@ -359,11 +359,10 @@ class Runner:
         e = self.recipe.eval
         if isinstance(teacher, BiEncoderTeacher):
             cached = self.dir / "teachers" / name / "dev_metrics.json"
-            if is_main() and not cached.exists():
+            if not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
                 result = evaluate_model(teacher.model, self.data.dev, top_k=e.top_k, index_factory=e.index,
                                         batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level)
-                atomic_json(cached, result.metrics)
-            barrier()
+                write_json(cached, result.metrics)
             return {"as": "retriever", "metrics": json.loads(cached.read_text())}
         run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
         metrics = rerank_metrics(run, self.data.dev, self.recipe.data.relevance_level)
