@@ -29,7 +29,8 @@ from prod_st.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
-BLOCK_SIZE = 32768  # documents per cached block (and per faiss training sample)
+BLOCK_SIZE = 32768  # documents per cached block at most (fewer when that gives every rank a share)
+TRAIN_SIZE = 32768  # vectors a trained faiss index (IVF, PQ) learns from: the corpus's first ones
 DTYPES = ("float32", "float16")
 
 # Documents this process encoded, per cache key: the tests and bench/count_encodings.py read it (a corpus
@@ -53,17 +54,19 @@ def corpus_embeddings(
     *,
     batch_size: int = 64,
     dtype: str = "float32",
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
     progress: bool = True,
     key: str | None = None,
 ) -> list[np.ndarray]:
     """The document embeddings of `corpus` (an Arrow table with _id/title/text) in corpus order, as
     memory-mapped (block, dim) arrays of `dtype`, normalised for cosine models. Encoded only when the cache
     lacks them; under torchrun each rank encodes its share of the missing blocks and all return once every
-    block is written."""
+    block is written. Blocks hold `block_size` documents (default: BLOCK_SIZE, or fewer so that every rank
+    gets some; a complete set written by a run with another number of processes is read as it is)."""
     key = key or cache_key(model, corpus, dtype)
     folder = cache_dir("corpus", key)
     n = len(corpus)
+    block_size = block_size or _complete_layout(folder, n) or min(BLOCK_SIZE, max(1, -(-n // world_size())))
     blocks = [(start, min(n, start + block_size)) for start in range(0, n, block_size)]
     paths = [folder / f"block-{i:06d}-of-{len(blocks):06d}-{block_size}.npy" for i in range(len(blocks))]
     first, last = shard(len(blocks))
@@ -87,6 +90,16 @@ def corpus_embeddings(
         logger.info("corpus embeddings (%d documents) read from the cache", n)
     barrier()  # every rank's blocks are written (ranks encode equal shares, so nobody waits long)
     return [np.load(path, mmap_mode="r") for path in paths]
+
+
+def _complete_layout(folder, n: int) -> int | None:
+    """The block size of a complete set of blocks already in `folder` (written by a run with another number of
+    processes), or None."""
+    for size in sorted({int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("block-*-of-*-*.npy")}):
+        count = -(-n // size)
+        if all((folder / f"block-{i:06d}-of-{count:06d}-{size}.npy").exists() for i in range(count)):
+            return size
+    return None
 
 
 def new_index(dim: int, index_factory: str, num_vectors: int, training: int) -> faiss.Index:
@@ -122,26 +135,32 @@ def corpus_index(
     index_factory: str = "Flat",
     batch_size: int = 64,
     dtype: str = "float32",
-    block_size: int = BLOCK_SIZE,
+    train_size: int = TRAIN_SIZE,
     progress: bool = True,
 ) -> tuple[faiss.Index, list[str]]:
     """(faiss inner-product index of the corpus's cached embeddings, doc ids in index order). A trained index
-    (IVF, PQ) trains on the first block. Every rank builds its own from the shared embeddings; the last one
-    built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next stage's mining)
-    search the same index."""
+    (IVF, PQ) trains on the first `train_size` vectors. Every rank builds its own from the shared embeddings;
+    the last one built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next
+    stage's mining) search the same index."""
     key = cache_key(model, corpus, dtype)
-    memo = (key, index_factory, block_size)
+    memo = (key, index_factory, train_size)
     if _last_index.get("memo") == memo:
         return _last_index["index"], _last_index["ids"]
     _last_index.clear()
     dim = model.get_embedding_dimension()
-    index = new_index(dim, index_factory, len(corpus), min(len(corpus), block_size))
-    for block in corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, block_size=block_size,
-                                   progress=progress, key=key):
-        vectors = np.ascontiguousarray(block, dtype=np.float32)
-        if not index.is_trained:
-            train_index(index, index_factory, vectors)
-        index.add(vectors)
+    training = min(len(corpus), train_size)
+    index = new_index(dim, index_factory, len(corpus), training)
+    blocks = corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, progress=progress, key=key)
+    if not index.is_trained:
+        sample, taken = [], 0
+        for block in blocks:
+            if taken >= training:
+                break
+            sample.append(np.asarray(block[: training - taken], dtype=np.float32))
+            taken += len(sample[-1])
+        train_index(index, index_factory, np.ascontiguousarray(np.concatenate(sample)))
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
     ids = list(corpus["_id"])
     _last_index.update(memo=memo, index=index, ids=ids)
     return index, ids

@@ -112,7 +112,7 @@ def build_index(
     cached per checkpoint and shared across ranks (`prod_st.corpus_index`): the same weights never encode
     the same corpus twice."""
     require_positive(batch_size=batch_size, chunk_size=chunk_size)
-    return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, block_size=chunk_size,
+    return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, train_size=chunk_size,
                         progress=progress)
 
 
