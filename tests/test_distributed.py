@@ -17,12 +17,15 @@ from prod_st.recipe import load_recipe
 
 def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
     """One of `world` processes: the shared steps, each rank's own work written under `out`."""
-    import logging
-
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), PROD_ST_CACHE=f"{out}/cache")
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    _steps(rank, out, model_dir, beir)
+    dist.destroy_process_group()
+
+
+def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
     import prod_st.corpus_index as ci
     from prod_st.data import load_retrieval_data
     from prod_st.evaluation import evaluate_model
@@ -30,7 +33,6 @@ def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
     from prod_st.teachers.cache import ScoreCache
     from prod_st.teachers.sharded import fill_missing_shared
 
-    logging.basicConfig(level=logging.INFO)
     computed: list[str] = []
 
     def compute(items):
@@ -49,7 +51,6 @@ def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
         "encoded": sum(ci.encoded_docs.values()), "shard": distributed.shard(10),
         "gathered": distributed.all_gather(rank), "blocks": [b.tolist() for b in ci_blocks],
     }))
-    dist.destroy_process_group()
 
 
 def test_single_process_helpers():
@@ -57,10 +58,16 @@ def test_single_process_helpers():
     assert load_recipe("quickstart").distributed.timeout_minutes == 180
 
 
-def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, toy_beir):
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, toy_beir, monkeypatch):
+    import prod_st.corpus_index as ci
+
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    mp.spawn(_ranks, args=(1, str(one), tiny_model_dir, str(toy_beir)), nprocs=1)  # a group of one
+    monkeypatch.setenv("PROD_ST_CACHE", str(one / "cache"))
+    monkeypatch.setattr(ci, "encoded_docs", ci.Counter())
+    ci._last_index.clear()
+    _steps(0, str(one), tiny_model_dir, str(toy_beir))  # one process
     mp.spawn(_ranks, args=(2, str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
