@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import Counter
 
 import faiss
@@ -21,11 +22,11 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from prod_st.data import document_text
-from prod_st.distributed import barrier, rank, shard, world_size
+from prod_st.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.encoding import encode_texts, is_cosine
 from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
-from prod_st.paths import cache_dir
+from prod_st.paths import cache_dir, cache_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,16 @@ def corpus_embeddings(
         logger.info("corpus embeddings (%d documents) read from the cache", n)
     barrier()  # every rank's blocks are written (ranks encode equal shares, so nobody waits long)
     return [np.load(path, mmap_mode="r") for path in paths]
+
+
+def release(key: str) -> None:
+    """Remove one cached corpus encoding (rank 0; every rank calls it): a checkpoint no later step searches
+    with (at MS MARCO size, 27 GB per checkpoint in float32)."""
+    if _last_index.get("memo", ("",))[0] == key:
+        _last_index.clear()
+    if is_main():
+        shutil.rmtree(cache_path("corpus", key), ignore_errors=True)
+    barrier()
 
 
 def _complete_layout(folder, n: int) -> int | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st import run_folder
+from prod_st import corpus_index, run_folder
 from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
@@ -229,6 +229,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
+        start_key = corpus_index.cache_key(student, self.data.corpus)
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
         rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
@@ -245,7 +246,15 @@ class Runner:
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
             record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
-        return self.finish_stage(folder, student, record)
+        record = self.finish_stage(folder, student, record)
+        self.release_encoding(start_key, previous_folder, student)
+        return record
+
+    def release_encoding(self, key: str, start_folder: Path, student: SentenceTransformer) -> None:
+        """Once a step is done, drop the cached corpus encoding of the student it started from: no later step
+        searches with that checkpoint (the test searches with the untrained student and the last one only)."""
+        if start_folder.name != "00-init" and key != corpus_index.cache_key(student, self.data.corpus):
+            corpus_index.release(key)
 
     def stage_rows(
         self, stage, student, index: int, folder: Path, record: StageRecord, *, in_batch: bool
@@ -388,6 +397,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
+        start_key = corpus_index.cache_key(student, self.data.corpus)
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
         teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
@@ -420,7 +430,9 @@ class Runner:
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         record.gap_after, _ = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
-        return self.finish_stage(folder, student, record)
+        record = self.finish_stage(folder, student, record)
+        self.release_encoding(start_key, previous_folder, student)
+        return record
 
     # ---- final test evaluation -----------------------------------------------------------------------
     def finish(self, records: list[StageRecord], seconds: float) -> dict:

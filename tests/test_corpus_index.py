@@ -72,3 +72,14 @@ def test_evaluating_twice_encodes_the_corpus_once(tiny_model_dir, toy_beir):
     ci._last_index.clear()  # not the in-memory index: the cached embeddings
     second = evaluate_model(model, data, top_k=3, keep_run=True, progress=False)
     assert first.run == second.run and list(ci.encoded_docs.values()) == [len(data.corpus)]
+
+
+def test_release_removes_one_encoding(tiny_model_dir, toy_beir):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    ci.corpus_index(model, data.corpus, progress=False)
+    key = ci.cache_key(model, data.corpus)
+    ci.release(key)
+    assert not ci.cache_path("corpus", key).exists() and not ci._last_index
+    ci.corpus_index(model, data.corpus, progress=False)  # encoded again when asked again
+    assert ci.encoded_docs[key] == 2 * len(data.corpus)

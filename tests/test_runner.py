@@ -64,7 +64,8 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     encoded = Counter()  # documents encoded per (checkpoint, corpus) key
     monkeypatch.setattr(corpus_index, "encoded_docs", encoded)
     corpus_index._last_index.clear()
-    final = Runner(load_recipe(recipe_file), run_dir).run()
+    runner = Runner(load_recipe(recipe_file), run_dir)
+    final = runner.run()
 
     # Each checkpoint encodes the corpus once, however many steps search it: dev evaluation, the next stage's
     # mining, DPD's retrieval and the test. The checkpoints: every distinct student (a DPD round that keeps no
@@ -74,6 +75,12 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     students = {(run_dir / name / "student" / "model.safetensors").read_bytes() for name in stages}
     assert len(students) >= 4
     assert sorted(encoded.values()) == [toy_docs] + [final["num_docs"]] * (len(students) + 2), encoded
+    # ... and a stage's starting student's encoding is dropped once the stage is done (the untrained student's
+    # and the last one's stay: the test searches with them)
+    kept = {name: corpus_index.cache_path("corpus", corpus_index.cache_key(runner.load_student(run_dir / name),
+                                                                          runner.data.corpus)).exists()
+            for name in stages}
+    assert kept["00-init"] and kept["04-dpd-1"] and not kept["01-warmup"] and not kept["02-bi"], kept
 
     assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == stages
     for name in stages:
