@@ -169,7 +169,8 @@ def main() -> None:
             recipe = out / f"recipe-{procs}.yaml"
             recipe.write_text(RECIPE.format(ce=ce, b16=b16, b8=b8))
             cli = ["-m", "prod_st_cli.main", "run", str(recipe), "--output", str(out / f"run-{procs}"), "--force"]
-            seconds = launch(procs, cli, share_data(out, f"cache-run-{procs}"), out / f"run-{procs}.log")
+            done = (out / f"run-{procs}" / "final.json").exists()  # finished by an earlier call with this OUT_DIR
+            seconds = 0.0 if done else launch(procs, cli, share_data(out, f"cache-run-{procs}"), out / f"run-{procs}.log")
             final = json.loads((out / f"run-{procs}" / "final.json").read_text())
             init = json.loads((out / f"run-{procs}" / "00-init" / "metrics.json").read_text())
             runs[procs] = {"seconds": round(seconds, 1), "test": final["test"]["student"],
@@ -205,10 +206,12 @@ def read_scores(cache: Path) -> dict[str, float]:
     """Every pair score a run's cross-encoder teacher cached (key -> logit), read from its parquet shards."""
     import pyarrow.parquet as pq
 
+    from prod_st.teachers import ScoreCache
+
     scores = {}
     for shard in sorted(cache.glob("teachers/*/scores/part-*.parquet")):
         table = pq.read_table(shard)
-        scores.update(zip(table.column("key").to_pylist(), table.column("value").to_pylist()))
+        scores.update(zip(table.column("key").to_pylist(), table.column(ScoreCache.value_column).to_pylist()))
     return scores
 
 
