@@ -1,4 +1,5 @@
-"""Rank awareness for runs under `torchrun` / `accelerate launch`: only rank 0 writes shared files.
+"""Rank awareness for runs under `torchrun` / `accelerate launch`: only rank 0 writes shared files, and long
+work is split across ranks (`shard`) and merged (`all_gather`).
 
 torch is not imported here: a process that never imported it has no process group, and commands that need no
 model (`prod-st validate`, the recipe schema) stay fast."""
@@ -36,9 +37,32 @@ def barrier() -> None:
         _dist().barrier()
 
 
-def init_if_launched() -> None:
+def shard(n: int) -> tuple[int, int]:
+    """This rank's contiguous share `[start, stop)` of `n` items (sizes differ by at most one; the whole range
+    on a single process)."""
+    r, w = rank(), world_size()
+    return n * r // w, n * (r + 1) // w
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (any picklable value), in rank order; `[obj]` on a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
+
+
+DEFAULT_TIMEOUT_MINUTES = 180  # long enough for any step a rank may wait on (recipe: distributed.timeout_minutes)
+
+
+def init_if_launched(timeout_minutes: float | None = None) -> None:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1), join the process group now, so the runner's
-    barriers hold from its first step (the trainer reuses the same group)."""
+    barriers hold from its first step (the trainer reuses the same group). `timeout_minutes` (default 180)
+    is how long a collective may wait for a slower rank before the job fails: NCCL's own default (10 min)
+    would kill a job whose ranks wait on a long step."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -46,4 +70,5 @@ def init_if_launched() -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        minutes = DEFAULT_TIMEOUT_MINUTES if timeout_minutes is None else timeout_minutes
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))

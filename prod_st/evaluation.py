@@ -13,10 +13,11 @@ import faiss
 import numpy as np
 import pytrec_eval
 from sentence_transformers import SentenceTransformer
-from tqdm.auto import tqdm
 
 from prod_st.answer_match import top_k_accuracy
-from prod_st.data import RetrievalData, document_text, load_retrieval_data
+from prod_st.corpus_index import corpus_index
+from prod_st.data import RetrievalData, load_retrieval_data
+from prod_st.distributed import all_gather, shard
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
 from prod_st.progress import enabled
@@ -106,43 +107,14 @@ def build_index(
     chunk_size: int = 32768,
     progress: bool = True,
 ) -> tuple[faiss.Index, list[str]]:
-    """Encode `corpus` (an Arrow table with _id/title/text) chunk by chunk into a faiss inner-product index.
-    `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat" for big corpora;
-    a trained index is trained on the first chunk)."""
+    """A faiss inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the
+    doc ids in index order. `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat"
+    for big corpora; a trained index is trained on the first `chunk_size` documents). The encoding is
+    cached per checkpoint and shared across ranks (`prod_st.corpus_index`): the same weights never encode
+    the same corpus twice."""
     require_positive(batch_size=batch_size, chunk_size=chunk_size)
-    dim = model.get_embedding_dimension()
-    try:
-        index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise ProdStError(f"invalid faiss index factory string {index_factory!r} (try 'Flat' or 'HNSW32')") from None
-    training = min(len(corpus), chunk_size)  # a trained index learns from the first chunk
-    ivf = faiss.try_extract_index_ivf(index)
-    if not index.is_trained and ivf is not None and training < ivf.nlist:
-        raise ProdStError(
-            f"faiss index {index_factory!r} needs at least {ivf.nlist} vectors to train its {ivf.nlist} lists, but "
-            f"it trains on {training} (the corpus has {len(corpus)} documents): use 'Flat' or fewer lists"
-        )
-    ids: list[str] = []
-    with tqdm(total=len(corpus), desc="Encoding corpus", unit="doc", disable=not enabled(progress)) as bar:
-        for chunk in corpus.iter(batch_size=chunk_size):
-            texts = [document_text(t, x) for t, x in zip(chunk["title"], chunk["text"])]
-            vectors = encode_texts(model, texts, "document", batch_size)
-            if not index.is_trained:
-                _train(index, index_factory, vectors)
-            index.add(vectors)
-            ids.extend(chunk["_id"])
-            bar.update(len(texts))
-    return index, ids
-
-
-def _train(index: faiss.Index, index_factory: str, vectors: np.ndarray) -> None:
-    """Train `index` on `vectors`; faiss's refusal (too few vectors for its quantizers) becomes one line."""
-    try:
-        index.train(vectors)
-    except RuntimeError as e:
-        reason = " ".join(str(e).split()).rsplit("failed: ", 1)[-1]
-        raise ProdStError(f"faiss cannot train index {index_factory!r} on {len(vectors)} vectors ({reason}): use "
-                          "'Flat' or a smaller index") from None
+    return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, train_size=chunk_size,
+                        progress=enabled(progress))
 
 
 def search(
@@ -155,11 +127,20 @@ def search(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Run:
-    """Top-`top_k` documents per query as {query id: {doc id: score}}."""
+    """Top-`top_k` documents per query as {query id: {doc id: score}}. Under torchrun every rank calls it:
+    each encodes and searches a contiguous share of the queries, and all return the merged run."""
     require_positive(top_k=top_k, batch_size=batch_size)
     qids = list(queries)
-    vectors = encode_texts(model, [queries[q] for q in qids], "query", batch_size, show_progress_bar=enabled(progress))
-    scores, rows = index.search(vectors, min(top_k, len(doc_ids)))
+    start, stop = shard(len(qids))
+    k = min(top_k, len(doc_ids))
+    if stop > start:
+        vectors = encode_texts(model, [queries[q] for q in qids[start:stop]], "query", batch_size,
+                               show_progress_bar=enabled(progress))
+        scores, rows = index.search(vectors, k)
+    else:
+        scores, rows = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    parts = all_gather((scores, rows))
+    scores, rows = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return {
         qid: {doc_ids[r]: float(s) for r, s in zip(row_ids, row_scores) if r >= 0}
         for qid, row_ids, row_scores in zip(qids, rows, scores)

@@ -2,8 +2,9 @@
 take N negatives from a rank window, sampled (PROD's stages) or hardest first (DPD).
 
 The expensive part, the ranked top-k run, is cached per model checkpoint (weights fingerprint), corpus,
-queries and settings, so re-mining with the same model (a resumed stage, DPD's reuse of the student's
-ranking, another window) does no encoding. sentence-transformers' `mine_hard_negatives` works on texts and
+queries and settings, so re-mining with the same model (a resumed stage, another window) does no work, and the
+corpus encoding behind it is the checkpoint's one shared encoding (`prod_st.corpus_index`), which dev
+evaluation, DPD and the test reuse. sentence-transformers' `mine_hard_negatives` works on texts and
 re-encodes the corpus on every call; prod-st needs ids (qrels, DPD ranks) and the cached run, so it keeps
 its own few lines around the same faiss search that evaluation uses.
 """
@@ -21,7 +22,7 @@ from typing import Literal
 from sentence_transformers import SentenceTransformer
 
 from prod_st.data import RetrievalData
-from prod_st.distributed import barrier, is_main
+from prod_st.distributed import all_gather, is_main
 from prod_st.evaluation import build_index, search
 from prod_st.paths import cache_dir
 from prod_st.fingerprint import model_fingerprint, text_key
@@ -57,22 +58,24 @@ def retrieve_ranked(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, list[str]]:
-    """Each query's top-`top_k` doc ids in rank order, cached on disk (rank 0 computes, others read)."""
+    """Each query's top-`top_k` doc ids in rank order, cached on disk. Under torchrun every rank calls it: the
+    corpus encoding and the search are split across ranks (`build_index`, `search`); rank 0 writes the run."""
     key = text_key(
         model_fingerprint(model), data.corpus._fingerprint, *(f"{q}\t{t}" for q, t in queries.items()),
         settings={"top_k": top_k, "index": index_factory},
     )
     path = cache_dir("runs") / f"{key}.json"
-    if not path.exists() and is_main():
-        index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
-        run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({q: list(docs) for q, docs in run.items()}))
-        os.replace(tmp, path)  # atomic: a killed process never leaves a half-written run
-    else:
+    if all(all_gather(path.exists())):  # decided together: every rank reads it, or every rank takes its share
         logger.info("ranked run for %d queries read from cache", len(queries))
-    barrier()
-    return json.loads(path.read_text())
+        return json.loads(path.read_text())
+    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
+    run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
+    ranked = {q: list(docs) for q, docs in run.items()}
+    if is_main():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(ranked))
+        os.replace(tmp, path)  # atomic: a killed process never leaves a half-written run
+    return ranked
 
 
 def negative_pools(

@@ -375,6 +375,13 @@ class Training(_Model):
 # fingerprint includes them when they differ from the default.
 TRAINING_RESULTS = ("precision", "gradient_accumulation_steps")
 
+class Distributed(_Model):
+    """Runs under torchrun / accelerate launch."""
+
+    timeout_minutes: PosFloat = Field(
+        180.0, description="how long a rank may wait for the others (process-group timeout; NCCL's default is 10)"
+    )
+
 
 # ----------------------------------------------------------------------------------------------- recipe
 class Recipe(_Model):
@@ -394,17 +401,21 @@ class Recipe(_Model):
 
     @model_serializer(mode="wrap")
     def _omit_default_training(self, handler):
-        """A `training:` block left at its defaults is not written out: a recipe that never had one dumps (and
-        fingerprints) exactly as before the block existed."""
+        """A `training:` or `distributed:` block left at its defaults is not written out: a recipe that never had
+        one dumps (and fingerprints) exactly as before the blocks existed."""
         data = handler(self)
-        if isinstance(data, dict) and self.training == Training():
-            data.pop("training", None)
+        if isinstance(data, dict):
+            if self.training == Training():
+                data.pop("training", None)
+            if self.distributed == Distributed():
+                data.pop("distributed", None)
         return data
 
     @property
     def overrides(self) -> list[str]:
         """The `--set FIELD=VALUE` overrides applied when the recipe was loaded (empty for a plain file)."""
         return list(self._overrides)
+    distributed: Distributed = Field(default_factory=lambda: Distributed())
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:

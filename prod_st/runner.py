@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st import __version__, run_folder
-from prod_st.distributed import barrier, init_if_launched, is_main, world_size
+from prod_st import __version__, corpus_index, run_folder
+from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
@@ -132,7 +132,7 @@ class Runner:
 
     def _run(self, log: RunLog) -> dict:
         started = time.perf_counter()
-        init_if_launched()
+        init_if_launched(self.recipe.distributed.timeout_minutes)
         self.prepare_folder()
         if is_main():
             log.open(self.dir)
@@ -263,6 +263,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
+        start_key = corpus_index.cache_key(student, self.data.corpus)
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
         rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
@@ -279,7 +280,15 @@ class Runner:
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
             record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
-        return self.finish_stage(folder, student, record)
+        record = self.finish_stage(folder, student, record)
+        self.release_encoding(start_key, previous_folder, student)
+        return record
+
+    def release_encoding(self, key: str, start_folder: Path, student: SentenceTransformer) -> None:
+        """Once a step is done, drop the cached corpus encoding of the student it started from: no later step
+        searches with that checkpoint (the test searches with the untrained student and the last one only)."""
+        if start_folder.name != "00-init" and key != corpus_index.cache_key(student, self.data.corpus):
+            corpus_index.release(key)
 
     def stage_rows(
         self, stage, student, index: int, folder: Path, record: StageRecord, *, in_batch: bool
@@ -396,11 +405,10 @@ class Runner:
         e = self.recipe.eval
         if isinstance(teacher, BiEncoderTeacher):
             cached = self.dir / "teachers" / name / "dev_metrics.json"
-            if is_main() and not cached.exists():
+            if not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
                 result = evaluate_model(teacher.model, self.data.dev, top_k=e.top_k, index_factory=e.index,
                                         batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level)
-                atomic_json(cached, result.metrics)
-            barrier()
+                write_json(cached, result.metrics)
             return {"as": "retriever", "metrics": json.loads(cached.read_text())}
         run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
         metrics = rerank_metrics(run, self.data.dev, self.recipe.data.relevance_level)
@@ -426,6 +434,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
+        start_key = corpus_index.cache_key(student, self.data.corpus)
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
         teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
@@ -458,7 +467,9 @@ class Runner:
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         record.gap_after, _ = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
-        return self.finish_stage(folder, student, record)
+        record = self.finish_stage(folder, student, record)
+        self.release_encoding(start_key, previous_folder, student)
+        return record
 
     # ---- final test evaluation -----------------------------------------------------------------------
     def finish(self, records: list[StageRecord], seconds: float) -> dict:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
+import prod_st.corpus_index as corpus_index
 import prod_st.runner as runner_module
 import prod_st.student_training as train_student_module
 from prod_st.recipe import load_recipe
@@ -58,9 +60,28 @@ def recipe_file(tmp_path, tiny_model_dir, toy_beir) -> Path:
 
 def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    final = Runner(load_recipe(recipe_file), run_dir).run()
-
     stages = ["00-init", "01-warmup", "02-bi", "03-ce", "04-dpd-1"]
+    encoded = Counter()  # documents encoded per (checkpoint, corpus) key
+    monkeypatch.setattr(corpus_index, "encoded_docs", encoded)
+    corpus_index._last_index.clear()
+    runner = Runner(load_recipe(recipe_file), run_dir)
+    final = runner.run()
+
+    # Each checkpoint encodes the corpus once, however many steps search it: dev evaluation, the next stage's
+    # mining, DPD's retrieval and the test. The checkpoints: every distinct student (a DPD round that keeps no
+    # query leaves its student as it was), the backbone that mines for bi, the bi teacher that mines for ce and
+    # is tested; and the final student once more on the BEIR folder.
+    toy_docs = len(__import__("prod_st.data", fromlist=["x"]).load_retrieval_data(str(tmp_path / "toy")).corpus)
+    students = {(run_dir / name / "student" / "model.safetensors").read_bytes() for name in stages}
+    assert len(students) >= 4
+    assert sorted(encoded.values()) == [toy_docs] + [final["num_docs"]] * (len(students) + 2), encoded
+    # ... and a stage's starting student's encoding is dropped once the stage is done (the untrained student's
+    # and the last one's stay: the test searches with them)
+    kept = {name: corpus_index.cache_path("corpus", corpus_index.cache_key(runner.load_student(run_dir / name),
+                                                                          runner.data.corpus)).exists()
+            for name in stages}
+    assert kept["00-init"] and kept["04-dpd-1"] and not kept["01-warmup"] and not kept["02-bi"], kept
+
     assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == stages
     for name in stages:
         assert (run_dir / name / "DONE").exists() and (run_dir / name / "student" / "modules.json").exists()
@@ -123,6 +144,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     (run_dir / "final.json").unlink()
     again = Runner(load_recipe(recipe_file), run_dir).run()
     assert set(again["test"]["teachers"]) == {"bi", "ce"}
+    assert sum(encoded.values()) == final["num_docs"] * (len(students) + 2) + toy_docs  # the test read the cached encodings
     assert again["test"]["student"] == pytest.approx(final["test"]["student"])
 
     # Only eval.beir and publish change: every stage is kept, only the final steps run again.

@@ -16,7 +16,8 @@ from prod_st.errors import ProdStError
 from prod_st.encoding import Role, encode_texts
 from prod_st.models import load_model
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
-from prod_st.teachers.cache import EmbeddingCache, fill_missing
+from prod_st.teachers.cache import EmbeddingCache
+from prod_st.teachers.sharded import fill_missing_shared
 from prod_st.fingerprint import model_fingerprint, text_key
 
 
@@ -62,7 +63,7 @@ class BiEncoderTeacher:
                 vectors = encode_texts(self.model, batch, role, batch_size=self.batch_size, show_progress_bar=False)
             return np.asarray(vectors, dtype=np.float32)
 
-        fill_missing(
+        fill_missing_shared(  # under torchrun: each rank its share
             self.cache, dict(zip(keys, texts)), encode, chunk_size=self.chunk_size, length=len,
             progress=progress, desc=f"embedding {role}s ({self.name})",
         )

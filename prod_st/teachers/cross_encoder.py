@@ -12,7 +12,8 @@ from prod_st.errors import ProdStError
 from prod_st.hub import hub_error
 from prod_st.models import resolve_model_path
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
-from prod_st.teachers.cache import ScoreCache, fill_missing
+from prod_st.teachers.cache import ScoreCache
+from prod_st.teachers.sharded import fill_missing_shared
 from prod_st.fingerprint import model_fingerprint, text_key
 
 
@@ -90,7 +91,7 @@ class CrossEncoderTeacher:
         check_rows(queries, candidate_lists)
         keys = [[text_key(q, c) for c in cands] for q, cands in zip(queries, candidate_lists)]
         pairs = {k: (q, c) for q, cands, row in zip(queries, candidate_lists, keys) for c, k in zip(cands, row)}
-        fill_missing(
+        fill_missing_shared(  # under torchrun: each rank its share
             self.cache, pairs, self._predict, chunk_size=self.chunk_size,
             length=lambda pair: len(pair[0]) + len(pair[1]), progress=progress, desc=f"scoring ({self.name})",
         )

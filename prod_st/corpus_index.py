@@ -1,0 +1,177 @@
+"""A corpus encoded once per model checkpoint: every step that searches the corpus with the same weights (dev
+evaluation, the next stage's mining, DPD's retrieval, the final test, a teacher's evaluation) reads the same
+cached document embeddings and builds its faiss index from them.
+
+The embeddings live in the prod-st cache under `corpus/<key>/block-NNNNNN.npy`, `key` = the model's
+fingerprint (weights and settings, `prod_st.fingerprint`) + the corpus's fingerprint + role and
+normalisation + dtype. The corpus is cut into fixed blocks of `block_size` documents; under torchrun each rank
+encodes a contiguous run of blocks (`prod_st.distributed.shard`) and writes each one atomically, then every rank
+reads them all (memory-mapped). A killed encoding keeps its finished blocks; a rerun, with any number of
+processes, encodes only the missing ones."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter
+
+import faiss
+import numpy as np
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from prod_st.data import document_text
+from prod_st.distributed import barrier, is_main, rank, shard, world_size
+from prod_st.encoding import encode_texts, is_cosine
+from prod_st.errors import ProdStError
+from prod_st.fingerprint import model_fingerprint, text_key
+from prod_st.paths import cache_dir, cache_path
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32768  # documents per cached block at most (fewer when that gives every rank a share)
+TRAIN_SIZE = 32768  # vectors a trained faiss index (IVF, PQ) learns from: the corpus's first ones
+DTYPES = ("float32", "float16")
+
+# Documents this process encoded, per cache key: the tests and bench/count_encodings.py read it (a corpus
+# encoded once per checkpoint adds len(corpus) once per key).
+encoded_docs: Counter[str] = Counter()
+_last_index: dict = {}  # the last index built (one entry): consecutive steps with one checkpoint reuse it
+
+
+def cache_key(model: SentenceTransformer, corpus, dtype: str = "float32") -> str:
+    """What identifies one encoding of `corpus`: model fingerprint, corpus fingerprint, role, normalisation,
+    dtype."""
+    if dtype not in DTYPES:
+        raise ProdStError(f"corpus embeddings dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return text_key(model_fingerprint(model), corpus._fingerprint,
+                    settings={"role": "document", "normalize": is_cosine(model), "dtype": dtype})
+
+
+def corpus_embeddings(
+    model: SentenceTransformer,
+    corpus,
+    *,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    block_size: int | None = None,
+    progress: bool = True,
+    key: str | None = None,
+) -> list[np.ndarray]:
+    """The document embeddings of `corpus` (an Arrow table with _id/title/text) in corpus order, as
+    memory-mapped (block, dim) arrays of `dtype`, normalised for cosine models. Encoded only when the cache
+    lacks them; under torchrun each rank encodes its share of the missing blocks and all return once every
+    block is written. Blocks hold `block_size` documents (default: BLOCK_SIZE, or fewer so that every rank
+    gets some; a complete set written by a run with another number of processes is read as it is)."""
+    key = key or cache_key(model, corpus, dtype)
+    folder = cache_dir("corpus", key)
+    n = len(corpus)
+    block_size = block_size or _complete_layout(folder, n) or min(BLOCK_SIZE, max(1, -(-n // world_size())))
+    blocks = [(start, min(n, start + block_size)) for start in range(0, n, block_size)]
+    paths = [folder / f"block-{i:06d}-of-{len(blocks):06d}-{block_size}.npy" for i in range(len(blocks))]
+    first, last = shard(len(blocks))
+    todo = [i for i in range(first, last) if not paths[i].exists()]
+    if todo:
+        docs = sum(blocks[i][1] - blocks[i][0] for i in todo)
+        who = f" (rank {rank()} of {world_size()})" if world_size() > 1 else ""
+        logger.info("encoding %d of %d documents%s into %s", docs, n, who, folder)
+        with tqdm(total=docs, desc="Encoding corpus", unit="doc", disable=not progress) as bar:
+            for i in todo:
+                start, stop = blocks[i]
+                rows = corpus[start:stop]
+                texts = [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
+                vectors = encode_texts(model, texts, "document", batch_size).astype(dtype, copy=False)
+                tmp = paths[i].with_name(f".{paths[i].stem}.tmp{os.getpid()}.npy")
+                np.save(tmp, vectors)
+                os.replace(tmp, paths[i])  # atomic: a killed process never leaves half a block
+                encoded_docs[key] += len(texts)
+                bar.update(len(texts))
+    else:
+        logger.info("corpus embeddings (%d documents) read from the cache", n)
+    barrier()  # every rank's blocks are written (ranks encode equal shares, so nobody waits long)
+    return [np.load(path, mmap_mode="r") for path in paths]
+
+
+def release(key: str) -> None:
+    """Remove one cached corpus encoding (rank 0; every rank calls it): a checkpoint no later step searches
+    with (at MS MARCO size, 27 GB per checkpoint in float32)."""
+    if _last_index.get("memo", ("",))[0] == key:
+        _last_index.clear()
+    if is_main():
+        shutil.rmtree(cache_path("corpus", key), ignore_errors=True)
+    barrier()
+
+
+def _complete_layout(folder, n: int) -> int | None:
+    """The block size of a complete set of blocks already in `folder` (written by a run with another number of
+    processes), or None."""
+    for size in sorted({int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("block-*-of-*-*.npy")}):
+        count = -(-n // size)
+        if all((folder / f"block-{i:06d}-of-{count:06d}-{size}.npy").exists() for i in range(count)):
+            return size
+    return None
+
+
+def new_index(dim: int, index_factory: str, num_vectors: int, training: int) -> faiss.Index:
+    """An empty faiss inner-product index from a factory string; one line when the string is invalid or when a
+    trained index could not learn its lists from `training` vectors."""
+    try:
+        index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ProdStError(f"invalid faiss index factory string {index_factory!r} (try 'Flat' or 'HNSW32')") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if not index.is_trained and ivf is not None and training < ivf.nlist:
+        raise ProdStError(
+            f"faiss index {index_factory!r} needs at least {ivf.nlist} vectors to train its {ivf.nlist} lists, but "
+            f"it trains on {training} (the corpus has {num_vectors} documents): use 'Flat' or fewer lists"
+        )
+    return index
+
+
+def train_index(index: faiss.Index, index_factory: str, vectors: np.ndarray) -> None:
+    """Train `index` on `vectors`; faiss's refusal (too few vectors for its quantizers) becomes one line."""
+    try:
+        index.train(vectors)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split()).rsplit("failed: ", 1)[-1]
+        raise ProdStError(f"faiss cannot train index {index_factory!r} on {len(vectors)} vectors ({reason}): use "
+                          "'Flat' or a smaller index") from None
+
+
+def corpus_index(
+    model: SentenceTransformer,
+    corpus,
+    *,
+    index_factory: str = "Flat",
+    batch_size: int = 64,
+    dtype: str = "float32",
+    train_size: int = TRAIN_SIZE,
+    progress: bool = True,
+) -> tuple[faiss.Index, list[str]]:
+    """(faiss inner-product index of the corpus's cached embeddings, doc ids in index order). A trained index
+    (IVF, PQ) trains on the first `train_size` vectors. Every rank builds its own from the shared embeddings;
+    the last one built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next
+    stage's mining) search the same index."""
+    key = cache_key(model, corpus, dtype)
+    memo = (key, index_factory, train_size)
+    if _last_index.get("memo") == memo:
+        return _last_index["index"], _last_index["ids"]
+    _last_index.clear()
+    dim = model.get_embedding_dimension()
+    training = min(len(corpus), train_size)
+    index = new_index(dim, index_factory, len(corpus), training)
+    blocks = corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, progress=progress, key=key)
+    if not index.is_trained:
+        sample, taken = [], 0
+        for block in blocks:
+            if taken >= training:
+                break
+            sample.append(np.asarray(block[: training - taken], dtype=np.float32))
+            taken += len(sample[-1])
+        train_index(index, index_factory, np.ascontiguousarray(np.concatenate(sample)))
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    ids = list(corpus["_id"])
+    _last_index.update(memo=memo, index=index, ids=ids)
+    return index, ids

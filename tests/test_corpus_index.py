@@ -1,0 +1,85 @@
+"""The corpus is encoded once per checkpoint: cached by weights, shared by every step, resumed by block (the
+whole run's count: tests/test_runner.py, test_tiny_recipe_end_to_end_then_rerun_does_nothing)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+import prod_st.corpus_index as ci
+from prod_st.data import load_retrieval_data
+from prod_st.errors import ProdStError
+from prod_st.evaluation import evaluate_model
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.setattr(ci, "encoded_docs", ci.Counter())
+    ci._last_index.clear()
+
+
+def test_same_weights_encode_once_other_weights_again(tiny_model_dir, toy_beir, tmp_path):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    first = np.concatenate(ci.corpus_embeddings(model, data.corpus, progress=False))
+    assert first.shape == (len(data.corpus), 32) and first.dtype == np.float32
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)  # the same weights in another folder: the same key
+    again = np.concatenate(ci.corpus_embeddings(SentenceTransformer(str(copy)), data.corpus, progress=False))
+    np.testing.assert_array_equal(first, again)
+    assert list(ci.encoded_docs.values()) == [len(data.corpus)]
+
+    with __import__("torch").no_grad():
+        next(model.parameters()).add_(0.5)  # other weights: a new encoding
+    ci.corpus_embeddings(model, data.corpus, progress=False)
+    assert sorted(ci.encoded_docs.values()) == [len(data.corpus)] * 2
+
+
+def test_a_killed_encoding_resumes_from_its_finished_blocks(tiny_model_dir, toy_beir):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    whole = np.concatenate(ci.corpus_embeddings(model, data.corpus, block_size=2, progress=False))
+    key = ci.cache_key(model, data.corpus)
+    blocks = sorted(ci.cache_dir("corpus", key).glob("block-*.npy"))
+    assert len(blocks) == -(-len(data.corpus) // 2)
+    blocks[-1].unlink()  # killed before the last block was written
+    ci.encoded_docs.clear()
+    resumed = np.concatenate(ci.corpus_embeddings(model, data.corpus, block_size=2, progress=False))
+    np.testing.assert_allclose(resumed, whole, atol=1e-6)
+    assert ci.encoded_docs[key] == len(data.corpus) - 2 * (len(blocks) - 1)  # only the missing block
+
+
+def test_float16_embeddings_and_their_index(tiny_model_dir, toy_beir):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    half = ci.corpus_embeddings(model, data.corpus, dtype="float16", progress=False)
+    full = np.concatenate(ci.corpus_embeddings(model, data.corpus, progress=False))
+    assert half[0].dtype == np.float16
+    np.testing.assert_allclose(np.concatenate(half).astype(np.float32), full, atol=2e-3)
+    index, ids = ci.corpus_index(model, data.corpus, dtype="float16", progress=False)
+    assert index.ntotal == len(ids) == len(data.corpus)
+    with pytest.raises(ProdStError, match="dtype"):
+        ci.cache_key(model, data.corpus, "int8")
+
+
+def test_evaluating_twice_encodes_the_corpus_once(tiny_model_dir, toy_beir):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    first = evaluate_model(model, data, top_k=3, keep_run=True, progress=False)
+    ci._last_index.clear()  # not the in-memory index: the cached embeddings
+    second = evaluate_model(model, data, top_k=3, keep_run=True, progress=False)
+    assert first.run == second.run and list(ci.encoded_docs.values()) == [len(data.corpus)]
+
+
+def test_release_removes_one_encoding(tiny_model_dir, toy_beir):
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    ci.corpus_index(model, data.corpus, progress=False)
+    key = ci.cache_key(model, data.corpus)
+    ci.release(key)
+    assert not ci.cache_path("corpus", key).exists() and not ci._last_index
+    ci.corpus_index(model, data.corpus, progress=False)  # encoded again when asked again
+    assert ci.encoded_docs[key] == 2 * len(data.corpus)

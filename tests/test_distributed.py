@@ -1,0 +1,90 @@
+"""Long steps split across ranks: two gloo processes (spawned here, CPU) share teacher scoring, corpus encoding
+and search, and get what one process gets. (The whole schedule under torchrun: bench/ddp_compare.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from prod_st import distributed
+from prod_st.recipe import load_recipe
+
+
+def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
+    """One of `world` processes: the shared steps, each rank's own work written under `out`."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), PROD_ST_CACHE=f"{out}/cache")
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    _steps(rank, out, model_dir, beir)
+    dist.destroy_process_group()
+
+
+def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
+    import prod_st.corpus_index as ci
+    from prod_st.data import load_retrieval_data
+    from prod_st.evaluation import evaluate_model
+    from prod_st.models import load_model
+    from prod_st.teachers.cache import ScoreCache
+    from prod_st.teachers.sharded import fill_missing_shared
+
+    computed: list[str] = []
+
+    def compute(items):
+        computed.extend(items)
+        return [float(len(x)) for x in items]
+
+    items = {f"k{i}": "x" * (i % 7 + 1) + str(i) for i in range(23)}
+    cache = ScoreCache(Path(out) / "scores")
+    fill_missing_shared(cache, items, compute, chunk_size=4, length=len, progress=False)
+    found = cache.get_many(items)
+    data = load_retrieval_data(beir)
+    result = evaluate_model(load_model(model_dir), data, top_k=3, keep_run=True, progress=False)
+    ci_blocks = ci.corpus_embeddings(load_model(model_dir), data.corpus, block_size=2, progress=False)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "computed": computed, "found": found, "run": result.run, "metrics": result.metrics,
+        "encoded": sum(ci.encoded_docs.values()), "shard": distributed.shard(10),
+        "gathered": distributed.all_gather(rank), "blocks": [b.tolist() for b in ci_blocks],
+    }))
+
+
+def test_single_process_helpers():
+    assert distributed.shard(10) == (0, 10) and distributed.all_gather("x") == ["x"]
+    assert load_recipe("quickstart").distributed.timeout_minutes == 180
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, toy_beir, monkeypatch):
+    import prod_st.corpus_index as ci
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    monkeypatch.setenv("PROD_ST_CACHE", str(one / "cache"))
+    monkeypatch.setattr(ci, "encoded_docs", ci.Counter())
+    ci._last_index.clear()
+    _steps(0, str(one), tiny_model_dir, str(toy_beir))  # one process
+    mp.spawn(_ranks, args=(2, str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
+    single = json.loads((one / "rank0.json").read_text())
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # teacher work: every item computed exactly once, by one rank, about half each; every rank has them all
+    assert sorted(ranks[0]["computed"] + ranks[1]["computed"]) == sorted(single["computed"])
+    assert {len(r["computed"]) for r in ranks} == {11, 12}
+    assert ranks[0]["found"] == ranks[1]["found"] == single["found"]
+    # corpus encoding: each rank encoded a share of the corpus; the blocks every rank reads are the same
+    assert ranks[0]["encoded"] + ranks[1]["encoded"] == single["encoded"]
+    assert 0 < ranks[0]["encoded"] < single["encoded"]
+    np.testing.assert_allclose(np.concatenate(ranks[1]["blocks"]), np.concatenate(single["blocks"]), atol=1e-6)
+    # search split by queries and merged: the same run and metrics on every rank as in one process
+    for r in ranks:
+        assert r["run"].keys() == single["run"].keys()
+        for q, docs in single["run"].items():
+            assert list(r["run"][q]) == list(docs)
+            assert list(r["run"][q].values()) == pytest.approx(list(docs.values()), abs=1e-5)
+        assert r["metrics"] == pytest.approx(single["metrics"])
+    assert [r["shard"] for r in ranks] == [[0, 5], [5, 10]] and ranks[0]["gathered"] == [0, 1]
