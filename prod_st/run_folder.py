@@ -94,9 +94,13 @@ def plan(recipe) -> Plan:
     def teacher(name: str, previous: str) -> str:
         """`previous`: the step whose student is current when the schedule first needs this teacher."""
         if name not in teachers:
-            spec = r["teachers"][name]
+            spec = dict(r["teachers"][name])
+            if spec.get("members") is None:
+                spec.pop("members", None)  # (added later: absent from the fingerprints of earlier runs)
             source = (spec.get("train") or {}).get("negatives_from")
             depends = previous if source == "student" else teacher(source, previous) if source else None
+            if spec.get("members"):  # an ensemble is what its members are
+                depends = {member: teacher(member, previous) for member in spec["members"]}
             teachers[name] = _hash("teacher", teacher_base, spec, depends)
         return teachers[name]
 

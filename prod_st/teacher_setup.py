@@ -17,6 +17,7 @@ from prod_st.stage_data import RunData, build_rows
 from prod_st.teachers import (
     BiEncoderTeacher,
     CrossEncoderTeacher,
+    EnsembleTeacher,
     train_bi_encoder,
     train_cross_encoder,
 )
@@ -37,7 +38,7 @@ class TeacherPool:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.index = index
-        self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher] = {}
+        self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher | EnsembleTeacher] = {}
 
     def get(self, name: str, student: SentenceTransformer | None = None):
         if name not in self._built:
@@ -60,6 +61,10 @@ class TeacherPool:
 
     def _build(self, name: str, student: SentenceTransformer | None):
         spec = self.specs[name]
+        if spec.kind == "ensemble":
+            members = [(self.get(m, student), weight, self.scale(m)) for m, weight in spec.members.items()]
+            logger.info("teacher %r: ensemble of %s", name, ", ".join(f"{w:g} x {m}" for m, w in spec.members.items()))
+            return EnsembleTeacher(members, name=name)
         bi = spec.kind == "bi-encoder"
         saved = self.folder / name / "model"
         if spec.model is not None:

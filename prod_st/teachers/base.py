@@ -10,7 +10,7 @@ import torch
 from prod_st.errors import ProdStError
 from prod_st.paths import cache_dir
 
-TeacherKind = Literal["bi-encoder", "cross-encoder"]
+TeacherKind = Literal["bi-encoder", "cross-encoder", "ensemble"]
 
 
 @runtime_checkable
