@@ -76,6 +76,13 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
     spec = derive(base, row) | {"name": f"ablation-{ROWS[row]}-s{seed}", "seed": seed}
     folder = OUT / f"{row}-{ROWS[row]}-s{seed}"
     recipe = parse_recipe(spec, f"ablation row {row}")
+    done = folder / "ablation.json"
+    if done.exists():  # a finished run: its result as recorded (full-corpus metrics added when now asked)
+        result = json.loads(done.read_text())
+        if full_corpus and "full" not in result:
+            result["full"] = full_corpus_metrics(recipe, folder)
+            done.write_text(json.dumps(result, indent=1))
+        return result
     unit = reference_unit()
     started = time.perf_counter()
     final = Runner(recipe, folder).run()
@@ -86,7 +93,7 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
     result["dev"] = {p.name: json.loads((p / "metrics.json").read_text()).get("student_dev", {}) for p in stages}
     result["trained_steps"] = sum(json.loads((p / "metrics.json").read_text()).get("train", {}).get("steps", 0)
                                   for p in stages)
-    if full_corpus:
+    if full_corpus or (folder / "full_corpus.json").exists():
         result["full"] = full_corpus_metrics(recipe, folder)
     (folder / "ablation.json").write_text(json.dumps(result, indent=1))
     return result
