@@ -3,9 +3,9 @@ examples, three seeds each, tested on the recipe's slice and on the full wordnet
 
 Rows, derived from recipes/ablations/prod.yaml by moving student steps between stages (same batch size):
   (a) contrastive   warm-up only: the hard loss on resampled mined negatives, for every step
-  (b) kd-ce         warm-up, then single-step KD from the strongest teacher (the cross-encoder)
+  (b) kd-strongest  warm-up, then single-step KD from the strongest teacher (the last stage's: the ensemble)
   (c) kd-bi         warm-up, then single-step KD from the bi-encoder teacher
-  (d) tpd           warm-up, bi-encoder stage, cross-encoder stage (teacher progressive distillation)
+  (d) tpd           warm-up, then every teacher stage of the chain (bi -> ce -> ens): teacher progressive distillation
   (e) prod          (d) + DPD (data progressive distillation): the base recipe itself
 The data subsets and the teachers have their own seeds in the recipe, so a row's seeds vary only the student's
 training; teachers are trained once and come from the prod-st cache in every other run. Tuning reads dev only.
@@ -33,31 +33,35 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "ablations" / "prod.yaml"
 OUT = ROOT / "bench" / "out" / "ablation"
-ROWS = {"a": "contrastive", "b": "kd-ce", "c": "kd-bi", "d": "tpd", "e": "prod"}
+ROWS = {"a": "contrastive", "b": "kd-strongest", "c": "kd-bi", "d": "tpd", "e": "prod"}
 METRICS = ("nDCG@10", "MRR@10", "R@100")
 
 
 def derive(base: dict, row: str) -> dict:
-    """Row `row`'s recipe (a dict) from the PROD base: the same total of student steps and batch size."""
+    """Row `row`'s recipe (a dict) from the PROD base: the same total of student steps and batch size. The base's
+    stages are the warm-up, then the teacher chain weakest to strongest (its first teacher: the bi-encoder)."""
     recipe = copy.deepcopy(base)
-    warmup, bi, ce = (next(s for s in recipe["stages"] if s["name"] == n) for n in ("warmup", "bi", "ce"))
+    warmup, *chain = recipe["stages"]
+    if warmup.get("kind") != "warmup" or not chain:
+        raise SystemExit("the base recipe's stages must be a warm-up, then the teacher stages")
     dpd_steps = recipe["dpd"]["max_steps"]
-    total = warmup["max_steps"] + bi["max_steps"] + ce["max_steps"] + dpd_steps
+    total = student_steps(recipe)
     if len({s["batch_size"] for s in recipe["stages"]} | {recipe["dpd"]["batch_size"]}) != 1:
         raise SystemExit("the base recipe must use one batch size everywhere (equal examples per row)")
     if row == "e":
         return recipe
     recipe["dpd"] = None
+    rest = total - warmup["max_steps"]
     if row == "a":
         recipe["stages"] = [warmup | {"max_steps": total}]
         recipe["teachers"] = {}  # no teacher teaches (nor needs training) here
     elif row == "b":
-        recipe["stages"] = [warmup, ce | {"max_steps": total - warmup["max_steps"]}]
+        recipe["stages"] = [warmup, chain[-1] | {"max_steps": rest}]
     elif row == "c":
-        recipe["stages"] = [warmup, bi | {"max_steps": total - warmup["max_steps"]}]
-        recipe["teachers"] = {"bi": recipe["teachers"]["bi"]}
+        recipe["stages"] = [warmup, chain[0] | {"max_steps": rest}]
+        recipe["teachers"] = {chain[0]["teacher"]: recipe["teachers"][chain[0]["teacher"]]}
     elif row == "d":
-        recipe["stages"] = [warmup, bi, ce | {"max_steps": ce["max_steps"] + dpd_steps}]
+        recipe["stages"] = [warmup, *chain[:-1], chain[-1] | {"max_steps": chain[-1]["max_steps"] + dpd_steps}]
     return recipe
 
 
@@ -72,18 +76,44 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
     spec = derive(base, row) | {"name": f"ablation-{ROWS[row]}-s{seed}", "seed": seed}
     folder = OUT / f"{row}-{ROWS[row]}-s{seed}"
     recipe = parse_recipe(spec, f"ablation row {row}")
+    done = folder / "ablation.json"
+    if done.exists():  # a finished run: its result as recorded (full-corpus metrics added when now asked)
+        result = json.loads(done.read_text())
+        if full_corpus and "full" not in result:
+            result["full"] = full_corpus_metrics(recipe, folder)
+            done.write_text(json.dumps(result, indent=1))
+        return result
+    unit = reference_unit()
     started = time.perf_counter()
     final = Runner(recipe, folder).run()
     result = {"row": row, "seed": seed, "steps": student_steps(spec), "test": final["test"],
-              "seconds": round(time.perf_counter() - started, 1), "run_seconds": final["seconds"]["run"]}
+              "seconds": round(time.perf_counter() - started, 1), "run_seconds": final["seconds"]["run"],
+              "unit_seconds": unit}
     stages = sorted(p for p in folder.iterdir() if p.name[:2].isdigit())
     result["dev"] = {p.name: json.loads((p / "metrics.json").read_text()).get("student_dev", {}) for p in stages}
     result["trained_steps"] = sum(json.loads((p / "metrics.json").read_text()).get("train", {}).get("steps", 0)
                                   for p in stages)
-    if full_corpus:
+    if full_corpus or (folder / "full_corpus.json").exists():
         result["full"] = full_corpus_metrics(recipe, folder)
     (folder / "ablation.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def reference_unit() -> float:
+    """U: seconds of plain `CrossEncoder.predict` on bench's 2,000 wordnet-gloss pairs (a fresh-head MiniLM
+    cross-encoder), measured just before a run, so its wall time can be read on any machine and load."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from teacher_throughput import build_rows
+
+    from prod_st.teachers import load_cross_encoder
+
+    queries, lists = build_rows(2000, 8, seed=0)
+    pairs = [(q, d) for q, docs in zip(queries, lists) for d in docs]
+    model = load_cross_encoder("all-MiniLM-L6-v2", num_labels=1, max_length=128)
+    model.predict(pairs[:16], batch_size=64, show_progress_bar=False)  # warm-up, as bench/teacher_throughput.py
+    started = time.perf_counter()
+    model.predict(pairs, batch_size=64, show_progress_bar=False)
+    return round(time.perf_counter() - started, 1)
 
 
 def full_corpus_metrics(recipe, folder: Path) -> dict:

@@ -43,7 +43,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     for name, teacher in recipe.teachers.items():
         if teacher.model is not None:
             problems += _model_problems(f"teachers.{name}.model", teacher.model)
-        else:
+        elif teacher.train is not None:  # (an ensemble has neither: its members are checked themselves)
             problems += _model_problems(f"teachers.{name}.train.backbone", teacher.train.backbone)
     for i, stage in enumerate(recipe.stages):
         miner = stage.negatives.miner

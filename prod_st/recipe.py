@@ -182,16 +182,37 @@ class TeacherTrain(_Model):
 
 
 class Teacher(_Model):
-    """A teacher: pretrained (`model`) or trained by prod-st (`train`), exactly one of the two."""
+    """A teacher: pretrained (`model`) or trained by prod-st (`train`), exactly one of the two; or an
+    `ensemble` of other teachers of the recipe (`members`: name -> weight; its logits are the weighted sum of
+    theirs)."""
 
-    kind: Literal["bi-encoder", "cross-encoder"]
+    kind: Literal["bi-encoder", "cross-encoder", "ensemble"]
     model: Optional[NonEmptyStr] = Field(None, description="pretrained path / Hub id / packaged name")
     train: Optional[TeacherTrain] = None
+    members: Optional[dict[Name, PosFloat]] = Field(
+        None, description="ensemble only: member teacher name -> weight (weights summing to 1 keep the scale)"
+    )
     max_length: Optional[PosInt] = Field(None, description="scoring truncation (cross-encoder pair length)")
     batch_size: PosInt = Field(64, description="scoring batch size")
 
+    @model_serializer(mode="wrap")
+    def _omit_no_members(self, handler):
+        """`members` is written only for an ensemble: other teachers dump (and fingerprint) as before it existed."""
+        data = handler(self)
+        if isinstance(data, dict) and self.members is None:
+            data.pop("members", None)
+        return data
+
     @model_validator(mode="after")
     def _model_or_train(self) -> Teacher:
+        if self.kind == "ensemble":
+            if self.model is not None or self.train is not None:
+                raise ValueError("an ensemble teacher takes `members`, not `model` or `train`")
+            if not self.members:
+                raise ValueError("an ensemble teacher needs `members`: teacher name -> weight, e.g. {bi: 0.5, ce: 0.5}")
+            return self
+        if self.members is not None:
+            raise ValueError(f"`members` is for kind: ensemble only (this teacher is a {self.kind})")
         if (self.model is None) == (self.train is None):
             got = "both" if self.model is not None else "neither"
             raise ValueError(
@@ -444,7 +465,15 @@ class Recipe(_Model):
             elif source not in self.teachers:
                 unknown(path, source)
             elif self.teachers[source].kind != "bi-encoder":
-                problems.append(f"{path}: {source!r} is a cross-encoder; only a bi-encoder or 'student' can mine")
+                problems.append(f"{path}: {source!r} is a {self.teachers[source].kind}; only a bi-encoder or 'student' "
+                                "can mine")
+        for name, teacher in self.teachers.items():
+            for member in teacher.members or {}:
+                path = f"teachers.{name}.members.{member}"
+                if member not in self.teachers:
+                    unknown(path, member)
+                elif self.teachers[member].kind == "ensemble":
+                    problems.append(f"{path}: an ensemble's members must be bi-encoder or cross-encoder teachers")
         cycle = None if problems else self._negatives_from_cycle()
         if cycle:
             problems.append(f"teachers: negatives_from goes round in a circle ({' -> '.join(cycle)})")
@@ -472,7 +501,7 @@ class Recipe(_Model):
                                 f"{teacher.kind} (use candidates: list)")
             miner = stage.negatives.miner
             if miner in self.teachers and self.teachers[miner].kind != "bi-encoder":
-                problems.append(f"{path}.negatives.miner: {miner!r} is a cross-encoder teacher; only 'student', a "
+                problems.append(f"{path}.negatives.miner: {miner!r} is a {self.teachers[miner].kind} teacher; only 'student', a "
                                 "bi-encoder teacher or a bi-encoder model path/id can mine negatives")
 
         if self.dpd is not None and self.dpd.teacher not in self.teachers:

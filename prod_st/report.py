@@ -101,6 +101,8 @@ def _length_text(spec: dict) -> str:
 def _teacher_source(spec: dict) -> str:
     if spec.get("model"):
         return f"pretrained `{spec['model']}`"
+    if spec.get("members"):
+        return "ensemble: " + " + ".join(f"{w:g} x {m}" for m, w in spec["members"].items()) + " (sum of logits)"
     train = spec.get("train") or {}
     text = (f"trained by prod-st from `{train.get('backbone')}` ({_length_text(train)}, lr {train.get('lr')}, "
             f"{train.get('num_negatives')} negatives")

@@ -97,6 +97,8 @@ def plan(recipe) -> Plan:
             spec = r["teachers"][name]
             source = (spec.get("train") or {}).get("negatives_from")
             depends = previous if source == "student" else teacher(source, previous) if source else None
+            if spec.get("members"):  # an ensemble is what its members are
+                depends = {member: teacher(member, previous) for member in spec["members"]}
             teachers[name] = _hash("teacher", teacher_base, spec, depends)
         return teachers[name]
 

@@ -17,6 +17,7 @@ from prod_st.stage_data import RunData, build_rows
 from prod_st.teachers import (
     BiEncoderTeacher,
     CrossEncoderTeacher,
+    EnsembleTeacher,
     train_bi_encoder,
     train_cross_encoder,
 )
@@ -39,7 +40,7 @@ class TeacherPool:
         self.eval_batch_size = eval_batch_size
         self.index = index
         self.precision = precision  # teachers score under it (trained teachers are trained in fp32)
-        self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher] = {}
+        self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher | EnsembleTeacher] = {}
 
     def get(self, name: str, student: SentenceTransformer | None = None):
         if name not in self._built:
@@ -62,6 +63,10 @@ class TeacherPool:
 
     def _build(self, name: str, student: SentenceTransformer | None):
         spec = self.specs[name]
+        if spec.kind == "ensemble":
+            members = [(self.get(m, student), weight, self.scale(m)) for m, weight in spec.members.items()]
+            logger.info("teacher %r: ensemble of %s", name, ", ".join(f"{w:g} x {m}" for m, w in spec.members.items()))
+            return EnsembleTeacher(members, name=name)
         bi = spec.kind == "bi-encoder"
         saved = self.folder / name / "model"
         if spec.model is not None:

@@ -515,3 +515,25 @@ def test_shipped_files_point_at_nothing_outside_the_repository():
     found = [f"{path.relative_to(root)}: {word}" for path in files for word in outside
              if word in path.read_text(encoding="utf-8") and path.name != "test_recipe.py"]
     assert found == []
+def test_ensemble_teacher(tmp_path):
+    data = recipe_dict()
+    data["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
+    data["stages"].append({"name": "ens", "kind": "distill", "teacher": "ens"})
+    assert parse_recipe(data).teachers["ens"].members == {"bi": 0.5, "ce": 0.5}
+    data["teachers"]["ens"]["members"] = {"bi": 0.5, "big": 0.5}
+    assert "teachers.ens.members.big: unknown teacher 'big'" in error_of(tmp_path, data)
+    data["teachers"]["ens"] = {"kind": "ensemble"}
+    assert "teachers.ens: an ensemble teacher needs `members`" in error_of(tmp_path, data)
+    data["teachers"]["ens"] = {"kind": "ensemble", "model": "x", "members": {"bi": 1.0}}
+    assert "teachers.ens: an ensemble teacher takes `members`, not `model`" in error_of(tmp_path, data)
+    data["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
+    data["teachers"]["e2"] = {"kind": "ensemble", "members": {"ens": 1.0}}
+    assert "teachers.e2.members.ens: an ensemble's members must be" in error_of(tmp_path, data)
+    data = recipe_dict()
+    data["teachers"]["bi"]["members"] = {"ce": 1.0}
+    assert "teachers.bi: `members` is for kind: ensemble only" in error_of(tmp_path, data)
+    data = recipe_dict()
+    data["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 1.0}}
+    data["stages"][2]["candidates"] = "in_batch"
+    data["stages"][2]["teacher"] = "ens"
+    assert "in_batch needs a bi-encoder teacher, 'ens' is a ensemble" in error_of(tmp_path, data)

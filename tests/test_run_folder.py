@@ -278,3 +278,19 @@ def test_a_run_of_another_recipe_is_replaced_only_with_force(tmp_path):
     Runner(recipe(), run, force=True).prepare_folder()
     assert (run / "recipe.yaml").read_text() == recipe().resolved_yaml()
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_an_ensemble_teacher_depends_on_its_members():
+    def with_ensemble(r, ce_lr=None):
+        r["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
+        r["dpd"]["teacher"] = "ens"
+        if ce_lr:
+            r["teachers"]["ce"]["train"]["lr"] = ce_lr
+
+    plain = run_folder.plan(recipe(with_ensemble))
+    assert "ens" in plain.teachers and plain.steps["04-dpd-1"] != run_folder.plan(recipe()).steps["04-dpd-1"]
+    changed = run_folder.plan(recipe(lambda r: with_ensemble(r, ce_lr=1e-3)))
+    assert plain.teachers["ens"] != changed.teachers["ens"] and plain.teachers["bi"] == changed.teachers["bi"]
+    reweighted = run_folder.plan(recipe(lambda r: (with_ensemble(r), r["teachers"]["ens"]["members"].update(bi=0.3))))
+    assert reweighted.teachers["ens"] != plain.teachers["ens"]
+    assert [s for s in STEPS if reweighted.steps[s] != plain.steps[s]] == ["04-dpd-1"]

@@ -321,3 +321,23 @@ def test_fp16_teacher_on_cpu_is_a_one_line_error(tiny_ce_dir, tmp_path):
     teacher = CrossEncoderTeacher(tiny_ce_dir, cache_root=tmp_path, precision="fp16")
     with pytest.raises(ProdStError, match="fp16 teacher scoring needs a GPU"):
         teacher.score(QUERIES, CANDIDATES, progress=False)
+class _FixedTeacher:
+    def __init__(self, name, table):
+        self.name, self.table, self.calls = name, table, 0
+
+    def score(self, queries, candidate_lists, *, progress=True):
+        self.calls += 1
+        return [[self.table[(q, d)] for d in docs] for q, docs in zip(queries, candidate_lists)]
+
+
+def test_ensemble_teacher_sums_the_members_logits():
+    from prod_st.teachers import EnsembleTeacher
+
+    bi = _FixedTeacher("bi", {("q", "a"): 0.9, ("q", "b"): 0.1, ("r", "a"): 0.5})
+    ce = _FixedTeacher("ce", {("q", "a"): -2.0, ("q", "b"): 3.0, ("r", "a"): 1.0})
+    ensemble = EnsembleTeacher([(bi, 0.5, 20.0), (ce, 0.5, 1.0)], name="ens")
+    scores = ensemble.score(["q", "r"], [["a", "b"], ["a"]])
+    assert scores[0] == pytest.approx([0.5 * 18.0 - 1.0, 0.5 * 2.0 + 1.5]) and scores[1] == pytest.approx([5.5])
+    assert bi.calls == ce.calls == 1
+    with pytest.raises(ProdStError, match="2 queries but 1 candidate lists"):
+        ensemble.score(["q", "r"], [["a"]])

@@ -9,12 +9,14 @@ from .base import Teacher, TeacherKind, scores_to_labels
 from .bi_encoder import BiEncoderTeacher
 from .cache import EmbeddingCache, ScoreCache
 from .cross_encoder import CrossEncoderTeacher, load_cross_encoder
+from .ensemble import EnsembleTeacher
 from .training import ListwiseSoftmaxLoss, train_bi_encoder, train_cross_encoder
 
 __all__ = [
     "BiEncoderTeacher",
     "CrossEncoderTeacher",
     "EmbeddingCache",
+    "EnsembleTeacher",
     "ListwiseSoftmaxLoss",
     "ScoreCache",
     "Teacher",

@@ -11,7 +11,7 @@ import torch
 from prod_st.errors import ProdStError
 from prod_st.paths import cache_dir
 
-TeacherKind = Literal["bi-encoder", "cross-encoder"]
+TeacherKind = Literal["bi-encoder", "cross-encoder", "ensemble"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
