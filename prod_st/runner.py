@@ -365,18 +365,13 @@ class Runner:
 
     def labelled_dataset(self, folder: Path, rows: TrainingRows, labels: Iterator[np.ndarray]):
         """The training rows with their labels as a dataset memory-mapped from <stage>/train_data. Rank 0
-        writes it as the labels come (through a temp Arrow file, then `save_to_disk`); the other ranks take
-        part in the teacher's work (the same label batches) and read the finished folder."""
+        writes it as the labels come (into a temp folder renamed when complete); the other ranks take part in
+        the teacher's work (the same label batches) and read the finished folder."""
         target = folder / "train_data"
         if is_main():
             if target.exists():  # a resumed stage: rewritten from the same (cached) teacher outputs
                 shutil.rmtree(target)
-            raw = folder / ".train_data.arrow.tmp"
-            try:
-                written = rows.to_dataset(labels, path=raw)
-                write_folder_atomic(target, lambda tmp: written.save_to_disk(str(tmp)))
-            finally:
-                raw.unlink(missing_ok=True)
+            write_folder_atomic(target, lambda tmp: rows.to_dataset(labels, folder=tmp))
         else:
             for _ in labels:
                 pass

@@ -131,10 +131,13 @@ def test_labels_column_is_written_batch_by_batch(tmp_path):
             seen.append(start)
             yield np.full((min(2, 5 - start), 3), start, dtype=np.float32)
 
-    dataset = rows.to_dataset(batches(), path=tmp_path / "rows.arrow")
+    (tmp_path / "rows").mkdir()
+    dataset = rows.to_dataset(batches(), folder=tmp_path / "rows")
     assert seen == [0, 2, 4] and dataset["label"][4] == [4.0, 4.0, 4.0]
+    assert datasets.load_from_disk(str(tmp_path / "rows"))["label"] == dataset["label"]
+    (tmp_path / "short").mkdir()
     with pytest.raises(ValueError, match="2 labels for 5 training rows"):
-        rows.to_dataset(iter([np.zeros((2, 3))]), path=tmp_path / "short.arrow")
+        rows.to_dataset(iter([np.zeros((2, 3))]), folder=tmp_path / "short")
 
 
 def test_cache_reopens_memory_mapped_without_loading_values(tmp_path):
