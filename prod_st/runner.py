@@ -332,7 +332,7 @@ class Runner:
                 raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {teacher_name!r} is not one")
             texts = rows.candidates()
             cost.announce(f"teacher embeddings ({teacher_name})", n * (1 + width), "texts",
-                          cost.label_bytes(LABEL_ROWS, (1 + width) * teacher.dimension))
+                          cost.label_bytes(min(n, LABEL_ROWS), (1 + width) * teacher.dimension))
 
             def in_batch() -> Iterator[np.ndarray]:
                 for start in range(0, n, LABEL_ROWS):
@@ -350,7 +350,7 @@ class Runner:
             self.stage_start_cache = frozen.cache_folder
         real = rows.real_candidates()  # fillers are never scored
         cost.announce(f"teacher scores ({teacher_name})", sum(map(len, real)) * len(score_sets), "pairs",
-                      cost.label_bytes(LABEL_ROWS, len(score_sets) * width))
+                      cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
 
         def scored() -> Iterator[np.ndarray]:
             for start in range(0, n, LABEL_ROWS):
