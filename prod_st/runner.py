@@ -24,14 +24,17 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st import __version__, corpus_index, run_folder
+from prod_st import __version__, corpus_index, cost, run_folder
 from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, world_size
 from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
@@ -40,7 +43,7 @@ from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_ranked
 from prod_st.model_card import save_stage_card
 from prod_st.models import build_student
-from prod_st.paths import write_text_atomic
+from prod_st.paths import write_folder_atomic, write_text_atomic
 from prod_st.resampling import epochs_read, total_steps
 from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
@@ -49,8 +52,10 @@ from prod_st.student_training import train_student
 from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
 from prod_st.teacher_setup import TeacherPool
 from prod_st.teachers import BiEncoderTeacher, scores_to_labels
+from prod_st.teachers.cache import SHARD_PATTERNS
 
 logger = logging.getLogger("prod_st.run")
+LABEL_ROWS = 8192  # training rows labelled per batch: the most label values in memory at once
 
 
 def atomic_json(path: Path, payload) -> None:
@@ -101,6 +106,7 @@ class Runner:
         self.dir = Path(run_dir) if run_dir else recipe.run_dir()
         self.force = force
         self.progress = progress  # the trainer's progress bars (off: --no-progress)
+        self.stage_start_cache: Path | None = None  # the cache folder prune_stage_start removes
 
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
@@ -213,6 +219,7 @@ class Runner:
             student.save(str(folder / "student"))
             save_stage_card(student, folder, record.name, self.recipe.data.dataset)
         write_json(folder / "metrics.json", record.__dict__)
+        self.prune_stage_start()  # before DONE: a stage killed before it resumes with its cache
         if is_main():
             (folder / "DONE").write_text("")
         barrier()
@@ -223,6 +230,8 @@ class Runner:
     def evaluate_dev(self, student: SentenceTransformer, folder: Path, seconds: dict) -> dict:
         """Dev metrics of the student; its dev run (top `teacher_rerank_depth`) is kept for teacher checks."""
         e = self.recipe.eval
+        cost.search_cost(f"{folder.name}: dev evaluation", student, len(self.data.corpus),
+                         len(self.data.dev.qrels), e.top_k)
         with step(f"{folder.name}: dev evaluation", seconds, "eval"):
             evaluator = self.dev_evaluator()
             evaluator(student)  # the metrics go into the student's card data too
@@ -272,7 +281,8 @@ class Runner:
         else:
             self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
-                dataset = rows.to_dataset(self.labels(stage.teacher, rows, stage.candidates, student, stage.loss))
+                labels = self.labels(stage.teacher, rows, stage.candidates, student, stage.loss)
+                dataset = self.labelled_dataset(folder, rows, labels)
             loss = self.prod_loss(student, stage.candidates, stage.loss)
         self.save_train_data(folder, dataset)
         record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch,
@@ -299,6 +309,8 @@ class Runner:
         `in_batch` candidates a query short of negatives is dropped (in-batch columns cannot be masked)."""
         neg = stage.negatives
         window = NegativeWindow(neg.start, neg.end, neg.count, neg.strategy)
+        cost.search_cost(f"{stage.name}: mine negatives", student, len(self.data.corpus),
+                         len(self.data.train.qrels), neg.end)
         with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
             miner = self.teachers.miner_model(neg.miner, student)
             pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
@@ -328,6 +340,10 @@ class Runner:
         rows = block_size or len(dataset)
         training = self.recipe.training
         steps = total_steps(rows, spec.batch_size * training.gradient_accumulation_steps, spec.epochs, spec.max_steps)
+        frozen = getattr(loss, "previous_model", None)  # PRODLoss's frozen stage-start student, if online
+        rows_read = steps * spec.batch_size * training.gradient_accumulation_steps
+        cost.announce(f"{record.name}: train", rows_read, f"rows read ({steps:,} steps)",
+                      cost.training_bytes(student) + (cost.model_bytes(frozen) if frozen is not None else 0))
         with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"):
             return train_student(
                 student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
@@ -347,30 +363,82 @@ class Runner:
             previous_model=previous, gather_across_devices=world_size() > 1,
         )
 
-    def labels(self, teacher_name: str, rows: TrainingRows, candidates: str, student, loss_spec) -> list:
-        """The loss's label column, in logit scale. In-batch mode: the teacher's embeddings of [query,
+    def labels(
+        self, teacher_name: str, rows: TrainingRows, candidates: str, student, loss_spec
+    ) -> Iterator[np.ndarray]:
+        """The loss's label column, in logit scale, as float32 arrays of LABEL_ROWS rows at a time (the
+        teacher's work is done batch by batch too). In-batch mode: the teacher's embeddings of [query,
         positive, negatives]. List mode: the teacher's scores over [positive, negatives] (-inf for fillers),
         and with regularisation also the stage-start student's scores, computed once from its cached
-        embeddings instead of a frozen forward pass at every step."""
+        embeddings instead of a frozen forward pass at every step (that cache is pruned when the stage ends)."""
         teacher = self.teachers.get(teacher_name)
         scale = self.teachers.scale(teacher_name)
+        n, width = len(rows.queries), 1 + len(rows.negatives[0])
         if candidates == "in_batch":
             if not isinstance(teacher, BiEncoderTeacher):
                 raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {teacher_name!r} is not one")
-            embeddings = teacher.embeddings_for_rows(rows.queries, rows.candidates())
-            embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
-            return embeddings.tolist()
+            texts = rows.candidates()
+            cost.announce(f"teacher embeddings ({teacher_name})", n * (1 + width), "texts",
+                          cost.label_bytes(min(n, LABEL_ROWS), (1 + width) * teacher.dimension))
+
+            def in_batch() -> Iterator[np.ndarray]:
+                for start in range(0, n, LABEL_ROWS):
+                    embeddings = teacher.embeddings_for_rows(rows.queries[start : start + LABEL_ROWS],
+                                                             texts[start : start + LABEL_ROWS])
+                    embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
+                    yield embeddings.numpy()
+
+            return cost.timed(f"teacher embeddings ({teacher_name})", in_batch(), n, LABEL_ROWS)
         score_sets = [(teacher, scale)]
         if loss_spec.reg_weight > 0:
             # the student before this stage trains: its embeddings are cached under its weights' fingerprint
             frozen = BiEncoderTeacher(student, name="stage-start student")
             score_sets.append((frozen, score_scale(student)))
-        real, width = rows.real_candidates(), 1 + len(rows.negatives[0])  # fillers are never scored
-        labels = [
-            scores_to_labels([[factor * x for x in row] for row in model.score(rows.queries, real)], width)
-            for model, factor in score_sets
-        ]
-        return (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).tolist()
+            self.stage_start_cache = frozen.cache_folder
+        real = rows.real_candidates()  # fillers are never scored
+        cost.announce(f"teacher scores ({teacher_name})", sum(map(len, real)) * len(score_sets), "pairs",
+                      cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
+
+        def scored() -> Iterator[np.ndarray]:
+            for start in range(0, n, LABEL_ROWS):
+                queries, lists = rows.queries[start : start + LABEL_ROWS], real[start : start + LABEL_ROWS]
+                labels = [
+                    scores_to_labels([[factor * x for x in row] for row in model.score(queries, lists)], width)
+                    for model, factor in score_sets
+                ]
+                yield (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).numpy()
+
+        return cost.timed(f"teacher scores ({teacher_name})", scored(), n, LABEL_ROWS)
+
+    def labelled_dataset(self, folder: Path, rows: TrainingRows, labels: Iterator[np.ndarray]):
+        """The training rows with their labels as a dataset memory-mapped from <stage>/train_data. Rank 0
+        writes it as the labels come (into a temp folder renamed when complete); the other ranks take part in
+        the teacher's work (the same label batches) and read the finished folder."""
+        target = folder / "train_data"
+        if is_main():
+            if target.exists():  # a resumed stage: rewritten from the same (cached) teacher outputs
+                shutil.rmtree(target)
+            write_folder_atomic(target, lambda tmp: rows.to_dataset(labels, folder=tmp))
+        else:
+            for _ in labels:
+                pass
+        barrier()
+        return datasets.load_from_disk(str(target))
+
+    def prune_stage_start(self) -> None:
+        """Remove the stage-start student's cached embeddings (only the shards prod-st's cache writes): no later
+        step reads them, as every later step starts from another student. Kept when a teacher has the same
+        weights (its cache is the same folder)."""
+        folder, self.stage_start_cache = self.stage_start_cache, None
+        if folder is None or not is_main() or folder in self.teachers.cache_folders():
+            return
+        shards = folder / "embeddings"
+        for path in [p for pattern in SHARD_PATTERNS for p in shards.glob(pattern)] + list(shards.glob(".part-*.tmp")):
+            path.unlink(missing_ok=True)
+        for empty in (shards, folder):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+        logger.info("pruned the stage-start student's cached embeddings (%s)", folder.name[:12])
 
     def save_train_data(self, folder: Path, dataset) -> None:
         if is_main() and not (folder / "train_data").exists():
@@ -438,9 +506,12 @@ class Runner:
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
         teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
+        cost.search_cost(f"{name}: student retrieval", student, len(self.data.corpus), len(queries), spec.rerank_depth)
         with step(f"{name}: student top-{spec.rerank_depth} on {len(queries)} training queries", record.seconds, "mine"):
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
                                      index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
+        pairs = sum(map(len, ranked.values()))
+        cost.announce(f"{name}: teacher rerank", pairs, "pairs", cost.run_bytes(len(ranked), spec.rerank_depth) * 2)
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
             scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
             teacher_runs = teacher_rankings(ranked, scores)
@@ -461,8 +532,7 @@ class Runner:
             return self.finish_stage(folder, student, record)
         rows = build_rows(self.data, selection.kept, spec.num_negatives, qrels=qrels)
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
-            dataset = rows.to_dataset(self.labels(spec.teacher, rows, "list", student, spec.loss))
-        self.save_train_data(folder, dataset)
+            dataset = self.labelled_dataset(folder, rows, self.labels(spec.teacher, rows, "list", student, spec.loss))
         loss = self.prod_loss(student, "list", spec.loss)
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
@@ -483,8 +553,10 @@ class Runner:
         kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size, relevance_level=level)
         timing: dict = {}
         logger.info("stage %d of %d: final test", len(self.plan.steps) + 1, len(self.plan.steps) + 1)
+        student = self.load_student(last)
+        cost.search_cost("final: test evaluation", student, len(test.corpus), len(test.qrels or test.answers), e.top_k)
         with step("final: test evaluation", timing, "test"):
-            final = evaluate_model(self.load_student(last), test, keep_run=True, **kwargs)
+            final = evaluate_model(student, test, keep_run=True, **kwargs)
             tested = {"student": final.metrics}
             if len(records) > 1:  # (an evaluate-only run has one student, tested as it is)
                 initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)

@@ -3,16 +3,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 
 logger = logging.getLogger(__name__)
+DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
 FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
 
 
@@ -131,14 +138,59 @@ class TrainingRows:
         return [[p, *(n for n, gone in zip(negs, miss) if not gone)]
                 for p, negs, miss in zip(self.positives, self.negatives, self.missing)]
 
-    def to_dataset(self, labels: list | None = None) -> datasets.Dataset:
-        """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect."""
-        columns = {"query": self.queries, "positive": self.positives}
+    def to_dataset(self, labels: Iterable[np.ndarray] | None = None, *, folder: Path | None = None) -> datasets.Dataset:
+        """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect.
+
+        `labels` come batch by batch: arrays whose first axis runs over consecutive rows (in row order), all of
+        one shape otherwise. They are written with the rows' texts into `folder` (an existing empty folder,
+        in `Dataset.save_to_disk`'s layout) as a float32 fixed-size-list column (nested for a label of several
+        axes) as they come, and the dataset returned memory-maps that file: no Python object per label value,
+        and one batch in memory at a time."""
+        if labels is None:
+            return datasets.Dataset.from_dict(self._text_columns(0, len(self.queries)))
+        if folder is None:
+            raise ValueError("labelled training rows are written to a dataset folder: give it")
+        path, writer, done = Path(folder) / DATA_FILE, None, 0
+        try:
+            for batch in labels:
+                batch = np.asarray(batch, dtype=np.float32)
+                columns = self._text_columns(done, done + len(batch)) | {"label": _fixed_size_lists(batch)}
+                table = pa.table(columns)
+                if writer is None:
+                    writer = pa.ipc.new_stream(str(path), table.schema)
+                writer.write_table(table)
+                done += len(batch)
+        finally:
+            if writer is not None:
+                writer.close()
+        if done != len(self.queries):
+            raise ValueError(f"{done} labels for {len(self.queries)} training rows")
+        _write_dataset_state(Path(folder))
+        return datasets.load_from_disk(str(folder))
+
+    def _text_columns(self, start: int, end: int) -> dict[str, list[str]]:
+        columns = {"query": self.queries[start:end], "positive": self.positives[start:end]}
         for j in range(len(self.negatives[0]) if self.negatives else 0):
-            columns[f"negative_{j + 1}"] = [negs[j] for negs in self.negatives]
-        if labels is not None:
-            columns["label"] = labels
-        return datasets.Dataset.from_dict(columns)
+            columns[f"negative_{j + 1}"] = [negs[j] for negs in self.negatives[start:end]]
+        return columns
+
+
+def _write_dataset_state(folder: Path) -> None:
+    """state.json and dataset_info.json as `Dataset.save_to_disk` writes them, for the Arrow file in `folder`
+    (so `datasets.load_from_disk` reads it, with no copy of the data)."""
+    dataset = datasets.Dataset.from_file(str(folder / DATA_FILE))
+    state = {"_data_files": [{"filename": DATA_FILE}], "_fingerprint": dataset._fingerprint, "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    dataset.info.write_to_directory(str(folder))
+
+
+def _fixed_size_lists(batch: np.ndarray) -> pa.Array:
+    """A (rows, d1, d2, ...) float32 array as an Arrow column of (nested) fixed-size lists of float32."""
+    array = pa.array(np.ascontiguousarray(batch).reshape(-1), pa.float32())
+    for size in reversed(batch.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
 
 
 def build_rows(

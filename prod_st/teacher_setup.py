@@ -47,6 +47,10 @@ class TeacherPool:
             self._built[name] = self._build(name, student)
         return self._built[name]
 
+    def cache_folders(self) -> set[Path]:
+        """The cache folders of the teachers built so far."""
+        return {teacher.cache_folder for teacher in self._built.values()}
+
     def scale(self, name: str) -> float:
         """Multiplier turning the teacher's scores into logits (cosine x 20 for a cosine bi-encoder; a
         cross-encoder's raw logits as they are)."""

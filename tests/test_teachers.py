@@ -67,11 +67,11 @@ def test_score_cache_roundtrip_and_atomic_shards(tmp_path):
     cache = ScoreCache(tmp_path / "s")
     cache.put_many(["a", "b"], [1.5, -2.25])
     cache.put_many(["c"], np.array([3.0], dtype=np.float32))
-    (tmp_path / "s" / ".part-junk.parquet.tmp").write_bytes(b"half written")  # a killed write: ignored
+    (tmp_path / "s" / ".part-junk.arrow.tmp").write_bytes(b"half written")  # a killed write: ignored
     reopened = ScoreCache(tmp_path / "s")
     assert reopened.get_many(["a", "b", "c", "zz"]) == {"a": 1.5, "b": -2.25, "c": 3.0}
     assert reopened.missing(["a", "zz", "zz", "yy"]) == ["zz", "yy"]
-    assert len(list((tmp_path / "s").glob("part-*.parquet"))) == 2
+    assert len(list((tmp_path / "s").glob("part-*.arrow"))) == 2
 
 
 def test_embedding_cache_roundtrip_and_only_rank0_writes(tmp_path, monkeypatch):

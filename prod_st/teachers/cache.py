@@ -1,13 +1,19 @@
-"""On-disk key -> value caches for teacher outputs: append-only parquet shards, each written atomically.
+"""On-disk key -> value caches for teacher outputs: append-only Arrow shards, each written atomically and read
+memory-mapped.
 
-A folder holds `part-<time>-<pid>-<n>.parquet` files with a string `key` column and a value column. Every
-`put_many` writes one new shard to a hidden temp name and renames it into place, so a killed process
-leaves only whole shards behind (a rerun trusts every `part-*.parquet` it finds and nothing else). Shards
-are read once, when the cache is opened. Only rank 0 writes; other ranks keep their values in memory.
+A folder holds `part-<time>-<pid>-<n>.arrow` files (Arrow IPC) with a string `key` column, its 16-byte
+`digest` (blake2b of the key) and a value column. Every `put_many` writes one new shard to a hidden temp name
+and renames it into place, so a killed process leaves only whole shards behind (a rerun trusts every `part-*`
+file it finds and nothing else). Opening a cache memory-maps its shards: values stay in the page cache, not in
+the process's heap; what lives in memory is one sorted array of digests (16 bytes per entry) and the row each
+points to, searched with `np.searchsorted`: no Python object per entry. Shards of older prod-st versions
+(`part-*.parquet`) are still read (into memory). Only rank 0 writes; other ranks keep their own values in
+memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -18,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -28,65 +35,141 @@ logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 _counter = itertools.count()
+SHARD_PATTERNS = ("part-*.arrow", "part-*.parquet")  # what a cache folder's shards are named (parquet: older)
+
+
+def digests(keys: Sequence[str]) -> np.ndarray:
+    """16-byte blake2b digests of `keys`, as a numpy 'S16' array (sortable and searchable)."""
+    out = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys)
+    return np.frombuffer(out, dtype="S16")
+
+
+def _digest_column(table: pa.Table) -> np.ndarray:
+    """The table's digests as an 'S16' array: a zero-copy view of its `digest` column (computed from the keys for
+    an older shard without one)."""
+    if "digest" not in table.column_names:
+        return digests(table.column("key").to_pylist())
+    column = table.column("digest").combine_chunks()  # one chunk per shard written here: no copy
+    return np.frombuffer(column.buffers()[1], dtype="S16", count=len(column), offset=column.offset * 16)
+
+
+def _read_shard(path: Path) -> pa.Table | None:
+    """A shard memory-mapped (Arrow) or read (older parquet); None when it was removed meanwhile."""
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        source = pa.memory_map(str(path))
+        try:
+            return ipc.open_file(source).read_all()  # buffers point into the mapping, which outlives the file
+        finally:
+            source.close()
+    except FileNotFoundError:
+        return None
 
 
 class _ShardedCache(Generic[V]):
-    """Shared plumbing of ScoreCache and EmbeddingCache: shard listing, loading, atomic appends."""
+    """Shared plumbing of ScoreCache and EmbeddingCache: shard listing, memory-mapped reads, the digest index,
+    atomic appends."""
 
     value_column = "value"
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._values: dict[str, V] = {}
-        for shard in sorted(self.folder.glob("part-*.parquet")):
-            try:
-                table = pq.read_table(shard)
-            except FileNotFoundError:  # removed between listing and reading: nothing to trust there
-                continue
-            self._load(table)
+        self._chunks: list[pa.Array] = []  # the value column, one chunk per shard (or in-memory put)
+        self._sorted = np.empty(0, dtype="S16")  # digests, sorted
+        self._rows = np.empty(0, dtype=np.int64)  # global row of each sorted digest
+        self._pending: list[np.ndarray] = []  # digests added since the last lookup, in row order
+        self._size = 0  # rows so far
+        shards = sorted(p for pattern in SHARD_PATTERNS for p in self.folder.glob(pattern))
+        for shard in shards:
+            if (table := _read_shard(shard)) is not None and table.num_rows:
+                self._add(table)
 
     # -- per-value-type hooks -------------------------------------------------------------------
-    def _load(self, table: pa.Table) -> None:
-        raise NotImplementedError
-
     def _value_array(self, values: Sequence[V]) -> pa.Array:
         raise NotImplementedError
 
-    def _store(self, keys: Sequence[str], values: Sequence[V]) -> None:
-        self._values.update(zip(keys, values))
+    # -- the index ------------------------------------------------------------------------------
+    def _add(self, table: pa.Table) -> None:
+        self._chunks.extend(table.column(self.value_column).chunks)
+        self._pending.append(_digest_column(table))
+        self._size += table.num_rows
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fold the digests added since the last lookup into the sorted index (a sort of the new ones and
+        one merge: linear in the cache's size)."""
+        if self._pending:
+            new = np.concatenate(self._pending)
+            rows = np.arange(self._size - len(new), self._size, dtype=np.int64)
+            order = np.argsort(new, kind="stable")
+            new, rows = new[order], rows[order]
+            where = np.searchsorted(self._sorted, new, side="right")  # after equal digests: first put wins
+            self._sorted = np.insert(self._sorted, where, new)
+            self._rows = np.insert(self._rows, where, rows)
+            self._pending = []
+        return self._sorted, self._rows
+
+    def _find(self, keys: Sequence[str]) -> np.ndarray:
+        """The row of each key, -1 where it is not cached."""
+        found = np.full(len(keys), -1, dtype=np.int64)
+        if not len(keys) or not self._size:
+            return found
+        index, rows = self._index()
+        wanted = digests(keys)
+        at = np.minimum(np.searchsorted(index, wanted), len(index) - 1)
+        hit = index[at] == wanted
+        found[hit] = rows[at[hit]]
+        return found
+
+    def _take(self, rows: np.ndarray) -> pa.Array:
+        """The values at `rows`, copied out of the shards that hold them, shard by shard (a ChunkedArray's own
+        `take` would first concatenate every shard into memory)."""
+        starts = np.cumsum([0] + [len(c) for c in self._chunks])
+        chunk = np.searchsorted(starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        pieces = [self._chunks[chunk[group[0]]].take(pa.array(rows[group] - starts[chunk[group[0]]]))
+                  for group in np.split(order, bounds)]
+        gathered = pa.concat_arrays(pieces)  # in shard order: put back in the order asked
+        return gathered.take(pa.array(np.argsort(order, kind="stable")))
 
     # -- public API ------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._values)
+        """Number of distinct cached keys."""
+        index, _ = self._index()
+        return int(np.count_nonzero(index[1:] != index[:-1])) + 1 if len(index) else 0
 
     def __contains__(self, key: object) -> bool:
-        return key in self._values
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, V]:
-        """{key: value} for the keys present (missing keys are simply absent)."""
-        values = self._values
-        return {k: values[k] for k in keys if k in values}
+        return isinstance(key, str) and bool(self._find([key])[0] >= 0)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The distinct keys not in the cache, in first-seen order."""
-        values = self._values
-        return [k for k in dict.fromkeys(keys) if k not in values]
+        distinct = list(dict.fromkeys(keys))
+        rows = self._find(distinct)
+        return [k for k, row in zip(distinct, rows) if row < 0]
 
     def put_many(self, keys: Sequence[str], values: Sequence[V]) -> None:
-        """Add `keys` -> `values`; on rank 0 also write them as one new shard (temp file + rename)."""
+        """Add `keys` -> `values`; on rank 0 as one new shard (temp file + rename), read back memory-mapped."""
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         if not len(keys):
             return
-        self._store(list(keys), values)
-        if not is_main():
-            return
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_counter):06d}.parquet"
-        table = pa.table({"key": pa.array(list(keys), pa.string()), self.value_column: self._value_array(values)})
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.folder / name)
+        keys = list(keys)
+        digest = digests(keys)
+        table = pa.table({
+            "key": pa.array(keys, pa.string()),
+            "digest": pa.Array.from_buffers(pa.binary(16), len(keys), [None, pa.py_buffer(digest.tobytes())]),
+            self.value_column: self._value_array(values),
+        })
+        if is_main():
+            name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_counter):06d}.arrow"
+            tmp = self.folder / f".{name}.tmp"
+            with ipc.new_file(str(tmp), table.schema) as writer:
+                writer.write_table(table)
+            os.replace(tmp, self.folder / name)
+            table = _read_shard(self.folder / name) or table  # mapped: the values leave the heap
+        self._add(table)
 
 
 class ScoreCache(_ShardedCache[float]):
@@ -94,12 +177,16 @@ class ScoreCache(_ShardedCache[float]):
 
     value_column = "score"
 
-    def _store(self, keys: Sequence[str], values: Sequence[float]) -> None:
-        # Python floats of the float32 values: identical whether they come from a model or from a shard.
-        super()._store(keys, np.asarray(values, dtype=np.float32).tolist())
-
-    def _load(self, table: pa.Table) -> None:
-        self._store(table.column("key").to_pylist(), table.column(self.value_column).to_pylist())
+    def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        """{key: value} for the keys present (missing keys are simply absent); Python floats of the float32
+        values."""
+        keys = list(keys)
+        rows = self._find(keys)
+        hit = rows >= 0
+        if not hit.any():
+            return {}
+        values = self._take(rows[hit]).to_numpy(zero_copy_only=False).astype(np.float32, copy=False).tolist()
+        return dict(zip((k for k, h in zip(keys, hit) if h), values))
 
     def _value_array(self, values: Sequence[float]) -> pa.Array:
         return pa.array(np.asarray(values, dtype=np.float32), pa.float32())
@@ -110,12 +197,6 @@ class EmbeddingCache(_ShardedCache[np.ndarray]):
 
     value_column = "vector"
 
-    def _load(self, table: pa.Table) -> None:
-        column = table.column(self.value_column).combine_chunks()
-        dim = column.type.list_size
-        matrix = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-        self._store(table.column("key").to_pylist(), list(matrix))
-
     def _value_array(self, values: Sequence[np.ndarray]) -> pa.Array:
         matrix = np.asarray(values, dtype=np.float32)
         if matrix.ndim != 2:
@@ -124,8 +205,14 @@ class EmbeddingCache(_ShardedCache[np.ndarray]):
 
     def matrix(self, keys: Sequence[str]) -> np.ndarray:
         """(len(keys), dim) float32 rows of `keys`, all of which must be cached."""
-        values = self._values
-        return np.stack([values[k] for k in keys]).astype(np.float32, copy=False)
+        rows = self._find(list(keys))
+        if (rows < 0).any():
+            raise KeyError(list(keys)[int(np.argmax(rows < 0))])
+        if not len(rows):
+            return np.zeros((0, 0), dtype=np.float32)
+        column = self._take(rows)
+        flat = column.flatten().to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False)
+        return flat.reshape(len(rows), column.type.list_size)
 
 
 def fill_missing(

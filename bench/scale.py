@@ -1,0 +1,308 @@
+"""How prod-st's cost grows with the data (issue 9, item 6): the whole schedule (warm-up, bi-encoder stage,
+cross-encoder stage, one DPD round, test) on tiny random models over growing slices of wordnet-gloss, the
+corpus and the training queries grown separately (3 sizes each, an 8x range), each size in its own process.
+Records peak RSS and seconds per step, fits memory and time per document and per query (least squares) and
+extrapolates to MS MARCO passage (8.8M passages, 500k training queries) and NQ (21M passages) at the recipes'
+model sizes.
+
+    nice -n 10 python bench/scale.py --small            # ~3 min on 2 idle cores: 500-4k docs, 40-320 queries
+    python bench/scale.py                                # full: 10k-80k docs, 1k-8k queries
+    python bench/scale.py --small --code /work/main      # the same runs on another checkout (before/after)
+    python bench/scale.py --sizes 'corpus=2000,16000 queries=100'   # chosen sizes, no fit
+
+Models: student, bi-encoder and cross-encoder teachers of 2 layers, 128 wide, random weights, built here from
+a BertConfig with all-MiniLM-L6-v2's (packaged) tokenizer: nothing is downloaded. Every run has its own
+PROD_ST_CACHE (cold caches). Output: <out>/results.json and a markdown report on stdout.
+
+The time projection is arithmetic, not a measurement: measured CPU seconds of the tiny models, times the
+ratio of work per text (layers x width^2 x tokens) of the recipe's models, divided by the ratio of an assumed
+GPU throughput (--gpu-tflops, effective) to this CPU's measured one. Memory: the measured per-document and
+per-query slopes (at 128 dims), and the same slopes times 768/128 as an upper bound (as if every byte per item
+were an embedding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"layers": 2, "hidden": 128}
+STEP_GROUPS = {  # metrics.json / final.json seconds keys -> what they are
+    "encode+search": ("eval", "mine", "test"),
+    "teacher": ("teacher", "score", "score_rows"),
+    "train": ("train",),
+}
+TARGETS = {  # docs, training queries, dims, (student layers, width), (teacher layers, width), doc tokens
+    "msmarco-passage": dict(docs=8_841_823, queries=502_939, dim=768, student=(6, 768), teacher=(12, 768), tokens=80),
+    "nq": dict(docs=21_015_324, queries=58_880, dim=768, student=(6, 768), teacher=(12, 768), tokens=140),
+}
+WORDNET_TOKENS = 18  # wordnet-gloss documents, CALIBRATION.md
+
+
+# ---- the child: one run, its peak RSS and step seconds ----------------------------------------------------
+def child(recipe: str, run_dir: str, result: str) -> None:
+    import logging
+    from contextlib import contextmanager
+
+    import prod_st.runner as runner
+    from prod_st.recipe import load_recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cpu: dict[str, float] = {}  # CPU seconds per step (all threads): the work, whatever the machine's load
+    wall_step = runner.step
+
+    @contextmanager
+    def step(what, seconds, key):
+        start = time.process_time()
+        with wall_step(what, seconds, key):
+            yield
+        cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
+
+    runner.step = step
+    start = time.perf_counter()
+    final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()
+    wall = time.perf_counter() - start
+    seconds: dict[str, float] = {}
+    spec = load_recipe(recipe)
+    batch = {s.name: s.batch_size for s in spec.stages} | {f"dpd-{i}": spec.dpd.batch_size for i in range(1, 9)}
+    rows_read = 0  # training rows read over the run: steps x batch size of every stage
+    for folder in sorted(Path(run_dir).iterdir()):
+        metrics = folder / "metrics.json"
+        if folder.name[:2].isdigit() and metrics.exists():
+            record = json.loads(metrics.read_text())
+            for key, value in record["seconds"].items():
+                seconds[key] = seconds.get(key, 0.0) + value
+            rows_read += record["train"].get("steps", 0) * batch.get(record["name"], 0)
+    for key, value in final["seconds"].items():
+        if key != "run":
+            seconds[key] = seconds.get(key, 0.0) + value
+    Path(result).write_text(json.dumps({
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_s": round(wall, 1), "seconds": seconds, "num_docs": final["num_docs"],
+        "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+        "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1), "rows_read": rows_read,
+    }))
+
+
+# ---- the parent ---------------------------------------------------------------------------------------------
+def build_models(folder: Path) -> dict[str, str]:
+    """Student, bi-encoder and cross-encoder of TINY size with random weights (fixed seeds)."""
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from prod_st.models import resolve_model_path
+
+    paths = {name: folder / name for name in ("student", "bi", "ce")}
+    if all((p / "DONE").exists() for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    size = dict(vocab_size=tokenizer.vocab_size, hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+                num_attention_heads=2, intermediate_size=4 * TINY["hidden"], max_position_embeddings=512)
+    config = BertConfig(**size)
+    for seed, name in ((1, "student"), (2, "bi")):
+        torch.manual_seed(seed)
+        raw = folder / f"{name}-raw"
+        BertModel(config).save_pretrained(raw)
+        tokenizer.save_pretrained(raw)
+        transformer = Transformer(str(raw), max_seq_length=64)
+        SentenceTransformer(modules=[transformer, Pooling(TINY["hidden"], "mean")]).save(str(paths[name]))
+    torch.manual_seed(3)
+    raw = folder / "ce-raw"
+    BertForSequenceClassification(BertConfig(**size, num_labels=1)).save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    CrossEncoder(str(raw), num_labels=1).save(str(paths["ce"]))
+    for p in paths.values():
+        (p / "DONE").write_text("")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def recipe(models: dict[str, str], docs: int, queries: int, small: bool) -> dict:
+    neg = {"miner": "student", "start": 1, "end": 100, "count": 1, "strategy": "sample"}
+    held_out = 10 if small else 200
+    return {
+        "name": "scale",
+        "seed": 13,
+        "data": {"dataset": "wordnet-gloss", "train_queries": queries, "dev_queries": held_out,
+                 "test_queries": 2 * held_out, "corpus_size": docs},
+        "student": {"init": models["student"], "num_layers": TINY["layers"], "max_query_length": 32,
+                    "max_doc_length": 64},
+        "teachers": {"bi": {"kind": "bi-encoder", "model": models["bi"], "batch_size": 64},
+                     "ce": {"kind": "cross-encoder", "model": models["ce"], "max_length": 96, "batch_size": 64}},
+        "stages": [  # one epoch each: training grows with the training queries
+            {"name": "warmup", "kind": "warmup", "candidates": "in_batch", "negatives": neg, "batch_size": 32},
+            {"name": "bi", "teacher": "bi", "candidates": "in_batch", "negatives": neg, "batch_size": 32},
+            {"name": "ce", "teacher": "ce", "candidates": "list", "negatives": neg | {"count": 4},
+             "loss": {"reg_weight": 1.0}, "batch_size": 16},
+        ],
+        "dpd": {"teacher": "ce", "rerank_depth": 15, "num_negatives": 7, "batch_size": 16},
+        "eval": {"top_k": 100, "teacher_rerank_depth": 10, "batch_size": 64},
+    }
+
+
+def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code: Path) -> dict:
+    label = f"d{docs}-q{queries}"
+    result = out / f"{label}.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    path = out / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(recipe(models, docs, queries, small), sort_keys=False))
+    env = os.environ | {"PYTHONPATH": f"{code}:{code / 'cli'}", "HF_HUB_OFFLINE": "1",
+                        "TOKENIZERS_PARALLELISM": "false", "PROD_ST_CACHE": str(out / f"cache-{label}")}
+    start = time.perf_counter()
+    with open(out / f"{label}.log", "w") as log:
+        subprocess.run([sys.executable, __file__, "--child", str(path), str(out / f"run-{label}"), str(result)],
+                       env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, check=True)
+    data = json.loads(result.read_text()) | {"docs": docs, "queries": queries,
+                                              "process_s": round(time.perf_counter() - start, 1)}
+    result.write_text(json.dumps(data))
+    print(f"  {label}: {data['num_docs']} docs, peak RSS {data['peak_rss_mb']:.0f} MB, run {data['wall_s']}s "
+          f"({data['cpu_s']} CPU s)",
+          file=sys.stderr)
+    return data
+
+
+def grouped(seconds: dict) -> dict[str, float]:
+    return {group: sum(seconds.get(k, 0.0) for k in keys) for group, keys in STEP_GROUPS.items()}
+
+
+def fit(xs, ys) -> tuple[float, float, float]:
+    """Least-squares line y = a + b x: (a, b, R^2)."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    b, a = np.polyfit(xs, ys, 1)
+    residual = ys - (a + b * xs)
+    total = ((ys - ys.mean()) ** 2).sum()
+    return float(a), float(b), float(1 - (residual ** 2).sum() / total) if total else 1.0
+
+
+def cpu_tflops() -> float:
+    """This CPU's effective fp32 throughput on the tiny student's forward pass (2 x weights x tokens)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"], num_attention_heads=2,
+                                 intermediate_size=4 * TINY["hidden"])).eval()
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    ids = torch.randint(1000, 2000, (64, 32))
+    with torch.no_grad():
+        model(ids)
+        start = time.process_time()  # CPU seconds, like the steps' (a loaded machine gives fewer per second)
+        for _ in range(5):
+            model(ids)
+    return 2 * weights * ids.numel() * 5 / (time.process_time() - start) / 1e12
+
+
+def recipe_rows_read(name: str) -> int:
+    """Training rows a recipe reads: max_steps x batch_size x 8 (PROD's 8 GPUs) over its stages and DPD rounds."""
+    spec = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
+    stages = spec["stages"] + [spec["dpd"]] * spec["dpd"].get("rounds", 1)
+    return sum(s["max_steps"] * s["batch_size"] * 8 for s in stages)
+
+
+def work_ratio(layers_width: tuple[int, int], tokens: int) -> float:
+    layers, width = layers_width
+    return layers * width ** 2 * tokens / (TINY["layers"] * TINY["hidden"] ** 2 * WORDNET_TOKENS)
+
+
+def report(runs: list[dict], base: tuple[int, int], gpu_tflops: float, cpu: float) -> str:
+    by_docs = sorted((r for r in runs if r["queries"] == base[1]), key=lambda r: r["docs"])
+    by_queries = sorted((r for r in runs if r["docs"] == base[0]), key=lambda r: r["queries"])
+    lines = ["Per step: CPU seconds (all threads; the machine's load does not change them) / wall seconds.", "",
+             "| docs | train queries | peak RSS MB | run CPU s / wall s | " + " | ".join(f"{g}" for g in STEP_GROUPS) + " |",
+             "|---|---|---|---|" + "---|" * len(STEP_GROUPS)]
+    for r in sorted(runs, key=lambda r: (r["queries"], r["docs"])):
+        c, w = grouped(r["cpu_seconds"]), grouped(r["seconds"])
+        lines.append(f"| {r['num_docs']:,} | {r['queries']:,} | {r['peak_rss_mb']:.0f} | {r['cpu_s']:.0f} / {r['wall_s']:.0f} | "
+                     + " | ".join(f"{c[k]:.1f} / {w[k]:.1f}" for k in STEP_GROUPS) + " |")
+    if len(by_docs) < 2 or len(by_queries) < 2:
+        return "\n".join(lines)
+    fits = {}
+    for axis, series, x in (("doc", by_docs, "num_docs"), ("query", by_queries, "queries")):
+        xs = [r[x] for r in series]
+        fits[axis] = {"rss": fit(xs, [r["peak_rss_mb"] * 2**20 for r in series])}
+        for group in STEP_GROUPS:
+            fits[axis][group] = fit(xs, [grouped(r["cpu_seconds"])[group] for r in series])
+    lines += ["", "Fitted slopes (least squares over the 3 sizes of each series; R^2 in brackets):", "",
+              "| per | peak RSS | " + " | ".join(f"{g} CPU s" for g in STEP_GROUPS) + " |",
+              "|---|---|" + "---|" * len(STEP_GROUPS)]
+    for axis in fits:
+        f = fits[axis]
+        lines.append(f"| {axis} | {f['rss'][1] / 1024:.2f} KB ({f['rss'][2]:.2f}) | "
+                     + " | ".join(f"{f[g][1] * 1e3:.3f} ms ({f[g][2]:.2f})" for g in STEP_GROUPS) + " |")
+    base_run = by_docs[0]
+    per_row = float(np.mean([grouped(r["cpu_seconds"])["train"] / r["rows_read"] for r in runs if r.get("rows_read")]))
+    lines += ["", f"Projection (arithmetic, see the module docstring): this CPU {cpu * 1e3:.1f} GFLOP/s effective on "
+              f"the tiny model, GPU assumed {gpu_tflops:.0f} TFLOP/s effective. Memory: base {base_run['peak_rss_mb']:.0f} MB "
+              "+ slopes x items (as measured at 128 dims / x6 for 768 dims).", "",
+              "| target | host memory (as measured) | host memory (x dims) | " +
+              " | ".join(f"{g} GPU h" for g in STEP_GROUPS) + " | total GPU h | on 8 GPUs, h |",
+              "|---|---|---|" + "---|" * (len(STEP_GROUPS) + 2)]
+    for name, t in TARGETS.items():
+        extra_docs, extra_q = t["docs"] - base_run["num_docs"], t["queries"] - base[1]
+        grow = fits["doc"]["rss"][1] * extra_docs + fits["query"]["rss"][1] * extra_q
+        scale_dim = t["dim"] / TINY["hidden"]
+        memory = (base_run["peak_rss_mb"] * 2**20 + grow) / 2**30
+        memory_dim = (base_run["peak_rss_mb"] * 2**20 + grow * scale_dim) / 2**30
+        hours = {}
+        for group in STEP_GROUPS:
+            model = t["teacher"] if group == "teacher" else t["student"]
+            if group == "train":  # the recipe's steps x global batch (8 GPUs), at the measured CPU s per row read
+                cpu_s = per_row * recipe_rows_read(name)
+            else:
+                cpu_s = fits["doc"][group][1] * t["docs"] + fits["query"][group][1] * t["queries"]
+            hours[group] = max(cpu_s, 0) * work_ratio(model, t["tokens"]) * cpu / gpu_tflops / 3600
+        total = sum(hours.values())
+        lines.append(f"| {name} | {memory:.1f} GB | {memory_dim:.1f} GB | " + " | ".join(f"{hours[g]:.1f}" for g in STEP_GROUPS)
+                     + f" | {total:.1f} | {total / 8:.1f} |")
+    lines += ["", f"Training: {per_row * 1e3:.2f} CPU ms per row read here (1 epoch per stage), times the target "
+              "recipe's rows read (max_steps x per-device batch x 8 GPUs, every stage and DPD); rows of the real "
+              "recipes hold more texts (ce stages: 17 vs 6 here), so that column is a lower bound."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="500-4k docs, 40-320 queries (~3 min idle)")
+    parser.add_argument("--out", type=Path, default=None, help="working folder (default /tmp/prod-st-scale[-small])")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the prod-st checkout the runs import")
+    parser.add_argument("--gpu-tflops", type=float, default=100.0, help="assumed effective GPU TFLOP/s")
+    parser.add_argument("--sizes", default=None, help="'corpus=A,B,C queries=X,Y,Z' (first of each is the base)")
+    parser.add_argument("--child", nargs=3, metavar=("RECIPE", "RUN_DIR", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+    if args.sizes:
+        spec = dict(part.split("=") for part in args.sizes.split())
+        corpus = [int(x) for x in spec.get("corpus", "1000").split(",")]
+        queries = [int(x) for x in spec.get("queries", "40").split(",")]
+    elif args.small:
+        corpus, queries = [500, 1414, 4000], [40, 113, 320]
+    else:
+        corpus, queries = [10000, 28284, 80000], [1000, 2828, 8000]
+    out = args.out or Path(f"/tmp/prod-st-scale{'-small' if args.small else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path[:0] = [str(ROOT), str(ROOT / "cli")]
+    models = build_models(out / "models")
+    started = time.perf_counter()
+    sizes = [(d, queries[0]) for d in corpus] + [(corpus[0], q) for q in queries[1:]]
+    runs = [run_size(out, models, d, q, args.small, args.code.resolve()) for d, q in sizes]
+    cpu = cpu_tflops()
+    text = report(runs, (corpus[0], queries[0]), args.gpu_tflops, cpu)
+    (out / "results.json").write_text(json.dumps({"runs": runs, "cpu_tflops": cpu, "code": str(args.code)}, indent=1))
+    print(text)
+    print(f"\n({len(runs)} runs in {time.perf_counter() - started:.0f}s; code {args.code}; results in {out})")
+
+
+if __name__ == "__main__":
+    main()

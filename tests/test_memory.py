@@ -1,0 +1,209 @@
+"""Memory that does not grow with the data: stage labels written to Arrow batch by batch (identical to the
+Python-list labels they replace), teacher caches read memory-mapped, the stage-start student's cache pruned
+when its stage ends, and the cost lines logged before long steps."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prod_st.runner as runner_module
+from prod_st import cost
+from prod_st.losses import score_scale
+from prod_st.runner import Runner
+from prod_st.stage_data import FILLER, TrainingRows
+from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
+
+
+def small_rows() -> TrainingRows:
+    """Five rows, two negatives each; row 3 has one filler (list mode masks it with -inf)."""
+    queries = ["the bank of the river", "a cat on a mat", "play the violin", "deposit money", "a dog barks"]
+    positives = ["sloping land by water", "a small feline", "a bowed instrument", "a financial institution", "a canine"]
+    negatives = [["a piano", "a bank loan"], ["a dog", "a lion"], ["a cello", "a drum"], ["a river", FILLER],
+                 ["a wolf", "a cat"]]
+    missing = [[n == FILLER for n in negs] for negs in negatives]
+    return TrainingRows([f"q{i}" for i in range(5)], queries, positives, negatives, missing)
+
+
+class Pool:
+    """The two things Runner.labels asks of a TeacherPool."""
+
+    def __init__(self, teacher: BiEncoderTeacher) -> None:
+        self.teacher = teacher
+
+    def get(self, name, student=None):
+        return self.teacher
+
+    def scale(self, name) -> float:
+        return score_scale(self.teacher.model)
+
+    def cache_folders(self):
+        return {self.teacher.cache_folder}
+
+
+class Spec:
+    def __init__(self, reg_weight: float) -> None:
+        self.reg_weight = reg_weight
+
+
+def bare_runner(teacher: BiEncoderTeacher) -> Runner:
+    runner = Runner.__new__(Runner)
+    runner.teachers, runner.stage_start_cache = Pool(teacher), None
+    return runner
+
+
+def python_list_labels(teacher, scale, rows, candidates, student, reg_weight) -> list:
+    """Runner.labels before this change, verbatim: one Python list of every label value."""
+    if candidates == "in_batch":
+        embeddings = teacher.embeddings_for_rows(rows.queries, rows.candidates())
+        embeddings[:, 0] *= scale
+        return embeddings.tolist()
+    score_sets = [(teacher, scale)]
+    if reg_weight > 0:
+        frozen = BiEncoderTeacher(student, name="stage-start student")
+        score_sets.append((frozen, score_scale(student)))
+    real, width = rows.real_candidates(), 1 + len(rows.negatives[0])
+    labels = [
+        scores_to_labels([[factor * x for x in row] for row in model.score(rows.queries, real)], width)
+        for model, factor in score_sets
+    ]
+    return (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).tolist()
+
+
+@pytest.fixture
+def models(tiny_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    teacher = BiEncoderTeacher(tiny_model_dir, name="bi", cache_root=tmp_path / "teachers")
+    student = SentenceTransformer(tiny_model_dir)
+    with torch.no_grad():  # another model than the teacher: its own cache folder
+        next(student.parameters()).mul_(1.5)
+    return teacher, student
+
+
+@pytest.mark.parametrize("candidates, reg_weight, shape", [("in_batch", 0.0, (5, 4, 32)), ("list", 1.0, (5, 2, 3))])
+def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
+    models, tmp_path, monkeypatch, candidates, reg_weight, shape
+):
+    teacher, student = models
+    rows = small_rows()
+    if candidates == "in_batch":  # in-batch rows have no fillers
+        rows.negatives[3], rows.missing[3] = ["a river", "a stream"], [False, False]
+    before = python_list_labels(teacher, score_scale(teacher.model), rows, candidates, student, reg_weight)
+
+    monkeypatch.setattr(runner_module, "LABEL_ROWS", 2)  # three batches: labels cross batch boundaries
+    runner = bare_runner(teacher)
+    labels = runner.labels("bi", rows, candidates, student, Spec(reg_weight))
+    (tmp_path / "stage").mkdir()
+    dataset = runner.labelled_dataset(tmp_path / "stage", rows, labels)
+
+    # what the data collator hands PRODLoss (torch.tensor of the rows' labels) is the same, bit for bit
+    old = torch.tensor(datasets.Dataset.from_dict({"label": before})["label"])
+    new = torch.tensor(dataset["label"])
+    assert new.shape == old.shape == shape and new.dtype == old.dtype == torch.float32
+    assert torch.equal(new, old)
+    if candidates == "list":
+        assert torch.isinf(new[3, :, 2]).all() and (new[3, :, 2] < 0).all()  # the filler column
+
+    # stored as Arrow float32 fixed-size lists, memory-mapped from the stage folder; no Python objects
+    column_type = dataset.data.schema.field("label").type
+    assert pa.types.is_fixed_size_list(column_type) and pa.types.is_fixed_size_list(column_type.value_type)
+    assert column_type.value_type.value_type == pa.float32()
+    assert dataset.cache_files and all("train_data" in f["filename"] for f in dataset.cache_files)
+    assert dataset.column_names == ["query", "positive", "negative_1", "negative_2", "label"]
+    assert dataset["query"] == rows.queries and dataset["negative_2"] == [n[1] for n in rows.negatives]
+    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["train_data"]  # no temp file left
+
+
+def test_labels_column_is_written_batch_by_batch(tmp_path):
+    """to_dataset takes the label batches as they come and never holds more than one."""
+    rows = small_rows()
+    seen = []
+
+    def batches():
+        for start in range(0, 5, 2):
+            seen.append(start)
+            yield np.full((min(2, 5 - start), 3), start, dtype=np.float32)
+
+    (tmp_path / "rows").mkdir()
+    dataset = rows.to_dataset(batches(), folder=tmp_path / "rows")
+    assert seen == [0, 2, 4] and dataset["label"][4] == [4.0, 4.0, 4.0]
+    assert datasets.load_from_disk(str(tmp_path / "rows"))["label"] == dataset["label"]
+    (tmp_path / "short").mkdir()
+    with pytest.raises(ValueError, match="2 labels for 5 training rows"):
+        rows.to_dataset(iter([np.zeros((2, 3))]), folder=tmp_path / "short")
+
+
+def test_cache_reopens_memory_mapped_without_loading_values(tmp_path):
+    keys = [f"text-{i}" for i in range(20_000)]
+    vectors = np.random.default_rng(0).random((20_000, 64), dtype=np.float32)  # 5 MB of values
+    writer = EmbeddingCache(tmp_path / "e")
+    for start in range(0, 20_000, 2_000):  # ten shards
+        writer.put_many(keys[start : start + 2_000], vectors[start : start + 2_000])
+
+    before = pa.total_allocated_bytes()
+    cache = EmbeddingCache(tmp_path / "e")
+    assert len(cache) == 20_000
+    assert pa.total_allocated_bytes() - before < 100_000  # the values stay in the mapped files
+    picked = [19_999, 3, 7_001, 3]
+    np.testing.assert_array_equal(cache.matrix([keys[i] for i in picked]), vectors[picked])
+    assert cache.missing(["text-5", "new", "text-19999", "new"]) == ["new"]
+    with pytest.raises(KeyError):
+        cache.matrix(["text-1", "never seen"])
+
+
+def test_score_cache_lookups_across_shards_and_older_parquet_shards(tmp_path):
+    cache = ScoreCache(tmp_path / "s")
+    cache.put_many(["a", "b"], [1.5, -2.25])
+    cache.put_many(["c", "a"], [3.0, 9.0])  # a key put twice: the first value stays
+    pq.write_table(pa.table({"key": ["old"], "score": pa.array([0.5], pa.float32())}),
+                   tmp_path / "s" / "part-00000000000000000000-1-000000.parquet")  # an older prod-st's shard
+    reopened = ScoreCache(tmp_path / "s")
+    assert reopened.get_many(["c", "old", "zz", "a", "b"]) == {"c": 3.0, "old": 0.5, "a": 1.5, "b": -2.25}
+    assert len(reopened) == 4 and "old" in reopened and "zz" not in reopened
+
+
+def test_stage_start_cache_is_pruned_and_nothing_else(models, tmp_path):
+    teacher, student = models
+    runner = bare_runner(teacher)
+    (tmp_path / "stage").mkdir()
+    runner.labelled_dataset(tmp_path / "stage", small_rows(), runner.labels("bi", small_rows(), "list", student, Spec(1.0)))
+    stage_start = runner.stage_start_cache
+    assert stage_start is not None and stage_start != teacher.cache_folder
+    assert list((stage_start / "embeddings").glob("part-*.arrow"))
+    other = tmp_path / "teachers" / "someone-else"
+    (other / "embeddings").mkdir(parents=True)
+    (other / "embeddings" / "part-1.arrow").write_bytes(b"another cache's shard")
+    teacher_shards = sorted((teacher.cache_folder / "embeddings").iterdir())
+
+    runner.prune_stage_start()
+    assert not stage_start.exists()  # every shard of the stage-start student's cache, and its folder
+    assert sorted((teacher.cache_folder / "embeddings").iterdir()) == teacher_shards  # the teacher's kept
+    assert (other / "embeddings" / "part-1.arrow").exists()
+    runner.prune_stage_start()  # nothing left to prune: a no-op
+
+    # a file prod-st did not write keeps its folder; a stage-start student with the teacher's weights
+    # (the same cache folder) prunes nothing
+    list(runner.labels("bi", small_rows(), "list", student, Spec(1.0)))  # the same cache, written again
+    (stage_start / "embeddings" / "notes.txt").write_text("mine")
+    runner.prune_stage_start()
+    assert [p.name for p in (stage_start / "embeddings").iterdir()] == ["notes.txt"]
+    runner.stage_start_cache = teacher.cache_folder
+    runner.prune_stage_start()
+    assert sorted((teacher.cache_folder / "embeddings").iterdir()) == teacher_shards
+
+
+def test_cost_lines_before_a_long_step(caplog):
+    caplog.set_level(logging.INFO, logger="prod_st.run")
+    cost.announce("ce: teacher scores (ce)", 1_500_000, "pairs", cost.label_bytes(8192, 2 * 31))
+    assert "ce: teacher scores (ce): 1,500,000 pairs, est. memory 1.9 MB" in caplog.text
+    assert cost.index_bytes(8_841_823, 768) / 2**30 == pytest.approx(25.3, abs=0.1)
+    assert list(cost.timed("scoring", iter([1, 2, 3]), total=30, batch=10)) == [1, 2, 3]
+    assert "scoring: first 10 of 30 in 0s, est. 0s in all" in caplog.text
+    assert cost.human_seconds(7200) == "2.0 h" and cost.human_bytes(3 * 2**30) == "3.0 GB"
