@@ -1,0 +1,45 @@
+"""Does the teacher chain grow? For a finished PROD run folder: every teacher of the recipe reranks each stage's
+student's dev top-k (the candidates the next stage's teacher is checked on), so the teachers are compared like
+with like on the same candidates. Reads the teachers from the run (and the prod-st cache); nothing is trained.
+
+    python bench/chain_check.py bench/out/ablation/e-prod-s1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from prod_st.recipe import load_recipe
+from prod_st.runner import Runner
+from prod_st.stage_data import load_run_data
+from prod_st.teacher_setup import TeacherPool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished run folder (its recipe.yaml and stage folders)")
+    args = parser.parse_args()
+    recipe = load_recipe(args.run / "recipe.yaml")
+    runner = Runner(recipe, args.run)
+    d = recipe.data
+    runner.data = load_run_data(d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
+                                sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size,
+                                seed=recipe.seed if d.seed is None else d.seed)
+    runner.teachers = TeacherPool(recipe.teachers, runner.data, folder=args.run / "teachers", seed=recipe.seed,
+                                  eval_batch_size=recipe.eval.batch_size, index=recipe.eval.index)
+    names = list(recipe.teachers)
+    stages = sorted(p for p in args.run.iterdir() if p.name[:2].isdigit() and (p / "dev_run.json").exists())
+    metric, depth = recipe.eval.metric, recipe.eval.teacher_rerank_depth
+    print(f"{metric} of each teacher reranking each stage student's dev top {depth} ({args.run}):\n")
+    print("| candidates of | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for folder in stages[:-1]:  # the last student teaches no one
+        cells = [runner.measure_gap(n, folder, 4.0, None)[1][metric] for n in names]
+        print(f"| {folder.name} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
