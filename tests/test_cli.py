@@ -110,8 +110,12 @@ def test_eval_output_is_written_atomically(monkeypatch, capsys, toy_beir, tmp_pa
     output = tmp_path / "metrics.json"
     output.write_text("earlier metrics\n")
 
-    def fail(*args):
-        raise OSError(28, "No space left on device")
+    replace = os.replace
+
+    def fail(src, dst, *args, **kwargs):  # only the output file's write fails (the corpus cache writes too)
+        if os.fspath(dst) == os.fspath(output):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", fail)
     code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--output", str(output))
