@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -254,16 +255,18 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir), sort_keys=False))
     script = Path(sys.executable).with_name("prod-st")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "prod_st_cli.main"]
+    env = os.environ | {"PROD_ST_CACHE": str(tmp_path / "cache")}  # an empty cache: the run has real work left
     proc = subprocess.Popen([*command, "run", str(path), "--output", str(tmp_path / "run")], cwd=tmp_path,
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines = []
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # wait until the run has started its work
         lines.append(line)
         if "load data: done" in line or time.monotonic() > deadline:
             break
+    assert "load data: done" in lines[-1] and proc.poll() is None, "".join(lines)[-3000:]
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=300)[::-1]
+    _, rest = proc.communicate(timeout=300)
     stderr = "".join(lines) + rest
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "Aborted" not in stderr

@@ -62,6 +62,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     run_dir = tmp_path / "run"
     stages = ["00-init", "01-warmup", "02-bi", "03-ce", "04-dpd-1"]
     encoded = Counter()  # documents encoded per (checkpoint, corpus) key
+    monkeypatch.setenv("PROD_ST_CACHE", str(tmp_path / "cache"))  # what other tests cached is not counted
     monkeypatch.setattr(corpus_index, "encoded_docs", encoded)
     corpus_index._last_index.clear()
     runner = Runner(load_recipe(recipe_file), run_dir)
