@@ -256,8 +256,11 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     script = Path(sys.executable).with_name("prod-st")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "prod_st_cli.main"]
     env = os.environ | {"PROD_ST_CACHE": str(tmp_path / "cache")}  # an empty cache: the run has real work left
+    # As in a terminal: SIGINT at its default. A test run started in the background (`pytest &`, a CI script)
+    # inherits SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt in the child.
     proc = subprocess.Popen([*command, "run", str(path), "--output", str(tmp_path / "run")], cwd=tmp_path,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # wait until the run has started its work
