@@ -48,8 +48,8 @@ class TeacherPool:
         return self._built[name]
 
     def cache_folders(self) -> set[Path]:
-        """The cache folders of the teachers built so far."""
-        return {teacher.cache_folder for teacher in self._built.values()}
+        """The cache folders of the teachers built so far (an ensemble has none of its own: its members do)."""
+        return {teacher.cache_folder for teacher in self._built.values() if not isinstance(teacher, EnsembleTeacher)}
 
     def scale(self, name: str) -> float:
         """Multiplier turning the teacher's scores into logits (cosine x 20 for a cosine bi-encoder; a

@@ -341,3 +341,17 @@ def test_ensemble_teacher_sums_the_members_logits():
     assert bi.calls == ce.calls == 1
     with pytest.raises(ProdStError, match="2 queries but 1 candidate lists"):
         ensemble.score(["q", "r"], [["a"]])
+
+
+def test_pool_cache_folders_skip_an_ensemble(tmp_path):
+    """Pruning asks the pool which cache folders its teachers use; an ensemble has none of its own."""
+    from pathlib import Path
+
+    from prod_st.teacher_setup import TeacherPool
+    from prod_st.teachers import EnsembleTeacher
+
+    member = _FixedTeacher("bi", {})
+    member.cache_folder = Path(tmp_path / "bi")
+    pool = TeacherPool.__new__(TeacherPool)
+    pool._built = {"bi": member, "ens": EnsembleTeacher([(member, 1.0, 20.0)], name="ens")}
+    assert pool.cache_folders() == {tmp_path / "bi"}
