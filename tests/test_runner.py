@@ -475,3 +475,18 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     again = (run_dir / "run.log").read_text()
     assert again.startswith(log) and "run already finished" in again[len(log):]
     assert progress.ENABLED is False
+
+
+def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_dir):
+    """The chain's third step as an ensemble of the trained teachers: its stage (list candidates, with the
+    regularisation whose stage-start cache is pruned after it) and DPD's rerank run, and the run tests it."""
+    recipe = tiny_recipe(tiny_model_dir)
+    recipe["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
+    recipe["stages"].append(recipe["stages"][2] | {"name": "ens", "teacher": "ens"})
+    recipe["dpd"]["teacher"] = "ens"
+    final = Runner(load_recipe(write(tmp_path / "ens.yaml", recipe)), tmp_path / "run").run()
+    assert (tmp_path / "run" / "04-ens" / "DONE").exists() and (tmp_path / "run" / "05-dpd-1" / "DONE").exists()
+    assert set(final["test"]["teachers"]) == {"bi", "ce", "ens"}
+    assert final["test"]["teachers"]["ens"]["as"].startswith("reranker")
+    metrics = json.loads((tmp_path / "run" / "04-ens" / "metrics.json").read_text())
+    assert metrics["teacher"] == "ens" and metrics["train"]["steps"] == 3
