@@ -155,8 +155,10 @@ def table(results: list[dict]) -> str:
         full = [r for r in mine if "full" in r]
         cells += [mean_spread([r["full"][m] for r in full]) if full else "-" for m in METRICS]
         wall = statistics.mean(r["run_seconds"] for r in mine)
+        units = [r["run_seconds"] / r["unit_seconds"] for r in mine if r.get("unit_seconds")]
+        in_units = f" ({statistics.mean(units):.0f} U)" if units else ""
         lines.append(f"| ({row}) | {name} | {mine[0]['steps']} ({'/'.join(map(str, trained))}) | {len(mine)} | "
-                     + " | ".join(cells) + f" | {wall:.0f} s |")
+                     + " | ".join(cells) + f" | {wall:.0f} s{in_units} |")
     reference = next((r for r in results if r["row"] == "e"), results[0])
     lines.append("")
     lines.append("References on the slice (test): " + "; ".join(
