@@ -365,9 +365,11 @@ class Training(_Model):
     """Trainer settings for every student stage and DPD round (SentenceTransformerTrainingArguments), and the
     precision teachers score in. The defaults train as a recipe without this block did."""
 
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="student training (the trainer's bf16 / fp16 mixed precision) and teacher scoring "
-        "(torch.autocast; cached scores are kept per precision); fp16 needs a GPU, bf16 also runs on CPU"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="student and teacher training (the trainer's bf16 / fp16 mixed precision) and teacher "
+        "scoring (torch.autocast; cached scores and trained teachers are kept per precision); fp16 needs a GPU, "
+        "bf16 also runs on CPU; auto = bf16 where the hardware has it natively (a bf16 GPU, a CPU with AMX or "
+        "AVX512-BF16), else fp32. Evaluation always encodes in fp32"
     )
     gradient_accumulation_steps: PosInt = Field(
         1, description="batches per optimizer step: the stage's batch_size x this rows per step (in-batch "
@@ -388,8 +390,14 @@ class Training(_Model):
         return list(self.report_to) if isinstance(self.report_to, list) else [self.report_to]
 
     def results_key(self) -> dict:
-        """The fields that change what training computes, where they differ from the defaults ({} = as before)."""
-        return {k: getattr(self, k) for k in TRAINING_RESULTS if getattr(self, k) != Training.model_fields[k].default}
+        """The fields that change what training computes, where they differ from the defaults ({} = as before);
+        `auto` precision as this machine resolves it (so a run resumed on other hardware is not mixed)."""
+        from prod_st.precision import resolve_precision
+
+        values = {k: getattr(self, k) for k in TRAINING_RESULTS}
+        if values["precision"] == "auto":
+            values["precision"] = resolve_precision("auto")
+        return {k: v for k, v in values.items() if v != Training.model_fields[k].default}
 
 
 # Training fields that change what a step computes (the others only change speed or where logs go): a step's

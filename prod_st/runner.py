@@ -44,6 +44,7 @@ from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_
 from prod_st.model_card import save_stage_card
 from prod_st.models import build_student
 from prod_st.paths import write_folder_atomic, write_text_atomic
+from prod_st.precision import resolve_precision
 from prod_st.resampling import epochs_read, total_steps
 from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
@@ -182,9 +183,11 @@ class Runner:
                 seed=r.seed if d.seed is None else d.seed,
                 answer_positives=d.positives == "answers",
             )
+        if r.training.precision == "auto":
+            logger.info("training.precision auto: %s on this machine", resolve_precision("auto"))
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=r.eval.batch_size, index=r.eval.index,
-                                    precision=r.training.precision)
+                                    precision=resolve_precision(r.training.precision))
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
             records.append(self.run_stage(i, stage, records))

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from prod_st.distributed import barrier, is_main
 
 from prod_st.encoding import training_roles
-from prod_st.errors import ProdStError
+from prod_st.precision import precision_flags
 from prod_st.resampling import EpochBlockBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -71,18 +71,6 @@ class CompleteCheckpoints(TrainerCallback):
             os.replace(tmp, folder / COMPLETE)
             prune_checkpoints(self.workdir, keep=folder)
         return control
-
-
-def precision_flags(precision: str) -> dict[str, bool]:
-    """The trainer's mixed-precision flags for a recipe's `training.precision` (fp16 needs a CUDA GPU: a one-line
-    error here rather than the trainer's traceback; bf16 without one trains on the CPU, which the trainer wants
-    said with `use_cpu`)."""
-    gpu = torch.cuda.is_available()
-    if precision == "fp16" and not gpu:
-        raise ProdStError("training.precision: fp16 needs a CUDA GPU and none is visible; use bf16 (runs on CPU "
-                          "too) or fp32")
-    flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-    return flags | ({"use_cpu": True} if precision == "bf16" and not gpu else {})
 
 
 def trainer_settings(training) -> dict:

@@ -39,7 +39,7 @@ class TeacherPool:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.index = index
-        self.precision = precision  # teachers score under it (trained teachers are trained in fp32)
+        self.precision = precision  # resolved (not auto): teachers train and score under it
         self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher | EnsembleTeacher] = {}
 
     def get(self, name: str, student: SentenceTransformer | None = None):
@@ -108,7 +108,7 @@ class TeacherPool:
         if train.max_steps:
             epochs = train.max_steps / max(1, -(-len(triples) // train.batch_size))
         logger.info("teacher %r: training a %s from %s on %d queries", name, spec.kind, train.backbone, len(triples))
-        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=seed)
+        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=seed, precision=self.precision)
         if spec.kind == "bi-encoder":
             return train_bi_encoder(train.backbone, triples, max_length=train.max_length, **common)
         return train_cross_encoder(train.backbone, triples, max_length=train.max_length or 256, **common)

@@ -440,7 +440,7 @@ def test_overrides_set_fields_with_yaml_values(tmp_path):
     ("lr", "expected FIELD=VALUE"),
     ("stages..lr=1", "expected FIELD=VALUE"),
     ("eval.beir=[unclosed", "the value is not valid YAML"),
-    ("training.precision=fp8", "training.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+    ("training.precision=fp8", "training.precision: Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
 ])
 def test_bad_overrides_are_one_line_naming_the_field(tmp_path, override, message):
     with pytest.raises(ProdStError) as info:

@@ -433,9 +433,32 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    import torch
+
+    from prod_st import precision
+    from prod_st.recipe import Training
+
+    with_amx, without = tmp_path / "amx", tmp_path / "plain"
+    with_amx.write_text("processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    without.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni\n")
+    assert precision.cpu_has_native_bf16(with_amx) and not precision.cpu_has_native_bf16(without)
+    assert not precision.cpu_has_native_bf16(tmp_path / "missing")  # not Linux: no native bf16 claimed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        precision.resolve_precision.cache_clear()
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert precision.resolve_precision("auto") == expected
+        assert precision.resolve_precision("fp16") == "fp16"  # explicit values are kept as they are
+        # the step fingerprints see what auto resolved to: fp32 adds nothing (as a recipe without the block)
+        assert Training(precision="auto").results_key() == ({"precision": "bf16"} if native else {})
+        assert precision.precision_flags("auto")["bf16"] is native
+    precision.resolve_precision.cache_clear()
+
+
 def test_fp16_training_on_cpu_is_a_one_line_error():
     from prod_st.errors import ProdStError
-    from prod_st.student_training import precision_flags
+    from prod_st.precision import precision_flags
 
     with pytest.raises(ProdStError, match="fp16 needs a CUDA GPU"):
         precision_flags("fp16")

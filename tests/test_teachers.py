@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -282,6 +284,16 @@ def test_train_bi_encoder_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     assert done.stat().st_mtime_ns == mtime
     assert model_fingerprint(again) == model_fingerprint(model)
     assert again.encode(["a query"]).shape == (1, model.get_embedding_dimension())
+
+
+def test_bf16_teacher_training_is_another_cached_teacher(tiny_model_dir, tmp_path):
+    """precision bf16 trains under the trainer's bf16 flag and is cached under its own key; fp32 keeps its key."""
+    kwargs = dict(output_dir=tmp_path / "run", batch_size=4, epochs=1, seed=1, cache_root=tmp_path)
+    fp32 = train_bi_encoder(tiny_model_dir, ROWS, **kwargs)
+    bf16 = train_bi_encoder(tiny_model_dir, ROWS, precision="bf16", **kwargs)
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "trained").glob("*/DONE")]
+    assert sorted(m["settings"].get("precision", "fp32") for m in markers) == ["bf16", "fp32"]
+    assert model_fingerprint(bf16) != model_fingerprint(fp32)
 
 
 def test_training_rows_must_be_rectangular(tiny_model_dir, tmp_path):

@@ -41,6 +41,7 @@ from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
 from prod_st.losses.contrastive import contrastive_loss, score_scale
 from prod_st.models import load_model
+from prod_st.precision import precision_flags
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
 
@@ -125,12 +126,20 @@ def _cached_training(
     return load(final)
 
 
-def _common_args(workdir: Path, epochs: float, batch_size: int, lr: float, seed: int, warmup_ratio: float) -> dict:
+def _common_args(
+    workdir: Path, epochs: float, batch_size: int, lr: float, seed: int, warmup_ratio: float, precision: str
+) -> dict:
     return dict(
         output_dir=str(workdir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
         warmup_steps=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed, save_strategy="no",
-        report_to="none", logging_steps=50,
+        report_to="none", logging_steps=50, **precision_flags(precision),
     )
+
+
+def _settings(precision: str, **settings) -> dict:
+    """The settings a trained teacher's cache key hashes: fp32 adds nothing (keys from before precision existed
+    stay valid), another precision is a different teacher."""
+    return settings | ({"precision": precision} if precision != "fp32" else {})
 
 
 def train_cross_encoder(
@@ -145,6 +154,7 @@ def train_cross_encoder(
     seed: int = 42,
     warmup_ratio: float = 0.1,
     cache_root: str | Path | None = None,
+    precision: str = "fp32",
 ) -> CrossEncoder:
     """Train a 1-logit cross-encoder teacher with listwise softmax CE over [positive, hard negatives] per
     query (`ListwiseSoftmaxLoss`) and return it loaded from the cache (raw-logit activation).
@@ -164,12 +174,12 @@ def train_cross_encoder(
     if model.num_labels != 1:
         raise ProdStError(f"a cross-encoder teacher needs a 1-logit head, this one has {model.num_labels}")
     dataset = _rows_dataset(train_rows, min_negatives=1)
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length, seed=seed,
-                    warmup_ratio=warmup_ratio, loss="listwise-softmax-ce")
+    settings = _settings(precision, epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length,
+                         seed=seed, warmup_ratio=warmup_ratio, loss="listwise-softmax-ce")
 
     def train(model: CrossEncoder, workdir: Path) -> None:
         args = CrossEncoderTrainingArguments(
-            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio)
+            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio, precision)
         )
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=ListwiseSoftmaxLoss(model))
         trainer.train()
@@ -192,6 +202,7 @@ def train_bi_encoder(
     seed: int = 42,
     warmup_ratio: float = 0.1,
     cache_root: str | Path | None = None,
+    precision: str = "fp32",
 ) -> SentenceTransformer:
     """Train a bi-encoder teacher contrastively (MultipleNegativesRankingLoss: in-batch negatives plus each
     row's hard negatives as extra columns, batches without duplicate texts) and return it from the cache.
@@ -205,13 +216,14 @@ def train_bi_encoder(
     if max_length is not None:
         model.max_seq_length = max_length
     dataset = _rows_dataset(train_rows, min_negatives=0)
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length, seed=seed,
-                    warmup_ratio=warmup_ratio, loss=f"mnrl-{'cos' if is_cosine(model) else 'dot'}{score_scale(model):g}")
+    settings = _settings(precision, epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length,
+                         seed=seed, warmup_ratio=warmup_ratio,
+                         loss=f"mnrl-{'cos' if is_cosine(model) else 'dot'}{score_scale(model):g}")
 
     def train(model: SentenceTransformer, workdir: Path) -> None:
         loss = contrastive_loss(model)
         args = SentenceTransformerTrainingArguments(
-            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio),
+            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio, precision),
             batch_sampler=BatchSamplers.NO_DUPLICATES, **training_roles(model, dataset.column_names),
         )
         SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
