@@ -42,7 +42,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from teacher_throughput import timed  # noqa: E402
+CLOCK = {"now": time.process_time}  # --clock: CPU seconds of this process (default) or wall seconds
+
+
+def timed(fn):
+    """(fn(), seconds on CLOCK). CPU time (one torch thread) counts this process's own work only, so a
+    ratio survives other processes taking the cores; wall time is what a user waits on an idle machine."""
+    start = CLOCK["now"]()
+    result = fn()
+    return result, CLOCK["now"]() - start
+
 
 TMP = Path(tempfile.mkdtemp(prefix="prod-st-ratios-"))
 os.environ["PROD_ST_CACHE"] = str(TMP / "cache")  # cold: a fresh prod-st cache for this run, whatever was set
@@ -197,10 +206,10 @@ class StepTimes:
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if last[0] is None:
-                    last[0] = time.perf_counter()
+                    last[0] = CLOCK["now"]()
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = time.perf_counter()
+                now = CLOCK["now"]()
                 times.append(now - last[0])
                 last[0] = now
 
@@ -291,7 +300,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on shared cores, 2 threads' spin-waits distort small ops)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this process's CPU seconds (robust to other load); wall: elapsed seconds")
     args = parser.parse_args()
+    CLOCK["now"] = time.process_time if args.clock == "cpu" else time.perf_counter
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
 
     from ablation import reference_unit
@@ -301,7 +317,7 @@ def main() -> None:
     from prod_st.stage_data import build_rows, load_run_data
 
     started = time.perf_counter()
-    print(f"torch threads {torch.get_num_threads()}; cache {os.environ['PROD_ST_CACHE']} (fresh)", flush=True)
+    print(f"clock {args.clock}; torch threads {torch.get_num_threads()}; cache {os.environ['PROD_ST_CACHE']} (fresh)", flush=True)
     data = load_run_data("wordnet-gloss", splits=("train", None, "test"), sizes=(args.train_queries, None, 1),
                          corpus_size=args.corpus_size, seed=13)
     student = build_student("all-MiniLM-L6-v2", 3)
@@ -331,6 +347,7 @@ def main() -> None:
     unit = None
     if not args.no_unit:
         print("U ...", flush=True)
+        torch.set_num_threads(default_threads)  # U as measured elsewhere: torch's default threads
         unit = reference_unit()
     total = time.perf_counter() - started
 
@@ -367,7 +384,7 @@ def main() -> None:
     for line in encodings_rows():
         print("   " + line)
     if unit is not None:
-        print(f"U = {unit} s (plain CrossEncoder.predict on bench's 2,000 pairs, this process)")
+        print(f"U = {unit} s (plain CrossEncoder.predict on bench's 2,000 pairs, this process, {default_threads} threads)")
     print(f"whole script: {total:.0f} s")
 
     if args.json:
