@@ -303,11 +303,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: this process's CPU seconds (robust to other load); wall: elapsed seconds")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()  # before faiss.omp_set_num_threads, which changes it too
     CLOCK["now"] = time.process_time if args.clock == "cpu" else time.perf_counter
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    default_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
 
     from ablation import reference_unit
