@@ -397,4 +397,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        import shutil
+
+        shutil.rmtree(TMP, ignore_errors=True)  # the fresh cache, datasets and checkpoints this run made
