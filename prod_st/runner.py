@@ -49,8 +49,8 @@ from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
 from prod_st.stage_data import TrainingRows, build_rows, load_run_data
 from prod_st.student_training import train_student
-from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
-from prod_st.teacher_setup import TeacherPool
+from prod_st.teachers.strength import gap, rerank, rerank_metrics, strength_warnings, top_candidates
+from prod_st.teachers.pool import TeacherPool
 from prod_st.teachers import BiEncoderTeacher, scores_to_labels
 from prod_st.teachers.cache import SHARD_PATTERNS
 

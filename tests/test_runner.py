@@ -135,12 +135,12 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
 
     # Killed during the final evaluation: the rerun trains nothing (no student, no teacher) and still
     # evaluates both teachers, loaded from the run folder.
-    import prod_st.teacher_setup as teacher_setup
+    import prod_st.teachers.pool as teacher_pool
 
     monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
     monkeypatch.setattr(prod_st.evaluation, "evaluate_model", real_evaluate)
     for trainer in ("train_bi_encoder", "train_cross_encoder"):
-        monkeypatch.setattr(teacher_setup, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
+        monkeypatch.setattr(teacher_pool, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     (run_dir / "final.json").unlink()
     again = Runner(load_recipe(recipe_file), run_dir).run()
