@@ -85,12 +85,19 @@ def measure(rows_n: int, model: str, work: Path) -> dict:
     runner = Runner.__new__(Runner)
     runner.teachers, runner.stage_start_cache = Pool(), None
     start = time.perf_counter()
-    labels = runner.labels("bi", rows, "in_batch", None, None)
     (work / "stage").mkdir()
-    if hasattr(runner, "labelled_dataset"):
-        dataset = runner.labelled_dataset(work / "stage", rows, labels)
+    try:  # prod-st since the runner's steps moved into their modules
+        from prod_st.stage_data import labelled_dataset
+        from prod_st.teachers.labels import stage_labels
+    except ImportError:  # earlier prod-st: the runner's own methods
+        labels = runner.labels("bi", rows, "in_batch", None, None)
+        if hasattr(runner, "labelled_dataset"):
+            dataset = runner.labelled_dataset(work / "stage", rows, labels)
+        else:
+            dataset = rows.to_dataset(labels)
     else:
-        dataset = rows.to_dataset(labels)
+        labels, _ = stage_labels(teacher, 20.0, rows, "in_batch", None, 0.0, name="bi")
+        dataset = labelled_dataset(work / "stage" / "train_data", rows, labels)
     out["labels"] = {"peak": peak_mb(), "anon": anon_mb(), "s": round(time.perf_counter() - start, 1), "n": len(dataset)}
     return out
 
