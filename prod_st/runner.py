@@ -11,6 +11,12 @@ Run folder (what resume reads; prod_st.run_folder owns its rules):
     <run>/final.json          test metrics; <run>/report.md, report.png
     <run>/run.log             every log line of every run and resume in this folder, appended
 
+Each step is a short call into the module that does it: the run's data (stage_data), mining and the draw of
+fresh negatives per epoch (mining, resampling), the teachers: built, labels, strength (teachers.pool,
+teachers.labels, teachers.strength), training (student_training, losses), the DPD rule (dpd), evaluation
+(retrieval_evaluator, evaluation), the report and card (report, model_card, publish). The Runner holds the
+schedule and the run folder's bookkeeping.
+
 A step whose DONE marker exists is skipped; mining and teacher work are cached by content (model
 fingerprint + texts), and training resumes from the stage's last complete checkpoint, so a killed run picks
 up where it stopped. A changed recipe redoes the first step it changes and every later one. Only rank 0
@@ -448,7 +454,8 @@ class Runner:
             scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
             teacher_runs = teacher_rankings(ranked, scores)
         qrels = self.data.relevance(ranked)
-        selection = select_queries(ranked, teacher_runs, qrels, num_negatives=spec.num_negatives, **spec.rule.model_dump())
+        selection = select_queries(ranked, teacher_runs, qrels, num_negatives=spec.num_negatives,
+                                   **spec.rule.model_dump())
         record.selection = dict(selection.counts)
         write_json(folder / "selection.json", {"counts": selection.counts, "kept": selection.kept})
         logger.info("%s: kept %d of %d training queries %s", name, len(selection.kept), len(ranked), selection.counts)
