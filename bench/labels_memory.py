@@ -6,8 +6,9 @@ the step; memory-mapped file pages are not heap).
     python bench/labels_memory.py --rows 20000 80000                       # after (this checkout)
 
 The teacher is a bi-encoder whose cache already holds every text's embedding (random, --dim wide), so the
-step is what the runner does with them: Runner.labels, then the dataset the trainer reads (main:
-`rows.to_dataset(labels)`; now `Runner.labelled_dataset`), then a reopen of the cache and a lookup of every row.
+step is what the runner does with them: Runner.labels (since issue 11: `teachers.labels.stage_labels`), then the
+dataset the trainer reads (main: `rows.to_dataset(labels)`; then `Runner.labelled_dataset`; since issue 11:
+`stage_data.labelled_dataset`), then a reopen of the cache and a lookup of every row.
 """
 
 from __future__ import annotations
