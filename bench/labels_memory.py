@@ -6,8 +6,9 @@ the step; memory-mapped file pages are not heap).
     python bench/labels_memory.py --rows 20000 80000                       # after (this checkout)
 
 The teacher is a bi-encoder whose cache already holds every text's embedding (random, --dim wide), so the
-step is what the runner does with them: Runner.labels, then the dataset the trainer reads (main:
-`rows.to_dataset(labels)`; now `Runner.labelled_dataset`), then a reopen of the cache and a lookup of every row.
+step is what the runner does with them: Runner.labels (since issue 11: `teachers.labels.stage_labels`), then the
+dataset the trainer reads (main: `rows.to_dataset(labels)`; then `Runner.labelled_dataset`; since issue 11:
+`stage_data.labelled_dataset`), then a reopen of the cache and a lookup of every row.
 """
 
 from __future__ import annotations
@@ -85,12 +86,19 @@ def measure(rows_n: int, model: str, work: Path) -> dict:
     runner = Runner.__new__(Runner)
     runner.teachers, runner.stage_start_cache = Pool(), None
     start = time.perf_counter()
-    labels = runner.labels("bi", rows, "in_batch", None, None)
     (work / "stage").mkdir()
-    if hasattr(runner, "labelled_dataset"):
-        dataset = runner.labelled_dataset(work / "stage", rows, labels)
+    try:  # prod-st since the runner's steps moved into their modules
+        from prod_st.stage_data import labelled_dataset
+        from prod_st.teachers.labels import stage_labels
+    except ImportError:  # earlier prod-st: the runner's own methods
+        labels = runner.labels("bi", rows, "in_batch", None, None)
+        if hasattr(runner, "labelled_dataset"):
+            dataset = runner.labelled_dataset(work / "stage", rows, labels)
+        else:
+            dataset = rows.to_dataset(labels)
     else:
-        dataset = rows.to_dataset(labels)
+        labels, _ = stage_labels(teacher, 20.0, rows, "in_batch", None, 0.0, name="bi")
+        dataset = labelled_dataset(work / "stage" / "train_data", rows, labels)
     out["labels"] = {"peak": peak_mb(), "anon": anon_mb(), "s": round(time.perf_counter() - start, 1), "n": len(dataset)}
     return out
 

@@ -97,6 +97,12 @@ def init_from_bi(r):
     r["student"]["init"] = re.search(r"bi-encoder teacher: (?:trained in \d+ s, saved to|cached at) (\S+)", log)[1]
 
 
+def train_queries(n: int):
+    def apply(r):
+        r["data"]["train_queries"] = n  # NB: the seeded subsets are drawn in turn, so dev and test change too
+    return apply
+
+
 VARIANTS = {  # name: (what it changes, [edits in order])
     "q0": ("the quickstart as shipped", []),
     "long": ("every teacher stage and DPD 3x the steps", [scale_steps(3)]),
@@ -104,13 +110,14 @@ VARIANTS = {  # name: (what it changes, [edits in order])
     "x6": ("every teacher stage and DPD 6x the steps", [scale_steps(6)]),
     "ens4ce": ("the ce stage distils from ens (bi+ce) instead of ce, same steps; DPD teacher ens", [ens_for_ce]),
     "rounds2": ("2 DPD rounds", [dpd_lr(1e-5, rounds=2)]),
-    "ens": ("+ ens teacher (bi+ce logits) stage of 40 steps after ce; DPD teacher ens", [add_ens]),
+    "ens": ("+ an ens teacher (bi+ce logits) stage as long as the ce stage, after it; DPD teacher ens", [add_ens]),
     "t1": ("temperature 1 instead of 4 in every distillation loss", [temperature(1.0)]),
     "t2": ("temperature 2 instead of 4", [temperature(2.0)]),
     "neg15": ("15 list negatives (PROD's) instead of 4 in ce and DPD", [list_negatives(15)]),
     "dpd5": ("DPD at the stage lr 5e-5 instead of 1e-5", [dpd_lr(5e-5)]),
     "bf16": ("training.precision bf16 (student training, teacher scoring)", [precision("bf16")]),
     "initbi": ("student = first 3 layers of the trained bi teacher", [init_from_bi]),
+    "data4": ("4x the training queries (3,200; dev and test subsets change with it)", [train_queries(3200)]),
     "ce2k": ("ce teacher trained on 2,000 queries instead of 768", [stronger_ce(2000)]),
 }
 

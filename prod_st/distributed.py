@@ -2,7 +2,17 @@
 work is split across ranks (`shard`) and merged (`all_gather`).
 
 torch is not imported here: a process that never imported it has no process group, and commands that need no
-model (`prod-st validate`, the recipe schema) stay fast."""
+model (`prod-st validate`, the recipe schema) stay fast.
+
+Why not `accelerate.PartialState` (issue 11, item 9; measured in bench/notes-house.md): it would not make this
+shorter (a torch-free `rank()` for validate and the `shard`/`all_gather` helpers stay either way), importing it
+costs what importing torch costs (1.2-1.3 s against 0.006 s here), and it covers no launcher prod-st misses:
+under torchrun and `accelerate launch --multi_gpu` (torchrun underneath) both read RANK / WORLD_SIZE /
+LOCAL_RANK, but `PartialState()` as transformers builds it on a machine without a GPU reports rank 0 of 1 on
+every rank (a CPU group needs `cpu=True`), where this layer reports the launcher's ranks. The environments it
+reads beyond those (MPI's PMI_* / OMPI_COMM_WORLD_*, for `accelerate launch --cpu --mpirun_hostfile`) are
+multi-CPU only, and neither reads SLURM's: under SLURM, launch with `srun torchrun ...`. On GPUs the trainer's
+own PartialState finds the group `init_if_launched` created and uses it (it creates one only when none exists)."""
 
 from __future__ import annotations
 

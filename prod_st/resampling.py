@@ -16,6 +16,9 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
 from torch.utils.data import RandomSampler
 
+from prod_st.mining import NegativeWindow, draw_negatives
+from prod_st.stage_data import RunData, TrainingRows, build_rows
+
 
 def total_steps(num_rows: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
     """Optimizer steps of a stage: `max_steps`, else `epochs` passes over `num_rows` in batches."""
@@ -25,6 +28,29 @@ def total_steps(num_rows: int, batch_size: int, epochs: float, max_steps: int | 
 def epochs_read(num_rows: int, batch_size: int, steps: int) -> int:
     """How many times training reads each query (rounded up): the number of negative draws it needs."""
     return max(1, math.ceil(steps * batch_size / max(1, num_rows)))
+
+
+def epoch_rows(
+    data: RunData, pools: dict[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow, *,
+    seed: int, rows_per_step: int, epochs: float, max_steps: int | None, drop_incomplete: bool,
+) -> tuple[TrainingRows, int]:
+    """The training rows of every epoch a stage will read, as consecutive blocks: epoch 0's draw of negatives
+    from the mined `pools`, then epoch 1's, ..., and the number of blocks (`rows_per_step`: rows per optimizer
+    step). Hardest-first negatives are the same every epoch: one block, read repeatedly. No rows (no query
+    with a judged positive and negatives): empty rows, one block. `drop_incomplete`: see `build_rows`."""
+
+    def rows_of(epoch: int) -> TrainingRows:
+        drawn = draw_negatives(pools, window, seed=seed, epoch=epoch)
+        return build_rows(data, drawn, window.count, drop_incomplete=drop_incomplete, qrels=qrels)
+
+    rows = rows_of(0)
+    if not rows.queries:
+        return rows, 1
+    steps = total_steps(len(rows.queries), rows_per_step, epochs, max_steps)
+    reads = epochs_read(len(rows.queries), rows_per_step, steps) if window.strategy == "sample" else 1
+    for epoch in range(1, reads):
+        rows.extend(rows_of(epoch))
+    return rows, reads
 
 
 class EpochBlockBatchSampler(DefaultBatchSampler):

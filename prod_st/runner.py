@@ -11,6 +11,12 @@ Run folder (what resume reads; prod_st.run_folder owns its rules):
     <run>/final.json          test metrics; <run>/report.md, report.png
     <run>/run.log             every log line of every run and resume in this folder, appended
 
+Each step is a short call into the module that does it: the run's data (stage_data), mining and the draw of
+fresh negatives per epoch (mining, resampling), the teachers: built, labels, strength (teachers.pool,
+teachers.labels, teachers.strength), training (student_training, losses), the DPD rule (dpd), evaluation
+(retrieval_evaluator, evaluation), the report and card (report, model_card, publish). The Runner holds the
+schedule and the run folder's bookkeeping.
+
 A step whose DONE marker exists is skipped; mining and teacher work are cached by content (model
 fingerprint + texts), and training resumes from the stage's last complete checkpoint, so a killed run picks
 up where it stopped. A changed recipe redoes the first step it changes and every later one. Only rank 0
@@ -29,9 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
-import torch
 from sentence_transformers import SentenceTransformer
 
 from prod_st import __version__, corpus_index, cost, run_folder
@@ -40,23 +44,23 @@ from prod_st.dpd import select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
-from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, retrieve_ranked
+from prod_st.mining import NegativeWindow, mine_pools, retrieve_ranked
 from prod_st.model_card import save_stage_card
 from prod_st.models import build_student
-from prod_st.paths import write_folder_atomic, write_text_atomic
+from prod_st.paths import write_text_atomic
 from prod_st.precision import resolve_precision
-from prod_st.resampling import epochs_read, total_steps
+from prod_st.resampling import epoch_rows, total_steps
 from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
-from prod_st.stage_data import TrainingRows, build_rows, load_run_data
+from prod_st.stage_data import TrainingRows, build_rows, labelled_dataset, load_run_data
 from prod_st.student_training import train_student
-from prod_st.teacher_eval import gap, rerank, rerank_metrics, strength_warnings, top_candidates
-from prod_st.teacher_setup import TeacherPool
-from prod_st.teachers import BiEncoderTeacher, scores_to_labels
-from prod_st.teachers.cache import SHARD_PATTERNS
+from prod_st.teachers import BiEncoderTeacher
+from prod_st.teachers.cache import remove_embedding_cache
+from prod_st.teachers.labels import stage_labels
+from prod_st.teachers.pool import TeacherPool
+from prod_st.teachers.strength import strength_warnings, teacher_gap, teacher_metrics, top_candidates
 
 logger = logging.getLogger("prod_st.run")
-LABEL_ROWS = 8192  # training rows labelled per batch: the most label values in memory at once
 
 
 def atomic_json(path: Path, payload) -> None:
@@ -107,7 +111,7 @@ class Runner:
         self.dir = Path(run_dir) if run_dir else recipe.run_dir()
         self.force = force
         self.progress = progress  # the trainer's progress bars (off: --no-progress)
-        self.stage_start_cache: Path | None = None  # the cache folder prune_stage_start removes
+        self.stage_start_cache: Path | None = None  # the cache folder release_stage_start removes
 
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
@@ -217,18 +221,35 @@ class Runner:
         barrier()
         return None
 
-    def finish_stage(self, folder: Path, student: SentenceTransformer, record: StageRecord) -> StageRecord:
+    def finish_stage(
+        self, folder: Path, student: SentenceTransformer, record: StageRecord, start: tuple[Path, str] | None = None
+    ) -> StageRecord:
+        """Save the stage's student and metrics, release what only its start needed, then mark it DONE.
+        `start`: the folder of the student the stage started from and that student's corpus cache key."""
         if is_main():
             student.save(str(folder / "student"))
             save_stage_card(student, folder, record.name, self.recipe.data.dataset)
         write_json(folder / "metrics.json", record.__dict__)
-        self.prune_stage_start()  # before DONE: a stage killed before it resumes with its cache
+        self.release_stage_start(start, student)  # before DONE: a stage killed before it resumes with its caches
         if is_main():
             (folder / "DONE").write_text("")
         barrier()
         for warning in record.warnings:
             logger.warning("%s: %s", record.name, warning)
         return record
+
+    def release_stage_start(self, start: tuple[Path, str] | None, student: SentenceTransformer) -> None:
+        """What no later step reads, as every later step starts from another student: the stage-start
+        student's cached embeddings (kept when a teacher has the same weights: its cache is the same folder),
+        and its cached corpus encoding (kept for the untrained student, and when the stage left the student as
+        it was: the test searches with the untrained student and the last one only)."""
+        folder, self.stage_start_cache = self.stage_start_cache, None
+        if folder is not None and is_main() and folder not in self.teachers.cache_folders():
+            remove_embedding_cache(folder)
+            logger.info("pruned the stage-start student's cached embeddings (%s)", folder.name[:12])
+        if start is not None and start[0].name != "00-init":
+            if start[1] != corpus_index.cache_key(student, self.data.corpus):
+                corpus_index.release(start[1])
 
     def evaluate_dev(self, student: SentenceTransformer, folder: Path, seconds: dict) -> dict:
         """Dev metrics of the student; its dev run (top `teacher_rerank_depth`) is kept for teacher checks."""
@@ -275,7 +296,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
-        start_key = corpus_index.cache_key(student, self.data.corpus)
+        start = (previous_folder, corpus_index.cache_key(student, self.data.corpus))
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
         rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
@@ -285,23 +306,16 @@ class Runner:
             self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
                 labels = self.labels(stage.teacher, rows, stage.candidates, student, stage.loss)
-                dataset = self.labelled_dataset(folder, rows, labels)
+                dataset = labelled_dataset(folder / "train_data", rows, labels)
             loss = self.prod_loss(student, stage.candidates, stage.loss)
-        self.save_train_data(folder, dataset)
+        if is_main() and not (folder / "train_data").exists():  # (the warm-up's rows, without labels)
+            dataset.save_to_disk(str(folder / "train_data"))
         record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch,
                                   block_size=len(rows.queries) // reads)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         if stage.teacher:
             record.gap_after, _ = self.measure_gap(stage.teacher, folder, stage.loss.temperature, student)
-        record = self.finish_stage(folder, student, record)
-        self.release_encoding(start_key, previous_folder, student)
-        return record
-
-    def release_encoding(self, key: str, start_folder: Path, student: SentenceTransformer) -> None:
-        """Once a step is done, drop the cached corpus encoding of the student it started from: no later step
-        searches with that checkpoint (the test searches with the untrained student and the last one only)."""
-        if start_folder.name != "00-init" and key != corpus_index.cache_key(student, self.data.corpus):
-            corpus_index.release(key)
+        return self.finish_stage(folder, student, record, start)
 
     def stage_rows(
         self, stage, student, index: int, folder: Path, record: StageRecord, *, in_batch: bool
@@ -318,19 +332,13 @@ class Runner:
             miner = self.teachers.miner_model(neg.miner, student)
             pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
                                       index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
-
-        def rows_of(epoch: int) -> TrainingRows:
-            drawn = draw_negatives(pools, window, seed=self.recipe.seed + index, epoch=epoch)
-            return build_rows(self.data, drawn, neg.count, drop_incomplete=in_batch, qrels=qrels)
-
-        rows = rows_of(0)
+        rows, reads = epoch_rows(
+            self.data, pools, qrels, window, seed=self.recipe.seed + index, epochs=stage.epochs,
+            rows_per_step=stage.batch_size * self.recipe.training.gradient_accumulation_steps,
+            max_steps=stage.max_steps, drop_incomplete=in_batch,
+        )
         if not rows.queries:
             raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
-        batch = stage.batch_size * self.recipe.training.gradient_accumulation_steps  # rows per optimizer step
-        steps = total_steps(len(rows.queries), batch, stage.epochs, stage.max_steps)
-        reads = epochs_read(len(rows.queries), batch, steps) if neg.strategy == "sample" else 1
-        for epoch in range(1, reads):
-            rows.extend(rows_of(epoch))
         write_json(folder / "negatives.json", {"epochs": reads, "pools": pools})
         logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name,
                     len(rows.queries) // reads, reads)
@@ -369,83 +377,13 @@ class Runner:
     def labels(
         self, teacher_name: str, rows: TrainingRows, candidates: str, student, loss_spec
     ) -> Iterator[np.ndarray]:
-        """The loss's label column, in logit scale, as float32 arrays of LABEL_ROWS rows at a time (the
-        teacher's work is done batch by batch too). In-batch mode: the teacher's embeddings of [query,
-        positive, negatives]. List mode: the teacher's scores over [positive, negatives] (-inf for fillers),
-        and with regularisation also the stage-start student's scores, computed once from its cached
-        embeddings instead of a frozen forward pass at every step (that cache is pruned when the stage ends)."""
-        teacher = self.teachers.get(teacher_name)
-        scale = self.teachers.scale(teacher_name)
-        n, width = len(rows.queries), 1 + len(rows.negatives[0])
-        if candidates == "in_batch":
-            if not isinstance(teacher, BiEncoderTeacher):
-                raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {teacher_name!r} is not one")
-            texts = rows.candidates()
-            cost.announce(f"teacher embeddings ({teacher_name})", n * (1 + width), "texts",
-                          cost.label_bytes(min(n, LABEL_ROWS), (1 + width) * teacher.dimension))
-
-            def in_batch() -> Iterator[np.ndarray]:
-                for start in range(0, n, LABEL_ROWS):
-                    embeddings = teacher.embeddings_for_rows(rows.queries[start : start + LABEL_ROWS],
-                                                             texts[start : start + LABEL_ROWS])
-                    embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
-                    yield embeddings.numpy()
-
-            return cost.timed(f"teacher embeddings ({teacher_name})", in_batch(), n, LABEL_ROWS)
-        score_sets = [(teacher, scale)]
-        if loss_spec.reg_weight > 0:
-            # the student before this stage trains: its embeddings are cached under its weights' fingerprint
-            frozen = BiEncoderTeacher(student, name="stage-start student")
-            score_sets.append((frozen, score_scale(student)))
-            self.stage_start_cache = frozen.cache_folder
-        real = rows.real_candidates()  # fillers are never scored
-        cost.announce(f"teacher scores ({teacher_name})", sum(map(len, real)) * len(score_sets), "pairs",
-                      cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
-
-        def scored() -> Iterator[np.ndarray]:
-            for start in range(0, n, LABEL_ROWS):
-                queries, lists = rows.queries[start : start + LABEL_ROWS], real[start : start + LABEL_ROWS]
-                labels = [
-                    scores_to_labels([[factor * x for x in row] for row in model.score(queries, lists)], width)
-                    for model, factor in score_sets
-                ]
-                yield (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).numpy()
-
-        return cost.timed(f"teacher scores ({teacher_name})", scored(), n, LABEL_ROWS)
-
-    def labelled_dataset(self, folder: Path, rows: TrainingRows, labels: Iterator[np.ndarray]):
-        """The training rows with their labels as a dataset memory-mapped from <stage>/train_data. Rank 0
-        writes it as the labels come (into a temp folder renamed when complete); the other ranks take part in
-        the teacher's work (the same label batches) and read the finished folder."""
-        target = folder / "train_data"
-        if is_main():
-            if target.exists():  # a resumed stage: rewritten from the same (cached) teacher outputs
-                shutil.rmtree(target)
-            write_folder_atomic(target, lambda tmp: rows.to_dataset(labels, folder=tmp))
-        else:
-            for _ in labels:
-                pass
-        barrier()
-        return datasets.load_from_disk(str(target))
-
-    def prune_stage_start(self) -> None:
-        """Remove the stage-start student's cached embeddings (only the shards prod-st's cache writes): no later
-        step reads them, as every later step starts from another student. Kept when a teacher has the same
-        weights (its cache is the same folder)."""
-        folder, self.stage_start_cache = self.stage_start_cache, None
-        if folder is None or not is_main() or folder in self.teachers.cache_folders():
-            return
-        shards = folder / "embeddings"
-        for path in [p for pattern in SHARD_PATTERNS for p in shards.glob(pattern)] + list(shards.glob(".part-*.tmp")):
-            path.unlink(missing_ok=True)
-        for empty in (shards, folder):
-            if empty.is_dir() and not any(empty.iterdir()):
-                empty.rmdir()
-        logger.info("pruned the stage-start student's cached embeddings (%s)", folder.name[:12])
-
-    def save_train_data(self, folder: Path, dataset) -> None:
-        if is_main() and not (folder / "train_data").exists():
-            dataset.save_to_disk(str(folder / "train_data"))
+        """The loss's label column from the teacher (`prod_st.teachers.labels`); the stage-start student's
+        cache it reads, if any, is released when the stage ends."""
+        labels, self.stage_start_cache = stage_labels(
+            self.teachers.get(teacher_name), self.teachers.scale(teacher_name), rows, candidates, student,
+            loss_spec.reg_weight, name=teacher_name,
+        )
+        return labels
 
     # ---- teacher checks: is the teacher stronger than the student it teaches? -------------------------
     def check_teacher(
@@ -470,31 +408,31 @@ class Runner:
         return teacher
 
     def measure_teacher(self, name: str, student_folder: Path) -> dict:
-        """A bi-encoder teacher as a retriever (cached per run); a cross-encoder as a reranker of the
-        student's dev top-k."""
-        teacher = self.teachers.get(name)
-        e = self.recipe.eval
-        if isinstance(teacher, BiEncoderTeacher):
-            cached = self.dir / "teachers" / name / "dev_metrics.json"
-            if not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
-                result = evaluate_model(teacher.model, self.data.dev, top_k=e.top_k, index_factory=e.index,
-                                        batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level)
-                write_json(cached, result.metrics)
-            return {"as": "retriever", "metrics": json.loads(cached.read_text())}
-        run = rerank(teacher, self.dev_run(student_folder), self.data.dev.split_queries(), self.data, e.teacher_rerank_depth)
-        metrics = rerank_metrics(run, self.data.dev, self.recipe.data.relevance_level)
-        return {"as": f"reranker of the student's top {e.teacher_rerank_depth}", "metrics": metrics}
+        """A bi-encoder teacher as a retriever (its dev metrics cached in the run); a cross-encoder as a reranker
+        of the student's dev top-k."""
+        teacher, e = self.teachers.get(name), self.recipe.eval
+        cached = self.dir / "teachers" / name / "dev_metrics.json"
+        bi = isinstance(teacher, BiEncoderTeacher)
+        if not bi or not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
+            measured_as, metrics = teacher_metrics(
+                teacher, self.data.dev, self.data, None if bi else self.dev_run(student_folder),
+                depth=e.teacher_rerank_depth, relevance_level=self.recipe.data.relevance_level, top_k=e.top_k,
+                index_factory=e.index, batch_size=e.batch_size,
+            )
+            if not bi:
+                return {"as": measured_as, "metrics": metrics}
+            write_json(cached, metrics)
+        return {"as": "retriever", "metrics": json.loads(cached.read_text())}
 
     def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> tuple[dict, dict]:
         """KL and rank agreement between teacher and student over the student's dev top-k, and the teacher's
         metrics as a reranker of that top-k."""
-        teacher = self.teachers.get(name)
-        student_run = self.dev_run(student_folder)
-        teacher_run = rerank(teacher, student_run, self.data.dev.split_queries(), self.data,
-                             self.recipe.eval.teacher_rerank_depth, scale=self.teachers.scale(name))
-        scale = score_scale(student) if student is not None else score_scale(self.load_student(student_folder))
-        metrics = rerank_metrics(teacher_run, self.data.dev, self.recipe.data.relevance_level)
-        return gap(student_run, teacher_run, student_scale=scale, temperature=temperature), metrics
+        return teacher_gap(
+            self.teachers.get(name), self.dev_run(student_folder), self.data.dev, self.data,
+            depth=self.recipe.eval.teacher_rerank_depth, teacher_scale=self.teachers.scale(name),
+            student_scale=score_scale(student if student is not None else self.load_student(student_folder)),
+            temperature=temperature, relevance_level=self.recipe.data.relevance_level,
+        )
 
     # ---- data progressive distillation ---------------------------------------------------------------
     def run_dpd(self, index: int, round_no: int, records: list[StageRecord]) -> StageRecord:
@@ -505,7 +443,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
-        start_key = corpus_index.cache_key(student, self.data.corpus)
+        start = (previous_folder, corpus_index.cache_key(student, self.data.corpus))
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
         teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
@@ -518,13 +456,9 @@ class Runner:
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
             scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
             teacher_runs = teacher_rankings(ranked, scores)
-        rule = spec.rule
         qrels = self.data.relevance(ranked)
-        selection = select_queries(
-            ranked, teacher_runs, qrels, num_negatives=spec.num_negatives,
-            student_min=rule.student_min, student_max=rule.student_max, teacher_max=rule.teacher_max,
-            variant=rule.variant,
-        )
+        selection = select_queries(ranked, teacher_runs, qrels, num_negatives=spec.num_negatives,
+                                   **spec.rule.model_dump())
         record.selection = dict(selection.counts)
         write_json(folder / "selection.json", {"counts": selection.counts, "kept": selection.kept})
         logger.info("%s: kept %d of %d training queries %s", name, len(selection.kept), len(ranked), selection.counts)
@@ -532,17 +466,16 @@ class Runner:
             record.warnings.append("no training query passed the DPD rule: nothing to train on")
             record.student_dev = records[-1].student_dev
             write_json(folder / "dev_run.json", self.dev_run(previous_folder))
-            return self.finish_stage(folder, student, record)
+            return self.finish_stage(folder, student, record, start)
         rows = build_rows(self.data, selection.kept, spec.num_negatives, qrels=qrels)
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
-            dataset = self.labelled_dataset(folder, rows, self.labels(spec.teacher, rows, "list", student, spec.loss))
+            labels = self.labels(spec.teacher, rows, "list", student, spec.loss)
+            dataset = labelled_dataset(folder / "train_data", rows, labels)
         loss = self.prod_loss(student, "list", spec.loss)
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         record.gap_after, _ = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
-        record = self.finish_stage(folder, student, record)
-        self.release_encoding(start_key, previous_folder, student)
-        return record
+        return self.finish_stage(folder, student, record, start)
 
     # ---- final test evaluation -----------------------------------------------------------------------
     def finish(self, records: list[StageRecord], seconds: float) -> dict:
@@ -565,17 +498,12 @@ class Runner:
                 initial = evaluate_model(self.load_student(self.stage_dir(0, "init")), test, **kwargs)
                 tested["student_before_training"] = initial.metrics
             teachers = {}
-            queries = test.split_queries()
             used = [s.teacher for s in self.recipe.stages if s.teacher]
             used += [self.recipe.dpd.teacher] if self.recipe.dpd else []
             for name in dict.fromkeys(used):  # built (or loaded from the cache) when a resumed run skipped them
-                teacher = self.teachers.get(name)
-                if isinstance(teacher, BiEncoderTeacher):
-                    teachers[name] = {"as": "retriever", **evaluate_model(teacher.model, test, **kwargs).metrics}
-                else:
-                    run = rerank(teacher, final.run, queries, self.data, e.teacher_rerank_depth)
-                    teachers[name] = {"as": f"reranker of the student's top {e.teacher_rerank_depth}",
-                                      **rerank_metrics(run, test, level)}
+                measured_as, metrics = teacher_metrics(self.teachers.get(name), test, self.data, final.run,
+                                                       depth=e.teacher_rerank_depth, **kwargs)
+                teachers[name] = {"as": measured_as, **metrics}
         beir = {}
         if e.beir:
             with step(f"final: zero-shot BEIR ({', '.join(e.beir)})", timing, "beir"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
+from prod_st.distributed import barrier, is_main
+from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
@@ -173,6 +176,22 @@ class TrainingRows:
         for j in range(len(self.negatives[0]) if self.negatives else 0):
             columns[f"negative_{j + 1}"] = [negs[j] for negs in self.negatives[start:end]]
         return columns
+
+
+def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarray]) -> datasets.Dataset:
+    """`rows` with their `labels` as a dataset memory-mapped from the folder `target`. Rank 0 writes it as the
+    labels come (into a temp folder renamed when complete; an earlier one, from a killed stage, is rewritten
+    from the same cached teacher outputs); the other ranks take part in the teacher's work (the same label
+    batches) and read the finished folder."""
+    if is_main():
+        if target.exists():
+            shutil.rmtree(target)
+        write_folder_atomic(target, lambda tmp: rows.to_dataset(labels, folder=tmp))
+    else:
+        for _ in labels:
+            pass
+    barrier()
+    return datasets.load_from_disk(str(target))
 
 
 def _write_dataset_state(folder: Path) -> None:

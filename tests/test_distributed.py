@@ -58,6 +58,46 @@ def test_single_process_helpers():
     assert load_recipe("quickstart").distributed.timeout_minutes == 180
 
 
+def test_rank_from_the_launcher_environment_before_any_group(monkeypatch):
+    """torchrun and `accelerate launch` (whose multi-GPU launcher is torchrun) set RANK and WORLD_SIZE: a rank
+    knows its place from them before the process group exists."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert not distributed.is_distributed()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (1, 3, False)
+    assert distributed.shard(10) == (3, 6)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed.init_if_launched()  # a single process joins no group
+    assert not distributed.is_distributed()
+
+
+def _launched(rank: int, world: int, port: int, out: str) -> None:
+    """One process as torchrun starts it: the launcher's environment, then what the runner does first."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    before = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
+    distributed.init_if_launched(1)
+    after = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
+    Path(out, f"{rank}.json").write_text(json.dumps({"before": before, "after": after,
+                                                     "gathered": distributed.all_gather(rank)}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_init_if_launched_joins_the_group_the_launcher_set_up(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_launched, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert seen == {"before": [rank, 2, False], "after": [rank, 2, True], "gathered": [0, 1]}
+
+
 @pytest.mark.slow
 def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, toy_beir, monkeypatch):
     import prod_st.corpus_index as ci

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import prod_st.runner as runner_module
+import prod_st.teachers.labels as labels_module
 from prod_st import cost
 from prod_st.losses import score_scale
 from prod_st.runner import Runner
-from prod_st.stage_data import FILLER, TrainingRows
+from prod_st.stage_data import FILLER, TrainingRows, labelled_dataset
 from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
 
 
@@ -97,11 +97,11 @@ def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
         rows.negatives[3], rows.missing[3] = ["a river", "a stream"], [False, False]
     before = python_list_labels(teacher, score_scale(teacher.model), rows, candidates, student, reg_weight)
 
-    monkeypatch.setattr(runner_module, "LABEL_ROWS", 2)  # three batches: labels cross batch boundaries
+    monkeypatch.setattr(labels_module, "LABEL_ROWS", 2)  # three batches: labels cross batch boundaries
     runner = bare_runner(teacher)
     labels = runner.labels("bi", rows, candidates, student, Spec(reg_weight))
     (tmp_path / "stage").mkdir()
-    dataset = runner.labelled_dataset(tmp_path / "stage", rows, labels)
+    dataset = labelled_dataset(tmp_path / "stage" / "train_data", rows, labels)
 
     # what the data collator hands PRODLoss (torch.tensor of the rows' labels) is the same, bit for bit
     old = torch.tensor(datasets.Dataset.from_dict({"label": before})["label"])
@@ -173,7 +173,8 @@ def test_stage_start_cache_is_pruned_and_nothing_else(models, tmp_path):
     teacher, student = models
     runner = bare_runner(teacher)
     (tmp_path / "stage").mkdir()
-    runner.labelled_dataset(tmp_path / "stage", small_rows(), runner.labels("bi", small_rows(), "list", student, Spec(1.0)))
+    labelled_dataset(tmp_path / "stage" / "train_data", small_rows(),
+                     runner.labels("bi", small_rows(), "list", student, Spec(1.0)))
     stage_start = runner.stage_start_cache
     assert stage_start is not None and stage_start != teacher.cache_folder
     assert list((stage_start / "embeddings").glob("part-*.arrow"))
@@ -182,20 +183,20 @@ def test_stage_start_cache_is_pruned_and_nothing_else(models, tmp_path):
     (other / "embeddings" / "part-1.arrow").write_bytes(b"another cache's shard")
     teacher_shards = sorted((teacher.cache_folder / "embeddings").iterdir())
 
-    runner.prune_stage_start()
+    runner.release_stage_start(None, student)
     assert not stage_start.exists()  # every shard of the stage-start student's cache, and its folder
     assert sorted((teacher.cache_folder / "embeddings").iterdir()) == teacher_shards  # the teacher's kept
     assert (other / "embeddings" / "part-1.arrow").exists()
-    runner.prune_stage_start()  # nothing left to prune: a no-op
+    runner.release_stage_start(None, student)  # nothing left to prune: a no-op
 
     # a file prod-st did not write keeps its folder; a stage-start student with the teacher's weights
     # (the same cache folder) prunes nothing
     list(runner.labels("bi", small_rows(), "list", student, Spec(1.0)))  # the same cache, written again
     (stage_start / "embeddings" / "notes.txt").write_text("mine")
-    runner.prune_stage_start()
+    runner.release_stage_start(None, student)
     assert [p.name for p in (stage_start / "embeddings").iterdir()] == ["notes.txt"]
     runner.stage_start_cache = teacher.cache_folder
-    runner.prune_stage_start()
+    runner.release_stage_start(None, student)
     assert sorted((teacher.cache_folder / "embeddings").iterdir()) == teacher_shards
 
 

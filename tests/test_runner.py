@@ -13,6 +13,7 @@ import yaml
 
 import prod_st.corpus_index as corpus_index
 import prod_st.runner as runner_module
+import prod_st.teachers.strength as teacher_strength
 import prod_st.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
@@ -130,17 +131,19 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     real_evaluate = runner_module.evaluate_model
     monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(prod_st.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(teacher_strength, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     assert Runner(load_recipe(recipe_file), run_dir).run() == final
 
     # Killed during the final evaluation: the rerun trains nothing (no student, no teacher) and still
     # evaluates both teachers, loaded from the run folder.
-    import prod_st.teacher_setup as teacher_setup
+    import prod_st.teachers.pool as teacher_pool
 
     monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
     monkeypatch.setattr(prod_st.evaluation, "evaluate_model", real_evaluate)
+    monkeypatch.setattr(teacher_strength, "evaluate_model", real_evaluate)
     for trainer in ("train_bi_encoder", "train_cross_encoder"):
-        monkeypatch.setattr(teacher_setup, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
+        monkeypatch.setattr(teacher_pool, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     (run_dir / "final.json").unlink()
     again = Runner(load_recipe(recipe_file), run_dir).run()

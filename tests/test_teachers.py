@@ -359,7 +359,7 @@ def test_pool_cache_folders_skip_an_ensemble(tmp_path):
     """Pruning asks the pool which cache folders its teachers use; an ensemble has none of its own."""
     from pathlib import Path
 
-    from prod_st.teacher_setup import TeacherPool
+    from prod_st.teachers.pool import TeacherPool
     from prod_st.teachers import EnsembleTeacher
 
     member = _FixedTeacher("bi", {})

@@ -1,5 +1,9 @@
 """Teachers: one `score(queries, candidate_lists)` interface for bi-encoder and cross-encoder teachers, their
-on-disk caches (embeddings, scores, trained models) and the training of PROD's own teachers."""
+on-disk caches (embeddings, scores, trained models) and the training of PROD's own teachers.
+
+Also here, imported from their modules (they pull in faiss mining and the run's data): `pool.TeacherPool`, a
+run's teachers built or trained on first use; `labels`, a distillation stage's label column; and `strength`,
+how strong a teacher is on dev and how far its student is from it."""
 
 from __future__ import annotations
 

@@ -245,3 +245,14 @@ def fill_missing(
         bar.close()
     logger.info("%s: computed %d new values into %s", desc, len(todo), cache.folder)
     return len(todo)
+
+
+def remove_embedding_cache(folder: Path) -> None:
+    """Delete a bi-encoder's cache folder's embedding shards (only the files this module writes: whole shards
+    and half-written temp shards), then its `embeddings/` and the folder if nothing else is left in them."""
+    shards = folder / "embeddings"
+    for path in [p for pattern in SHARD_PATTERNS for p in shards.glob(pattern)] + list(shards.glob(".part-*.tmp")):
+        path.unlink(missing_ok=True)
+    for empty in (shards, folder):
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()

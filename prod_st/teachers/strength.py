@@ -9,8 +9,10 @@ import math
 import numpy as np
 from scipy.stats import kendalltau
 
-from prod_st.evaluation import Run, score_run
+from prod_st.data import RetrievalData
+from prod_st.evaluation import Run, evaluate_model, score_run
 from prod_st.stage_data import RunData
+from prod_st.teachers.bi_encoder import BiEncoderTeacher
 
 
 def top_candidates(run: Run, depth: int) -> dict[str, list[str]]:
@@ -31,6 +33,29 @@ def rerank_metrics(teacher_run: Run, data, relevance_level: int = 1) -> dict[str
     """The metrics of the teacher's reranking over the split's queries (qrels and/or answers); a query it had
     nothing to rerank for counts as a miss."""
     return score_run(teacher_run, data, list(data.qrels or data.answers or teacher_run), relevance_level)
+
+
+def teacher_metrics(
+    teacher, split: RetrievalData, data: RunData, student_run: Run | None, *, depth: int, relevance_level: int,
+    **search,
+) -> tuple[str, dict[str, float]]:
+    """How strong a teacher is on `split`, and as what: a bi-encoder as a retriever over the corpus (`search`:
+    `evaluate_model`'s settings), a cross-encoder as a reranker of the student's top-`depth` (`student_run`)."""
+    if isinstance(teacher, BiEncoderTeacher):
+        return "retriever", evaluate_model(teacher.model, split, relevance_level=relevance_level, **search).metrics
+    run = rerank(teacher, student_run, split.split_queries(), data, depth)
+    return f"reranker of the student's top {depth}", rerank_metrics(run, split, relevance_level)
+
+
+def teacher_gap(
+    teacher, student_run: Run, split: RetrievalData, data: RunData, *, depth: int, teacher_scale: float,
+    student_scale: float, temperature: float, relevance_level: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The teacher reranks the student's top-`depth` of `split`: the `gap` between the two over those
+    candidates, and the teacher's metrics as that reranker."""
+    teacher_run = rerank(teacher, student_run, split.split_queries(), data, depth, scale=teacher_scale)
+    measured = gap(student_run, teacher_run, student_scale=student_scale, temperature=temperature)
+    return measured, rerank_metrics(teacher_run, split, relevance_level)
 
 
 def gap(student_run: Run, teacher_run: Run, *, student_scale: float, temperature: float = 4.0) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Turning a recipe's teacher entry into a ready teacher: load a pretrained one, or train PROD's own from a
-backbone (negatives mined by the model the entry names), both cached so a rerun never retrains."""
+"""The pool of a run's teachers: each recipe teacher entry turned into a ready teacher, a pretrained one
+loaded or PROD's own trained from a backbone (negatives mined by the model the entry names), both cached so a
+rerun never retrains."""
 
 from __future__ import annotations
 
@@ -14,13 +15,10 @@ from prod_st.losses import score_scale
 from prod_st.mining import NegativeWindow, draw_negatives, mine_pools
 from prod_st.models import load_model
 from prod_st.stage_data import RunData, build_rows
-from prod_st.teachers import (
-    BiEncoderTeacher,
-    CrossEncoderTeacher,
-    EnsembleTeacher,
-    train_bi_encoder,
-    train_cross_encoder,
-)
+from prod_st.teachers.bi_encoder import BiEncoderTeacher
+from prod_st.teachers.cross_encoder import CrossEncoderTeacher
+from prod_st.teachers.ensemble import EnsembleTeacher
+from prod_st.teachers.training import train_bi_encoder, train_cross_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from prod_st.losses import score_scale
-from prod_st.teacher_eval import gap, strength_warnings
+from prod_st.teachers.strength import gap, strength_warnings
 
 
 def test_gap_is_the_temperature_kl_and_rank_agreement():

@@ -1,0 +1,72 @@
+"""A distillation stage's label column: what the teacher says about each training row, computed and handed on
+LABEL_ROWS rows at a time (so no label list of the whole stage is ever in memory).
+
+In-batch candidates: the teacher's embeddings of [query, positive, negatives] (the loss scores every pair of
+the batch). List candidates: the teacher's scores over [positive, negatives], -inf for fillers, and with PROD's
+regularisation also the stage-start student's scores, computed once from its cached embeddings instead of a
+frozen forward pass at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from prod_st import cost
+from prod_st.errors import ProdStError
+from prod_st.losses import score_scale
+from prod_st.stage_data import TrainingRows
+from prod_st.teachers.base import scores_to_labels
+from prod_st.teachers.bi_encoder import BiEncoderTeacher
+
+LABEL_ROWS = 8192  # training rows labelled per batch: the most label values in memory at once
+
+
+def stage_labels(
+    teacher, scale: float, rows: TrainingRows, candidates: str, student: SentenceTransformer, reg_weight: float,
+    *, name: str,
+) -> tuple[Iterator[np.ndarray], Path | None]:
+    """The loss's label column, in logit scale (`scale` times the teacher's scores), as float32 arrays of
+    LABEL_ROWS rows at a time, and the cache folder of the stage-start student's embeddings when the labels
+    use them (list mode with `reg_weight` > 0; no later step reads it: the runner prunes it when the stage
+    ends), else None. `name`: the teacher's name in the cost lines."""
+    n, width = len(rows.queries), 1 + len(rows.negatives[0])
+    if candidates == "in_batch":
+        if not isinstance(teacher, BiEncoderTeacher):
+            raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {name!r} is not one")
+        texts = rows.candidates()
+        cost.announce(f"teacher embeddings ({name})", n * (1 + width), "texts",
+                      cost.label_bytes(min(n, LABEL_ROWS), (1 + width) * teacher.dimension))
+
+        def in_batch() -> Iterator[np.ndarray]:
+            for start in range(0, n, LABEL_ROWS):
+                embeddings = teacher.embeddings_for_rows(rows.queries[start : start + LABEL_ROWS],
+                                                         texts[start : start + LABEL_ROWS])
+                embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
+                yield embeddings.numpy()
+
+        return cost.timed(f"teacher embeddings ({name})", in_batch(), n, LABEL_ROWS), None
+    score_sets, stage_start = [(teacher, scale)], None
+    if reg_weight > 0:
+        # the student before this stage trains: its embeddings are cached under its weights' fingerprint
+        frozen = BiEncoderTeacher(student, name="stage-start student")
+        score_sets.append((frozen, score_scale(student)))
+        stage_start = frozen.cache_folder
+    real = rows.real_candidates()  # fillers are never scored
+    cost.announce(f"teacher scores ({name})", sum(map(len, real)) * len(score_sets), "pairs",
+                  cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
+
+    def scored() -> Iterator[np.ndarray]:
+        for start in range(0, n, LABEL_ROWS):
+            queries, lists = rows.queries[start : start + LABEL_ROWS], real[start : start + LABEL_ROWS]
+            labels = [
+                scores_to_labels([[factor * x for x in row] for row in model.score(queries, lists)], width)
+                for model, factor in score_sets
+            ]
+            yield (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).numpy()
+
+    return cost.timed(f"teacher scores ({name})", scored(), n, LABEL_ROWS), stage_start
