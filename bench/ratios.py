@@ -68,7 +68,7 @@ def mining(data, student, window, count: int, seed: int) -> dict:
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
-    from prod_st.mining import NegativeWindow, draw_negatives, mine_pools, negative_pools, retrieve_ranked
+    from prod_st.mining import NegativeWindow, draw_negatives, mine_pools
 
     def prod(strategy: str):
         w = NegativeWindow(window[0], window[1], count, strategy)
@@ -133,8 +133,6 @@ def scoring(rows_by_epoch, batch_size: int, max_length: int, reps: int) -> dict:
 
     def plain(pairs_):
         return model.predict(pairs_, batch_size=batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=False)
-
-    predict_s = []
 
     def teacher_run(queries_, lists_, precision="fp32"):
         """(scores, seconds to build the teacher (fingerprint + cache open), seconds to score, seconds inside
@@ -353,7 +351,7 @@ def main() -> None:
 
     s, m, t = score, mine, train
     print()
-    print(f"| ratio (prod-st vs plain sentence-transformers, same process) | prod-st | plain | ratio (plain / prod-st; > 1: prod-st faster) | goal |")
+    print("| ratio (prod-st vs plain sentence-transformers, same process) | prod-st | plain | ratio (plain / prod-st; > 1: prod-st faster) | goal |")
     print("|---|---|---|---|---|")
     print(f"| 1. ce teacher scoring, cold cache: {s['pairs']:,} mined pairs ({s['queries']} queries, {s['unique_docs']:,} distinct docs), "
           f"batch {s['batch_size']}, max length {s['max_length']} | {s['teacher_score_s']:.2f} s (+{s['teacher_open_s']:.2f} s fingerprint + cache open) "
