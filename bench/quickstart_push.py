@@ -1,12 +1,12 @@
-"""Issue 10 item 4: what holds the quickstart student below its bi-encoder teacher? Variants of
-recipes/quickstart.yaml, each run into bench/out/push/<variant>/ (a rerun resumes; finished variants are read
-back). Choices read DEV only: the table below prints dev nDCG@10 after every stage and the teachers' dev numbers;
+"""Issue 10 item 4: what holds the quickstart student below its bi-encoder teacher? Variants of the quickstart
+recipe as it was before them (bench/quickstart_push_base.yaml = recipes/quickstart.yaml at f2aa0e5), each run
+into bench/out/push/<variant>/ (a rerun resumes; finished variants are read back). Choices read DEV only: the table below prints dev nDCG@10 after every stage and the teachers' dev numbers;
 test is in each run's final.json and is read once, for the variant chosen on dev (`--test NAME`).
 
-    python bench/quickstart_push.py q0 long ens           # run these variants (in order), then the dev table
+    python bench/quickstart_push.py q0 long ens long_ens   # run these variants (in order; a_b = both), then the dev table
     python bench/quickstart_push.py --list                # every variant and what it changes
     python bench/quickstart_push.py --table               # the dev table of the finished variants
-    python bench/quickstart_push.py --test long-ens       # test metrics of one finished variant
+    python bench/quickstart_push.py --test long_ens       # test metrics of one finished variant
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "push"
+BASE = ROOT / "bench" / "quickstart_push_base.yaml"  # recipes/quickstart.yaml as it was before these runs (f2aa0e5)
 ENS = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
 
 
@@ -123,7 +124,7 @@ VARIANTS = {  # name: (what it changes, [edits in order])
 
 
 def build(name: str) -> dict:
-    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    recipe = yaml.safe_load(BASE.read_text())
     for part in name.split("_"):
         for edit in VARIANTS[part][1]:
             edit(recipe)

@@ -394,7 +394,7 @@ def test_validate_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 0
-    assert "quickstart: valid (warmup -> bi -> ce -> dpd x1)" in capsys.readouterr().out
+    assert "quickstart: valid (warmup -> bi -> ce -> ens -> dpd x1)" in capsys.readouterr().out
 
 
 def test_fillers_are_never_scored_and_become_minus_inf():
