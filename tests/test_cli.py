@@ -317,7 +317,7 @@ def test_validate_takes_set_and_verbose_after_the_command(monkeypatch, capsys):
     finally:
         root.setLevel(level)
     code, out, err = run_cli(monkeypatch, capsys, "validate", "quickstart", "--set", "stages.9.lr=3e-5")
-    assert code == 2 and "stages.9: stages is a list with 3 entries" in err
+    assert code == 2 and "stages.9: stages is a list with 4 entries" in err
 
 
 def test_data_errors_exit_3(monkeypatch, capsys, toy_beir):

@@ -188,7 +188,7 @@ def test_dry_run_writes_the_exact_upload_folder(finished_run, tiny_model_dir):
     assert "encode_query" in card and "encode_document" in card and "similarity(" in card
     # the PROD section: schedule, stage table, test, BEIR, citation
     assert card.index("## PROD: progressive distillation") > card.index("## Model Details")
-    assert "### Schedule" in card and "| 1 | warmup | warmup |" in card and "| 4 | dpd-1 | dpd | ce |" in card
+    assert "### Schedule" in card and "| 1 | warmup | warmup |" in card and "| 5 | dpd-1 | dpd | ens |" in card
     assert "Dataset: `wordnet-gloss`" in card and "train queries 800" in card and "corpus 4000 documents" in card
     assert "a query is kept when the student's first relevant document is at rank 2-15" in card
     assert "| # | stage | teacher | student nDCG@10 | student MRR@10 | student R@100 |" in card

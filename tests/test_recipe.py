@@ -49,13 +49,13 @@ def error_of(tmp_path: Path, data) -> str:
 
 
 # ------------------------------------------------------------------------------------------ embedded recipes
-@pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
-def test_embedded_recipes_load(name):
+@pytest.mark.parametrize(("name", "chain"), [("quickstart", ["bi", "ce", "ens"]), ("wordnet-full", ["bi", "ce"])])
+def test_embedded_recipes_load(name, chain):
     recipe = load_recipe(name)
     assert recipe.name == name
-    assert [s.kind for s in recipe.stages] == ["warmup", "distill", "distill"]
-    assert [s.teacher for s in recipe.stages] == [None, "bi", "ce"]
-    assert recipe.dpd is not None and recipe.dpd.teacher == "ce"
+    assert [s.kind for s in recipe.stages] == ["warmup"] + ["distill"] * len(chain)
+    assert [s.teacher for s in recipe.stages] == [None, *chain]
+    assert recipe.dpd is not None and recipe.dpd.teacher == chain[-1]  # the strongest teacher picks near misses
     assert recipe.teachers["ce"].train.negatives_from == "bi"
     assert name in embedded_recipes()
 

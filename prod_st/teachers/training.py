@@ -41,7 +41,7 @@ from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
 from prod_st.losses.contrastive import contrastive_loss, score_scale
 from prod_st.models import load_model
-from prod_st.precision import precision_flags
+from prod_st.precision import precision_flags, resolve_precision
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
 
@@ -138,7 +138,8 @@ def _common_args(
 
 def _settings(precision: str, **settings) -> dict:
     """The settings a trained teacher's cache key hashes: fp32 adds nothing (keys from before precision existed
-    stay valid), another precision is a different teacher."""
+    stay valid), another precision (`auto` as this machine resolves it) is a different teacher."""
+    precision = resolve_precision(precision)
     return settings | ({"precision": precision} if precision != "fp32" else {})
 
 
