@@ -1,7 +1,8 @@
 """Issue 10 item 4: what holds the quickstart student below its bi-encoder teacher? Variants of the quickstart
 recipe as it was before them (bench/quickstart_push_base.yaml = recipes/quickstart.yaml at f2aa0e5), each run
-into bench/out/push/<variant>/ (a rerun resumes; finished variants are read back). Choices read DEV only: the table below prints dev nDCG@10 after every stage and the teachers' dev numbers;
-test is in each run's final.json and is read once, for the variant chosen on dev (`--test NAME`).
+into bench/out/push/<variant>/ (a rerun resumes; finished variants are read back). Choices read DEV only: the
+table prints dev nDCG@10 after every stage; test is in each run's final.json and is read once, for the variant
+chosen on dev (`--test NAME`). Results of the runs reported in bench/RESULTS.md: bench/push-results/.
 
     python bench/quickstart_push.py q0 long ens long_ens   # run these variants (in order; a_b = both), then the dev table
     python bench/quickstart_push.py --list                # every variant and what it changes
