@@ -58,7 +58,7 @@ from prod_st.teachers import BiEncoderTeacher
 from prod_st.teachers.cache import remove_embedding_cache
 from prod_st.teachers.labels import stage_labels
 from prod_st.teachers.pool import TeacherPool
-from prod_st.teachers.strength import strength_warnings, teacher_gap, teacher_metrics, top_candidates
+from prod_st.teachers.strength import reranker_as, strength_warnings, teacher_gap, teacher_metrics, top_candidates
 
 logger = logging.getLogger("prod_st.run")
 
@@ -391,9 +391,12 @@ class Runner:
     ) -> object:
         with step(f"{record.name}: teacher {name!r} ready and measured on dev", record.seconds, "teacher"):
             teacher = self.teachers.get(name, student)
-            measured = self.measure_teacher(name, previous_folder)
-        record.teacher_dev, record.teacher_measured_as = measured["metrics"], measured["as"]
-        record.gap_before, record.teacher_rerank_dev = self.measure_gap(name, previous_folder, temperature, None)
+            record.gap_before, record.teacher_rerank_dev = self.measure_gap(name, previous_folder, temperature, None)
+            if isinstance(teacher, BiEncoderTeacher):
+                record.teacher_dev, record.teacher_measured_as = self.retriever_dev_metrics(name), "retriever"
+            else:  # a reranker is measured on the candidates the gap was just measured on
+                record.teacher_dev = record.teacher_rerank_dev
+                record.teacher_measured_as = reranker_as(self.recipe.eval.teacher_rerank_depth)
         metric = self.recipe.eval.metric
         logger.info("%s: teacher %r dev %s (as %s) vs student %.4f", record.name, name, _fmt(record.teacher_dev),
                     record.teacher_measured_as, records[-1].student_dev[metric])
@@ -407,22 +410,19 @@ class Runner:
         )
         return teacher
 
-    def measure_teacher(self, name: str, student_folder: Path) -> dict:
-        """A bi-encoder teacher as a retriever (its dev metrics cached in the run); a cross-encoder as a reranker
-        of the student's dev top-k."""
-        teacher, e = self.teachers.get(name), self.recipe.eval
+    def retriever_dev_metrics(self, name: str) -> dict:
+        """A bi-encoder teacher's dev metrics as a retriever over the corpus (cached in the run: they do not
+        depend on the student)."""
+        e = self.recipe.eval
         cached = self.dir / "teachers" / name / "dev_metrics.json"
-        bi = isinstance(teacher, BiEncoderTeacher)
-        if not bi or not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
-            measured_as, metrics = teacher_metrics(
-                teacher, self.data.dev, self.data, None if bi else self.dev_run(student_folder),
-                depth=e.teacher_rerank_depth, relevance_level=self.recipe.data.relevance_level, top_k=e.top_k,
-                index_factory=e.index, batch_size=e.batch_size,
+        if not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
+            _, metrics = teacher_metrics(
+                self.teachers.get(name), self.data.dev, self.data, None, depth=e.teacher_rerank_depth,
+                relevance_level=self.recipe.data.relevance_level, top_k=e.top_k, index_factory=e.index,
+                batch_size=e.batch_size,
             )
-            if not bi:
-                return {"as": measured_as, "metrics": metrics}
             write_json(cached, metrics)
-        return {"as": "retriever", "metrics": json.loads(cached.read_text())}
+        return json.loads(cached.read_text())
 
     def measure_gap(self, name: str, student_folder: Path, temperature: float, student) -> tuple[dict, dict]:
         """KL and rank agreement between teacher and student over the student's dev top-k, and the teacher's

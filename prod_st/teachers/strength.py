@@ -44,7 +44,12 @@ def teacher_metrics(
     if isinstance(teacher, BiEncoderTeacher):
         return "retriever", evaluate_model(teacher.model, split, relevance_level=relevance_level, **search).metrics
     run = rerank(teacher, student_run, split.split_queries(), data, depth)
-    return f"reranker of the student's top {depth}", rerank_metrics(run, split, relevance_level)
+    return reranker_as(depth), rerank_metrics(run, split, relevance_level)
+
+
+def reranker_as(depth: int) -> str:
+    """What a reranking teacher's metrics were measured as."""
+    return f"reranker of the student's top {depth}"
 
 
 def teacher_gap(
