@@ -57,11 +57,6 @@ def training_bytes(model) -> int:
     return 4 * model_bytes(model)
 
 
-def embedding_dim(model) -> int:
-    get = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension")
-    return int(get() or 0)
-
-
 def announce(what: str, items: int, unit: str, memory: float) -> None:
     """One log line before a long step: `what: N unit, est. memory M`."""
     logger.info("%s: %s %s, est. memory %s", what, f"{items:,}", unit, human_bytes(memory))
@@ -70,7 +65,7 @@ def announce(what: str, items: int, unit: str, memory: float) -> None:
 def search_cost(what: str, model, docs: int, queries: int, depth: int) -> None:
     """Announce a corpus encoding + exact search: the index of `docs` vectors and a run of `depth` per query."""
     announce(what, docs + queries, f"texts ({docs:,} documents + {queries:,} queries)",
-             index_bytes(docs, embedding_dim(model)) + run_bytes(queries, depth))
+             index_bytes(docs, model.get_embedding_dimension() or 0) + run_bytes(queries, depth))
 
 
 def timed(what: str, batches: Iterable[T], total: int, batch: int) -> Iterator[T]:
