@@ -104,17 +104,18 @@ def build_index(
     *,
     index_factory: str = "Flat",
     batch_size: int = 64,
+    dtype: str = "float32",
     chunk_size: int = 32768,
     progress: bool = True,
 ) -> tuple[faiss.Index, list[str]]:
     """A faiss inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the
     doc ids in index order. `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat"
     for big corpora; a trained index is trained on the first `chunk_size` documents). The encoding is
-    cached per checkpoint and shared across ranks (`prod_st.corpus_index`): the same weights never encode
-    the same corpus twice."""
+    cached per checkpoint and shared across ranks (`prod_st.corpus_index`), as `dtype` ("float32" or
+    "float16"): the same weights never encode the same corpus twice."""
     require_positive(batch_size=batch_size, chunk_size=chunk_size)
-    return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, train_size=chunk_size,
-                        progress=enabled(progress))
+    return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
+                        train_size=chunk_size, progress=enabled(progress))
 
 
 def search(
@@ -154,12 +155,14 @@ def evaluate_model(
     top_k: int = 1000,
     index_factory: str = "Flat",
     batch_size: int = 64,
+    dtype: str = "float32",
     relevance_level: int = 1,
     max_queries: int | None = None,
     keep_run: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Encode `data.corpus`, retrieve for the judged queries of `data.split`, and score the run."""
+    """Encode `data.corpus` (cached per checkpoint as `dtype`), retrieve for the judged queries of `data.split`,
+    and score the run."""
     require_positive(top_k=top_k, batch_size=batch_size, relevance_level=relevance_level, max_queries=max_queries)
     queries = data.split_queries()
     if max_queries is not None:
@@ -167,7 +170,8 @@ def evaluate_model(
     if not queries:
         raise ProdStError(f"{data.name} ({data.split}): no queries to evaluate")
     start = time.perf_counter()
-    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
+    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
+                                 progress=progress)
     encoded = time.perf_counter()
     run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
     searched = time.perf_counter()

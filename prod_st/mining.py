@@ -56,19 +56,21 @@ def retrieve_ranked(
     top_k: int = 100,
     index_factory: str = "Flat",
     batch_size: int = 64,
+    dtype: str = "float32",
     progress: bool = True,
 ) -> dict[str, list[str]]:
     """Each query's top-`top_k` doc ids in rank order, cached on disk. Under torchrun every rank calls it: the
     corpus encoding and the search are split across ranks (`build_index`, `search`); rank 0 writes the run."""
     key = text_key(
         model_fingerprint(model), data.corpus._fingerprint, *(f"{q}\t{t}" for q, t in queries.items()),
-        settings={"top_k": top_k, "index": index_factory},
+        settings={"top_k": top_k, "index": index_factory} | ({"dtype": dtype} if dtype != "float32" else {}),
     )
     path = cache_dir("runs") / f"{key}.json"
     if all(all_gather(path.exists())):  # decided together: every rank reads it, or every rank takes its share
         logger.info("ranked run for %d queries read from cache", len(queries))
         return json.loads(path.read_text())
-    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, progress=progress)
+    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
+                                 progress=progress)
     run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
     ranked = {q: list(docs) for q, docs in run.items()}
     if is_main():

@@ -198,10 +198,7 @@ class Teacher(_Model):
     @model_serializer(mode="wrap")
     def _omit_no_members(self, handler):
         """`members` is written only for an ensemble: other teachers dump (and fingerprint) as before it existed."""
-        data = handler(self)
-        if isinstance(data, dict) and self.members is None:
-            data.pop("members", None)
-        return data
+        return omit_at_default(handler(self), self, "members")
 
     @model_validator(mode="after")
     def _model_or_train(self) -> Teacher:
@@ -321,9 +318,24 @@ class DPD(_Model):
         return self
 
 
+def omit_at_default(data, model: BaseModel, *names: str):
+    """`data` (the dump of `model`) without the fields `names` where `model` has them at their defaults: a field
+    added to the recipe later leaves the dumps, and so the step fingerprints, of recipes that do not set it as
+    they were before it existed."""
+    if isinstance(data, dict):
+        for name in names:
+            if getattr(model, name) == type(model).model_fields[name].get_default(call_default_factory=True):
+                data.pop(name, None)
+    return data
+
+
 class Evaluation(_Model):
     top_k: PosInt = 1000
     index: NonEmptyStr = Field("Flat", description="faiss index factory string")
+    corpus_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="the corpus embeddings cached per checkpoint (float16: half the disk and memory; "
+        "with index: SQfp16 the index is float16 too)"
+    )
     batch_size: PosInt = 64
     teacher_rerank_depth: PosInt = Field(
         50, description="dev: teachers rerank the student's top-k (teacher strength for a cross-encoder, and the gap)"
@@ -332,6 +344,11 @@ class Evaluation(_Model):
     metric: Literal[
         "nDCG@10", "MRR@10", "R@10", "R@50", "R@100", "R@1000", "MAP@1000", "Acc@5", "Acc@20", "Acc@100"
     ] = Field("nDCG@10", description="the dev metric that compares teachers with students (warnings, plot)")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_dtype(self, handler):
+        """`corpus_dtype` is written only when not float32: recipes dump (and fingerprint) as before it existed."""
+        return omit_at_default(handler(self), self, "corpus_dtype")
 
 
 class Output(_Model):
@@ -432,13 +449,7 @@ class Recipe(_Model):
     def _omit_default_training(self, handler):
         """A `training:` or `distributed:` block left at its defaults is not written out: a recipe that never had
         one dumps (and fingerprints) exactly as before the blocks existed."""
-        data = handler(self)
-        if isinstance(data, dict):
-            if self.training == Training():
-                data.pop("training", None)
-            if self.distributed == Distributed():
-                data.pop("distributed", None)
-        return data
+        return omit_at_default(handler(self), self, "training", "distributed")
 
     @property
     def overrides(self) -> list[str]:

@@ -23,14 +23,14 @@ class RetrievalEvaluator(BaseEvaluator):
     After a call, `last_result` holds the `EvalResult` (with the run: the ranked documents per query)."""
 
     def __init__(self, data=None, *, name: str | None = None, metric: str = "nDCG@10", top_k: int = 1000,
-                 index_factory: str = "Flat", batch_size: int = 64, relevance_level: int = 1,
+                 index_factory: str = "Flat", batch_size: int = 64, dtype: str = "float32", relevance_level: int = 1,
                  max_queries: int | None = None, progress: bool = False) -> None:
         super().__init__()
         if data is None and name is None:
             raise ProdStError("a RetrievalEvaluator needs its data or, to describe recorded metrics, a name")
         self.data, self.name = data, name or f"{Path(str(data.name)).name}-{data.split}"
         self.primary_metric = metric
-        self.top_k, self.index_factory, self.batch_size = top_k, index_factory, batch_size
+        self.top_k, self.index_factory, self.batch_size, self.dtype = top_k, index_factory, batch_size, dtype
         self.relevance_level, self.max_queries, self.progress = relevance_level, max_queries, progress
         self.last_result = None
 
@@ -41,7 +41,7 @@ class RetrievalEvaluator(BaseEvaluator):
             raise ProdStError(f"evaluator {self.name!r} has no data: it only describes metrics measured earlier")
         self.last_result = evaluate_model(
             model, self.data, top_k=self.top_k, index_factory=self.index_factory, batch_size=self.batch_size,
-            relevance_level=self.relevance_level, max_queries=self.max_queries, keep_run=True,
+            dtype=self.dtype, relevance_level=self.relevance_level, max_queries=self.max_queries, keep_run=True,
             progress=self.progress,
         )
         return self.record(model, self.last_result.metrics, epoch=epoch, steps=steps)
@@ -59,4 +59,5 @@ class RetrievalEvaluator(BaseEvaluator):
 
     def get_config_dict(self) -> dict:
         config = {"top_k": self.top_k, "index_factory": self.index_factory, "relevance_level": self.relevance_level}
+        config |= {"dtype": self.dtype} if self.dtype != "float32" else {}
         return config | ({"max_queries": self.max_queries} if self.max_queries else {})

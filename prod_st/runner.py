@@ -191,6 +191,7 @@ class Runner:
             logger.info("training.precision auto: %s on this machine", resolve_precision("auto"))
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=r.eval.batch_size, index=r.eval.index,
+                                    corpus_dtype=r.eval.corpus_dtype,
                                     precision=resolve_precision(r.training.precision))
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
@@ -248,7 +249,7 @@ class Runner:
             remove_embedding_cache(folder)
             logger.info("pruned the stage-start student's cached embeddings (%s)", folder.name[:12])
         if start is not None and start[0].name != "00-init":
-            if start[1] != corpus_index.cache_key(student, self.data.corpus):
+            if start[1] != self.corpus_key(student):
                 corpus_index.release(start[1])
 
     def evaluate_dev(self, student: SentenceTransformer, folder: Path, seconds: dict) -> dict:
@@ -268,9 +269,18 @@ class Runner:
 
     def dev_evaluator(self) -> RetrievalEvaluator:
         e = self.recipe.eval
-        return RetrievalEvaluator(self.data.dev, metric=e.metric, top_k=e.top_k, index_factory=e.index,
-                                  batch_size=e.batch_size, relevance_level=self.recipe.data.relevance_level,
-                                  progress=True)
+        return RetrievalEvaluator(self.data.dev, metric=e.metric, top_k=e.top_k, **self.corpus_search(),
+                                  relevance_level=self.recipe.data.relevance_level, progress=True)
+
+    def corpus_search(self) -> dict:
+        """How every step searches the corpus: the recipe's faiss index, encoding batch size and the dtype of the
+        cached corpus embeddings (`build_index`'s settings)."""
+        e = self.recipe.eval
+        return dict(index_factory=e.index, batch_size=e.batch_size, dtype=e.corpus_dtype)
+
+    def corpus_key(self, student: SentenceTransformer) -> str:
+        """The cache key of `student`'s corpus encoding (what `release_stage_start` may remove)."""
+        return corpus_index.cache_key(student, self.data.corpus, self.recipe.eval.corpus_dtype)
 
     def dev_run(self, folder: Path) -> dict:
         return json.loads((folder / "dev_run.json").read_text())
@@ -296,7 +306,7 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
-        start = (previous_folder, corpus_index.cache_key(student, self.data.corpus))
+        start = (previous_folder, self.corpus_key(student))
         record = StageRecord(index, stage.name, stage.kind, teacher=stage.teacher)
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
         rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
@@ -331,7 +341,7 @@ class Runner:
         with step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", record.seconds, "mine"):
             miner = self.teachers.miner_model(neg.miner, student)
             pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
-                                      index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
+                                      **self.corpus_search())
         rows, reads = epoch_rows(
             self.data, pools, qrels, window, seed=self.recipe.seed + index, epochs=stage.epochs,
             rows_per_step=stage.batch_size * self.recipe.training.gradient_accumulation_steps,
@@ -418,8 +428,7 @@ class Runner:
         if not all(all_gather(cached.exists())):  # every rank takes its share of the evaluation
             _, metrics = teacher_metrics(
                 self.teachers.get(name), self.data.dev, self.data, None, depth=e.teacher_rerank_depth,
-                relevance_level=self.recipe.data.relevance_level, top_k=e.top_k, index_factory=e.index,
-                batch_size=e.batch_size,
+                relevance_level=self.recipe.data.relevance_level, top_k=e.top_k, **self.corpus_search(),
             )
             write_json(cached, metrics)
         return json.loads(cached.read_text())
@@ -443,14 +452,14 @@ class Runner:
             return record
         previous_folder = self.stage_dir(records[-1].index, records[-1].name)
         student = self.load_student(previous_folder)
-        start = (previous_folder, corpus_index.cache_key(student, self.data.corpus))
+        start = (previous_folder, self.corpus_key(student))
         record = StageRecord(index, name, "dpd", teacher=spec.teacher)
         teacher = self.check_teacher(spec.teacher, student, previous_folder, record, records, spec.loss.temperature)
         queries = self.data.train.split_queries()
         cost.search_cost(f"{name}: student retrieval", student, len(self.data.corpus), len(queries), spec.rerank_depth)
         with step(f"{name}: student top-{spec.rerank_depth} on {len(queries)} training queries", record.seconds, "mine"):
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
-                                     index_factory=self.recipe.eval.index, batch_size=self.recipe.eval.batch_size)
+                                     **self.corpus_search())
         pairs = sum(map(len, ranked.values()))
         cost.announce(f"{name}: teacher rerank", pairs, "pairs", cost.run_bytes(len(ranked), spec.rerank_depth) * 2)
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
@@ -486,7 +495,7 @@ class Runner:
             shutil.copytree(last / "student", self.dir / "student")
         e, test = self.recipe.eval, self.data.test
         level = self.recipe.data.test_relevance_level or self.recipe.data.relevance_level
-        kwargs = dict(top_k=e.top_k, index_factory=e.index, batch_size=e.batch_size, relevance_level=level)
+        kwargs = dict(top_k=e.top_k, relevance_level=level, **self.corpus_search())
         timing: dict = {}
         logger.info("stage %d of %d: final test", len(self.plan.steps) + 1, len(self.plan.steps) + 1)
         student = self.load_student(last)

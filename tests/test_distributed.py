@@ -128,3 +128,38 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
             assert list(r["run"][q].values()) == pytest.approx(list(docs.values()), abs=1e-5)
         assert r["metrics"] == pytest.approx(single["metrics"])
     assert [r["shard"] for r in ranks] == [[0, 5], [5, 10]] and ranks[0]["gathered"] == [0, 1]
+
+
+def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir: str) -> None:
+    """One rank of `torchrun -m prod_st_cli.main eval MODEL DATA --output ...`."""
+    import torch.distributed as dist
+
+    import prod_st.corpus_index as ci
+    from prod_st_cli.main import app
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), PROD_ST_CACHE=f"{out}/cache")
+    app(["eval", model_dir, beir, "--top-k", "3", "--output", f"{out}/metrics.json"], standalone_mode=False)
+    Path(out, f"encoded{rank}.json").write_text(json.dumps(sum(ci.encoded_docs.values())))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp_path, tiny_model_dir, toy_beir):
+    """`prod-st eval` launched on two ranks: both join the group and take half of the corpus and of the queries;
+    rank 0 writes the metrics of every query, the same as one process's."""
+    import socket
+
+    from prod_st.data import load_retrieval_data
+    from prod_st.evaluation import evaluate_model
+    from prod_st.models import load_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eval_rank, args=(2, port, str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
+    single = evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), top_k=3, progress=False)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["num_queries"] == single.num_queries and written["metrics"] == pytest.approx(single.metrics)
+    encoded = [json.loads((tmp_path / f"encoded{r}.json").read_text()) for r in (0, 1)]
+    assert sum(encoded) == single.num_docs and min(encoded) > 0

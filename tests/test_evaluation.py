@@ -70,6 +70,9 @@ def test_approximate_index_and_bad_factory(toy_beir, tiny_model_dir):
     half = evaluate_model(model, data, index_factory="SQfp16", keep_run=True, progress=False)  # float16 vectors
     assert {q: max(d, key=d.get) for q, d in half.run.items()} == {q: max(d, key=d.get) for q, d in exact.run.items()}
     assert half.metrics == pytest.approx(exact.metrics, abs=1e-3)
+    stored = evaluate_model(model, data, dtype="float16", keep_run=True, progress=False)  # float16 on disk too
+    assert {q: list(d) for q, d in stored.run.items()} == {q: list(d) for q, d in exact.run.items()}
+    assert stored.metrics == pytest.approx(exact.metrics, abs=1e-3)
     with pytest.raises(ProdStError, match="invalid faiss index factory"):
         evaluate_model(model, data, index_factory="NoSuchIndex", progress=False)
 

@@ -479,6 +479,19 @@ def test_default_training_block_changes_no_fingerprint():
         assert all(steps[k] != v for k, v in STEPS_BEFORE_TRAINING.items() if k != "00-init")
 
 
+def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
+    from prod_st.run_folder import plan
+
+    def with_dtype(dtype: str) -> dict:
+        return recipe_dict(eval=MINIMAL.get("eval", {}) | {"corpus_dtype": dtype})
+
+    full, half = parse_recipe(with_dtype("float32")), parse_recipe(with_dtype("float16"))
+    assert plan(full).steps == STEPS_BEFORE_TRAINING and "corpus_dtype" not in full.resolved_yaml()  # the default
+    assert half.eval.corpus_dtype == "float16" and "corpus_dtype: float16" in half.resolved_yaml()
+    assert all(v != STEPS_BEFORE_TRAINING[k] for k, v in plan(half).steps.items())  # dev evaluation and mining read it
+    assert "eval.corpus_dtype: Input should be 'float32' or 'float16'" in error_of(tmp_path, with_dtype("int8"))
+
+
 def test_training_block_is_validated(tmp_path):
     recipe = parse_recipe(recipe_dict(training={"precision": "bf16", "report_to": ["tensorboard", "wandb"]}))
     assert recipe.training.precision == "bf16" and recipe.training.report_list() == ["tensorboard", "wandb"]

@@ -503,14 +503,28 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     assert progress.ENABLED is False
 
 
-def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_dir):
+def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_dir, monkeypatch):
     """The chain's third step as an ensemble of the trained teachers: its stage (list candidates, with the
-    regularisation whose stage-start cache is pruned after it) and DPD's rerank run, and the run tests it."""
+    regularisation whose stage-start cache is pruned after it) and DPD's rerank run, and the run tests it.
+    The recipe asks for float16 corpus embeddings: every corpus encoding of the run is float16."""
     recipe = tiny_recipe(tiny_model_dir)
     recipe["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
     recipe["stages"].append(recipe["stages"][2] | {"name": "ens", "teacher": "ens"})
     recipe["dpd"]["teacher"] = "ens"
+    recipe["eval"]["corpus_dtype"] = "float16"
+    dtypes = Counter()
+    embeddings = corpus_index.corpus_embeddings
+
+    def spy(*args, **kwargs):
+        blocks = embeddings(*args, **kwargs)
+        dtypes[str(blocks[0].dtype)] += 1
+        return blocks
+
+    monkeypatch.setattr(corpus_index, "corpus_embeddings", spy)
+    corpus_index._last_index.clear()
     final = Runner(load_recipe(write(tmp_path / "ens.yaml", recipe)), tmp_path / "run").run()
+    # dev evaluations, mining (the teachers' and the stages'), the bi teacher's evaluation, DPD, the test
+    assert set(dtypes) == {"float16"} and dtypes["float16"] >= 8, dtypes
     assert (tmp_path / "run" / "04-ens" / "DONE").exists() and (tmp_path / "run" / "05-dpd-1" / "DONE").exists()
     assert set(final["test"]["teachers"]) == {"bi", "ce", "ens"}
     assert final["test"]["teachers"]["ens"]["as"].startswith("reranker")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,6 +49,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+class CorpusDtype(str, Enum):
+    """`eval --corpus-dtype`: what the recipe's eval.corpus_dtype takes."""
+
+    float32 = "float32"
+    float16 = "float16"
+
 err_console = Console(stderr=True)
 
 
@@ -226,15 +235,17 @@ def eval_command(
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Documents retrieved per query.")] = 1000,
     index: Annotated[str, typer.Option(help="faiss index factory string ('Flat' = exact).")] = "Flat",
+    corpus_dtype: Annotated[CorpusDtype, typer.Option(help="dtype of the cached corpus embeddings (float16: half the disk).")] = CorpusDtype.float32,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 64,
     relevance_level: Annotated[int, typer.Option(min=1, help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
     max_queries: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N judged queries.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
-    zero-shot on the --beir sets."""
+    zero-shot on the --beir sets. Under torchrun every rank encodes and searches its share; rank 0 prints and
+    writes."""
     from prod_st.data import load_retrieval_data
-    from prod_st.distributed import is_main
+    from prod_st.distributed import init_if_launched, is_main
     from prod_st.errors import ProdStError
     from prod_st.evaluation import evaluate_model
     from prod_st.models import load_model
@@ -242,12 +253,12 @@ def eval_command(
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
-    if not is_main():
-        return  # evaluation is rank 0's job; other ranks have nothing to write
     if output is not None:
         output = check_output_file(output, "--output file")  # before the work, not after it
-    kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, relevance_level=relevance_level,
-                  max_queries=max_queries)
+    init_if_launched()
+    console.quiet = not is_main()
+    kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, dtype=corpus_dtype.value,
+                  relevance_level=relevance_level, max_queries=max_queries)
     if beir is not None:
         names = [n.strip() for n in beir.split(",") if n.strip()]
         if not names:
@@ -265,7 +276,8 @@ def eval_command(
     console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
     payload = {
         "model": model, "data": data, "split": split, "num_queries": result.num_queries,
-        "num_docs": result.num_docs, "top_k": top_k, "index": index, "metrics": result.metrics,
+        "num_docs": result.num_docs, "top_k": top_k, "index": index, "corpus_dtype": corpus_dtype.value,
+        "metrics": result.metrics,
         "seconds": result.seconds,
     }
     if output is not None:
@@ -304,8 +316,12 @@ def eval_beir(model: str, names: list[str], split: str, output: Optional[Path], 
 
 
 def write_json_output(output: Path, payload: dict) -> None:
+    """`payload` as JSON into `output` (by rank 0 only, under torchrun)."""
+    from prod_st.distributed import is_main
     from prod_st.paths import write_text_atomic
 
+    if not is_main():
+        return
     write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
     console.print(f"metrics written to {output}")
 

@@ -29,14 +29,14 @@ class TeacherPool:
 
     def __init__(
         self, specs: dict, data: RunData, *, folder: Path, seed: int, eval_batch_size: int = 64, index: str = "Flat",
-        precision: str = "fp32",
+        corpus_dtype: str = "float32", precision: str = "fp32",
     ):
         self.specs = specs
         self.folder = folder
         self.data = data
         self.seed = seed
         self.eval_batch_size = eval_batch_size
-        self.index = index
+        self.index, self.corpus_dtype = index, corpus_dtype
         self.precision = precision  # resolved (not auto): teachers train and score under it
         self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher | EnsembleTeacher] = {}
 
@@ -98,7 +98,7 @@ class TeacherPool:
             query_ids = sorted(random.Random(seed).sample(query_ids, train.train_queries))
         window = NegativeWindow(1, train.negatives_window, train.num_negatives, "sample")
         pools, qrels = mine_pools(miner, self.data.train, window, query_ids=query_ids, relevance=self.data.relevance,
-                                  index_factory=self.index, batch_size=self.eval_batch_size)
+                                  index_factory=self.index, batch_size=self.eval_batch_size, dtype=self.corpus_dtype)
         negatives = draw_negatives(pools, window, seed=seed)
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         triples = list(zip(rows.queries, rows.positives, rows.negatives))
