@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prod_st.data import document_text
 from prod_st.distributed import barrier, is_main, rank, shard, world_size
+from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.encoding import encode_texts, is_cosine
 from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
@@ -148,8 +149,8 @@ def corpus_index(
     dtype: str = "float32",
     train_size: int = TRAIN_SIZE,
     progress: bool = True,
-) -> tuple[faiss.Index, list[str]]:
-    """(faiss inner-product index of the corpus's cached embeddings, doc ids in index order). A trained index
+) -> tuple[faiss.Index, DocIds]:
+    """(faiss inner-product index of the corpus's cached embeddings, doc ids in index order: `DocIds`). A trained index
     (IVF, PQ) trains on the first `train_size` vectors. Every rank builds its own from the shared embeddings;
     the last one built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next
     stage's mining) search the same index."""
@@ -172,6 +173,6 @@ def corpus_index(
         train_index(index, index_factory, np.ascontiguousarray(np.concatenate(sample)))
     for block in blocks:
         index.add(np.ascontiguousarray(block, dtype=np.float32))
-    ids = list(corpus["_id"])
+    ids = doc_ids(corpus)
     _last_index.update(memo=memo, index=index, ids=ids)
     return index, ids

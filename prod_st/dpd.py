@@ -11,7 +11,8 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "select_queries", "teacher_rankings"]
+__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "queries_for_teacher", "select_queries",
+           "student_drop_reason", "teacher_rankings"]
 
 Variant = Literal["msmarco", "nq"]
 DROP_REASONS = ("student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels")
@@ -50,20 +51,29 @@ def drop_reason(
 
     Checks run in this order: student_missed, student_top1, student_too_far (msmarco only), teacher_wrong.
     """
+    reason = student_drop_reason(student_rank, student_min=student_min, student_max=student_max, variant=variant)
+    if reason is not None:
+        return reason
+    if variant == "msmarco":
+        return "teacher_wrong" if teacher_rank is None or teacher_rank > teacher_max else None
+    if teacher_rank is None or teacher_rank >= student_rank or teacher_rank > student_max:
+        return "teacher_wrong"
+    return None
+
+
+def student_drop_reason(
+    student_rank: int | None, *, student_min: int = 2, student_max: int = 15, variant: Variant = "msmarco"
+) -> str | None:
+    """The checks of :func:`drop_reason` that read the student's rank alone (student_missed, student_top1,
+    student_too_far): a query they drop is dropped whatever the teacher does."""
     if variant not in ("msmarco", "nq"):
         raise ValueError(f"variant must be 'msmarco' or 'nq', got {variant!r}.")
     if student_rank is None:
         return "student_missed"
     if student_rank < student_min:
         return "student_top1"
-    if variant == "msmarco":
-        if student_rank > student_max:
-            return "student_too_far"
-        if teacher_rank is None or teacher_rank > teacher_max:
-            return "teacher_wrong"
-        return None
-    if teacher_rank is None or teacher_rank >= student_rank or teacher_rank > student_max:
-        return "teacher_wrong"
+    if variant == "msmarco" and student_rank > student_max:
+        return "student_too_far"
     return None
 
 
@@ -110,6 +120,34 @@ class DPDSelection:
     kept: dict[str, list[str]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("kept", *DROP_REASONS), 0))
 
+    def update(self, other: DPDSelection) -> None:
+        """Add `other`'s queries (another set of queries, e.g. the next chunk) to this selection."""
+        self.kept.update(other.kept)
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+
+
+def queries_for_teacher(
+    student_runs: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    *,
+    student_min: int = 2,
+    student_max: int = 15,
+    variant: Variant = "msmarco",
+    **_teacher_max,
+) -> list[str]:
+    """The queries of ``student_runs`` whose fate depends on the teacher: judged, and not dropped by the
+    student's rank alone (:func:`student_drop_reason`). Only these need the teacher's rerank; for every other
+    query :func:`select_queries` gives the same answer without one."""
+    asked = []
+    for qid, student_run in student_runs.items():
+        relevant = {doc_id for doc_id, rel in qrels.get(qid, {}).items() if rel > 0}
+        rank = first_relevant_rank(student_run, relevant) if relevant else None
+        if relevant and student_drop_reason(rank, student_min=student_min, student_max=student_max,
+                                            variant=variant) is None:
+            asked.append(qid)
+    return asked
+
 
 def select_queries(
     student_runs: Mapping[str, Sequence[str]],
@@ -127,7 +165,8 @@ def select_queries(
     Args:
         student_runs: query id -> the student's retrieved doc ids, best first.
         teacher_runs: query id -> the teacher's reranking of the student's list, best first
-            (a query without one counts as ``teacher_wrong``).
+            (a query without one counts as ``teacher_wrong``; only the queries of
+            :func:`queries_for_teacher` need one).
         qrels: query id -> {doc id: relevance}; relevance > 0 is relevant.
         num_negatives: at most this many negatives per kept query.
         student_min, student_max, teacher_max, variant: see :func:`keep_query`.

@@ -18,6 +18,7 @@ from prod_st.answer_match import top_k_accuracy
 from prod_st.corpus_index import corpus_index
 from prod_st.data import RetrievalData, load_retrieval_data
 from prod_st.distributed import all_gather, shard
+from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
 from prod_st.progress import enabled
@@ -82,8 +83,8 @@ def score_run(run: Run, data: RetrievalData, query_ids: list[str], relevance_lev
 
 def passage_texts(corpus):
     """doc ids -> their texts (bodies, without titles: what DPR's answer matching reads)."""
-    row_of = {doc_id: i for i, doc_id in enumerate(corpus["_id"])}
-    return lambda doc_ids: corpus.select([row_of[d] for d in doc_ids])["text"]
+    ids = doc_ids(corpus)
+    return lambda wanted: corpus.select(ids.rows(wanted))["text"]
 
 
 def require_positive(**values) -> None:
@@ -107,9 +108,9 @@ def build_index(
     dtype: str = "float32",
     chunk_size: int = 32768,
     progress: bool = True,
-) -> tuple[faiss.Index, list[str]]:
+) -> tuple[faiss.Index, DocIds]:
     """A faiss inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the
-    doc ids in index order. `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat"
+    doc ids in index order (`prod_st.doc_ids.DocIds`). `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat"
     for big corpora; a trained index is trained on the first `chunk_size` documents). The encoding is
     cached per checkpoint and shared across ranks (`prod_st.corpus_index`), as `dtype` ("float32" or
     "float16"): the same weights never encode the same corpus twice."""
@@ -118,33 +119,45 @@ def build_index(
                         train_size=chunk_size, progress=enabled(progress))
 
 
-def search(
+def search_rows(
     model: SentenceTransformer,
     index: faiss.Index,
-    doc_ids: list[str],
-    queries: dict[str, str],
+    queries: list[str],
     *,
     top_k: int = 1000,
     batch_size: int = 64,
     progress: bool = True,
-) -> Run:
-    """Top-`top_k` documents per query as {query id: {doc id: score}}. Under torchrun every rank calls it:
-    each encodes and searches a contiguous share of the queries, and all return the merged run."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, corpus rows) of each query's top-`top_k` documents, best first: two (queries, k) arrays, row
+    -1 where the index returned fewer. Under torchrun every rank calls it: each encodes and searches a
+    contiguous share of the queries, and all return the merged arrays."""
     require_positive(top_k=top_k, batch_size=batch_size)
-    qids = list(queries)
-    start, stop = shard(len(qids))
-    k = min(top_k, len(doc_ids))
+    start, stop = shard(len(queries))
+    k = min(top_k, index.ntotal)
     if stop > start:
-        vectors = encode_texts(model, [queries[q] for q in qids[start:stop]], "query", batch_size,
-                               show_progress_bar=enabled(progress))
+        vectors = encode_texts(model, queries[start:stop], "query", batch_size, show_progress_bar=enabled(progress))
         scores, rows = index.search(vectors, k)
     else:
         scores, rows = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     parts = all_gather((scores, rows))
-    scores, rows = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def search(
+    model: SentenceTransformer,
+    index: faiss.Index,
+    ids: DocIds,
+    queries: dict[str, str],
+    *,
+    top_k: int = 1000,
+    progress: bool = True,
+    **kwargs,
+) -> Run:
+    """Top-`top_k` documents per query as {query id: {doc id: score}} (`search_rows`, then the rows' ids)."""
+    scores, rows = search_rows(model, index, list(queries.values()), top_k=top_k, progress=progress, **kwargs)
     return {
-        qid: {doc_ids[r]: float(s) for r, s in zip(row_ids, row_scores) if r >= 0}
-        for qid, row_ids, row_scores in zip(qids, rows, scores)
+        qid: dict(zip(ids.take(row_ids[row_ids >= 0]), row_scores[row_ids >= 0].tolist()))
+        for qid, row_ids, row_scores in zip(queries, rows, scores)
     }
 
 
@@ -170,15 +183,15 @@ def evaluate_model(
     if not queries:
         raise ProdStError(f"{data.name} ({data.split}): no queries to evaluate")
     start = time.perf_counter()
-    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
-                                 progress=progress)
+    index, ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
+                             progress=progress)
     encoded = time.perf_counter()
-    run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
+    run = search(model, index, ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
     searched = time.perf_counter()
     metrics = score_run(run, data, list(queries), relevance_level)
     seconds = {"encode_corpus": encoded - start, "search": searched - encoded, "total": time.perf_counter() - start}
-    logger.info("evaluated %d queries over %d docs in %.1fs", len(queries), len(doc_ids), seconds["total"])
-    return EvalResult(metrics, len(queries), len(doc_ids), seconds, run if keep_run else None)
+    logger.info("evaluated %d queries over %d docs in %.1fs", len(queries), len(ids), seconds["total"])
+    return EvalResult(metrics, len(queries), len(ids), seconds, run if keep_run else None)
 
 
 def load_beir_sets(names: list[str], split: str = "test") -> list[RetrievalData]:

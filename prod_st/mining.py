@@ -11,19 +11,20 @@ its own few lines around the same faiss search that evaluation uses.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from prod_st.data import RetrievalData
 from prod_st.distributed import all_gather, is_main
-from prod_st.evaluation import build_index, search
+from prod_st.doc_ids import DocIds, doc_ids
+from prod_st.evaluation import build_index, search_rows
 from prod_st.paths import cache_dir
 from prod_st.fingerprint import model_fingerprint, text_key
 
@@ -48,6 +49,29 @@ class NegativeWindow:
             raise ValueError(f"negative count must be >= 1, got {self.count}")
 
 
+class RankedRun(Mapping[str, list[str]]):
+    """Each query's retrieved doc ids, best first, as a read-only mapping {query id: [doc id, ...]}, held as one
+    (queries, k) int32 array of corpus rows (memory-mapped from the cache; -1 where fewer were found): a
+    query's list of ids is made when it is read, so 500k queries x 200 ranks cost 400 MB of array, not 100M
+    Python references."""
+
+    def __init__(self, query_ids: list[str], rows: np.ndarray, ids: DocIds) -> None:
+        if len(query_ids) != len(rows):
+            raise ValueError(f"{len(query_ids)} queries but {len(rows)} rows of ranks")
+        self.rows, self._ids = rows, ids
+        self._position = {q: i for i, q in enumerate(query_ids)}
+
+    def __getitem__(self, qid: str) -> list[str]:
+        row = np.asarray(self.rows[self._position[qid]])
+        return self._ids.take(row[row >= 0])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._position)
+
+    def __len__(self) -> int:
+        return len(self._position)
+
+
 def retrieve_ranked(
     model: SentenceTransformer,
     data: RetrievalData,
@@ -58,42 +82,58 @@ def retrieve_ranked(
     batch_size: int = 64,
     dtype: str = "float32",
     progress: bool = True,
-) -> dict[str, list[str]]:
-    """Each query's top-`top_k` doc ids in rank order, cached on disk. Under torchrun every rank calls it: the
-    corpus encoding and the search are split across ranks (`build_index`, `search`); rank 0 writes the run."""
+) -> RankedRun:
+    """Each query's top-`top_k` doc ids in rank order (a `RankedRun`), cached on disk as the corpus rows. Under
+    torchrun every rank calls it: the corpus encoding and the search are split across ranks (`build_index`,
+    `search_rows`); rank 0 writes the run."""
     key = text_key(
         model_fingerprint(model), data.corpus._fingerprint, *(f"{q}\t{t}" for q, t in queries.items()),
         settings={"top_k": top_k, "index": index_factory} | ({"dtype": dtype} if dtype != "float32" else {}),
     )
-    path = cache_dir("runs") / f"{key}.json"
+    path = cache_dir("runs") / f"{key}.npy"
     if all(all_gather(path.exists())):  # decided together: every rank reads it, or every rank takes its share
         logger.info("ranked run for %d queries read from cache", len(queries))
-        return json.loads(path.read_text())
-    index, doc_ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
-                                 progress=progress)
-    run = search(model, index, doc_ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
-    ranked = {q: list(docs) for q, docs in run.items()}
+        return RankedRun(list(queries), np.load(path, mmap_mode="r"), doc_ids(data.corpus))
+    index, ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
+                             progress=progress)
+    _, rows = search_rows(model, index, list(queries.values()), top_k=top_k, batch_size=batch_size,
+                          progress=progress)
+    rows = rows.astype(np.int32)
     if is_main():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(ranked))
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
+        np.save(tmp, rows)
         os.replace(tmp, path)  # atomic: a killed process never leaves a half-written run
-    return ranked
+    return RankedRun(list(queries), rows, ids)
+
+
+class NegativePools(Mapping[str, list[str]]):
+    """Each query's candidate negatives: ranks `window.start..window.end` of its ranking, in rank order,
+    relevant documents (grade > 0) excluded. A read-only mapping over the ranked run: a query's pool is made
+    when it is read (each epoch's draw reads them one at a time), so no list of candidates is kept per query."""
+
+    def __init__(self, ranked: Mapping[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow):
+        self.ranked, self.qrels, self.window = ranked, qrels, window
+
+    def __getitem__(self, qid: str) -> list[str]:
+        relevant = {d for d, grade in self.qrels.get(qid, {}).items() if grade > 0}
+        return [d for d in self.ranked[qid][self.window.start - 1 : self.window.end] if d not in relevant]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ranked)
+
+    def __len__(self) -> int:
+        return len(self.ranked)
 
 
 def negative_pools(
-    ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow
-) -> dict[str, list[str]]:
-    """Each query's candidate negatives: ranks `window.start..window.end` of its ranking, in rank order,
-    relevant documents (grade > 0) excluded. Negatives are drawn from these pools (`draw_negatives`)."""
-    pools = {}
-    for qid, docs in ranked.items():
-        relevant = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
-        pools[qid] = [d for d in docs[window.start - 1 : window.end] if d not in relevant]
-    return pools
+    ranked: Mapping[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow
+) -> NegativePools:
+    """Each query's candidate negatives (`NegativePools`): negatives are drawn from them (`draw_negatives`)."""
+    return NegativePools(ranked, qrels, window)
 
 
 def draw_negatives(
-    pools: dict[str, list[str]], window: NegativeWindow, *, seed: int = 0, epoch: int = 0
+    pools: Mapping[str, list[str]], window: NegativeWindow, *, seed: int = 0, epoch: int = 0
 ) -> dict[str, list[str]]:
     """`window.count` negatives per query from its pool: "hardest" keeps rank order; "sample" draws uniformly
     without replacement, seeded per (seed, epoch, query), so every epoch reads a fresh, reproducible draw."""

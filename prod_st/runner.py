@@ -40,7 +40,7 @@ from sentence_transformers import SentenceTransformer
 
 from prod_st import __version__, corpus_index, cost, run_folder
 from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, world_size
-from prod_st.dpd import select_queries, teacher_rankings
+from prod_st.dpd import DPDSelection, queries_for_teacher, select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
@@ -61,6 +61,7 @@ from prod_st.teachers.pool import TeacherPool
 from prod_st.teachers.strength import reranker_as, strength_warnings, teacher_gap, teacher_metrics, top_candidates
 
 logger = logging.getLogger("prod_st.run")
+RERANK_CHUNK = 4096  # training queries DPD's teacher reranks at a time: memory holds one chunk's texts and scores
 
 
 def atomic_json(path: Path, payload) -> None:
@@ -349,7 +350,7 @@ class Runner:
         )
         if not rows.queries:
             raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
-        write_json(folder / "negatives.json", {"epochs": reads, "pools": pools})
+        write_json(folder / "negatives.json", {"epochs": reads, "queries": len(pools)})  # (the pools: the cached run)
         logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name,
                     len(rows.queries) // reads, reads)
         return rows, reads
@@ -460,14 +461,25 @@ class Runner:
         with step(f"{name}: student top-{spec.rerank_depth} on {len(queries)} training queries", record.seconds, "mine"):
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
                                      **self.corpus_search())
-        pairs = sum(map(len, ranked.values()))
-        cost.announce(f"{name}: teacher rerank", pairs, "pairs", cost.run_bytes(len(ranked), spec.rerank_depth) * 2)
+        qrels, rule = self.data.relevance(ranked), spec.rule.model_dump()
+        asked = queries_for_teacher(ranked, qrels, **rule)  # the others are decided by the student's rank alone
+        cost.announce(f"{name}: teacher rerank of the {len(asked)} of {len(ranked)} queries the rule asks it about",
+                      sum(len(ranked[q]) for q in asked), "pairs",
+                      cost.run_bytes(min(len(asked), RERANK_CHUNK), spec.rerank_depth) * 2)
+        asked_set = set(asked)
+
+        def chunks(qids: list[str]):  # a chunk of queries' ranked lists at a time: memory holds one chunk
+            for first in range(0, len(qids), RERANK_CHUNK):
+                yield {q: ranked[q] for q in qids[first:first + RERANK_CHUNK]}
+
+        selection = DPDSelection()
+        for chunk in chunks([q for q in ranked if q not in asked_set]):
+            selection.update(select_queries(chunk, {}, qrels, num_negatives=spec.num_negatives, **rule))
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
-            scores = teacher.score([queries[q] for q in ranked], [self.data.doc_texts(docs) for docs in ranked.values()])
-            teacher_runs = teacher_rankings(ranked, scores)
-        qrels = self.data.relevance(ranked)
-        selection = select_queries(ranked, teacher_runs, qrels, num_negatives=spec.num_negatives,
-                                   **spec.rule.model_dump())
+            for chunk in chunks(asked):
+                scores = teacher.score([queries[q] for q in chunk], [self.data.doc_texts(d) for d in chunk.values()])
+                selection.update(select_queries(chunk, teacher_rankings(chunk, scores), qrels,
+                                                num_negatives=spec.num_negatives, **rule))
         record.selection = dict(selection.counts)
         write_json(folder / "selection.json", {"counts": selection.counts, "kept": selection.kept})
         logger.info("%s: kept %d of %d training queries %s", name, len(selection.kept), len(ranked), selection.counts)

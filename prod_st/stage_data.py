@@ -19,6 +19,7 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.distributed import barrier, is_main
+from prod_st.doc_ids import doc_ids
 from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,10 @@ class RunData:
 
     def __post_init__(self) -> None:
         self.corpus = self.test.corpus
-        self._row_of: dict[str, int] | None = None  # built on first use: an evaluate-only run never needs it
 
-    def _docs(self, doc_ids: list[str]):
-        """The corpus rows of `doc_ids`, in order (a view on the memory-mapped corpus)."""
-        if self._row_of is None:
-            self._row_of = {doc_id: i for i, doc_id in enumerate(self.corpus["_id"])}
-        return self.corpus.select([self._row_of[d] for d in doc_ids])
+    def _docs(self, ids: list[str]):
+        """The corpus rows of `ids`, in order (a view on the memory-mapped corpus)."""
+        return self.corpus.select(doc_ids(self.corpus).rows(ids))
 
     def doc_texts(self, doc_ids: list[str]) -> list[str]:
         """Encoded text (title + text) of each doc id, fetched from the memory-mapped corpus."""
@@ -60,12 +58,12 @@ class RunData:
         if not self.answer_positives or not answers:
             return qrels
         out = dict(qrels)
-        for qid, doc_ids in ranked.items():
-            if not answers.get(qid) or not doc_ids:
+        for qid, docs in ranked.items():
+            if not answers.get(qid) or not docs:
                 continue
-            bodies = self._docs(doc_ids)["text"]
+            bodies = self._docs(docs)["text"]
             judged = qrels.get(qid, {})  # an explicit judgement wins over the string match
-            found = [d for d, body in zip(doc_ids, bodies) if d not in judged and has_answer(body, answers[qid])]
+            found = [d for d, body in zip(docs, bodies) if d not in judged and has_answer(body, answers[qid])]
             if found:
                 out[qid] = judged | dict.fromkeys(found, 1)
         return out

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from prod_st.dpd import DPDSelection, drop_reason, first_relevant_rank, keep_query, select_queries, teacher_rankings
+from prod_st.dpd import (
+    DPDSelection,
+    drop_reason,
+    first_relevant_rank,
+    keep_query,
+    queries_for_teacher,
+    select_queries,
+    teacher_rankings,
+)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +144,34 @@ def test_select_queries_nq_variant():
     assert selection.counts["teacher_wrong"] == 1  # b: teacher no better than the student
     assert selection.counts["student_top1"] == 1
     assert selection.counts["student_too_far"] == 0
+
+
+@pytest.mark.parametrize("variant", ["msmarco", "nq"])
+def test_the_teacher_is_asked_only_where_it_decides_and_the_selection_is_the_same(variant):
+    """DPD's teacher reranks only `queries_for_teacher`, in chunks: the selection (kept queries, their negatives,
+    every count) equals the one where the teacher reranked every query, and far fewer queries are asked."""
+    import random
+
+    rng = random.Random(7)
+    docs = [f"d{i}" for i in range(60)]
+    student_runs, teacher_runs, qrels = {}, {}, {}
+    for i in range(400):
+        qid = f"q{i}"
+        student_runs[qid] = rng.sample(docs, 30)
+        teacher_runs[qid] = rng.sample(student_runs[qid], 30)
+        if i % 9:  # some queries unjudged
+            qrels[qid] = {d: rng.choice([0, 1, 2]) for d in rng.sample(docs, rng.randint(1, 3))}
+    rule = {"student_min": 2, "student_max": 6, "teacher_max": 2, "variant": variant}
+    full = select_queries(student_runs, teacher_runs, qrels, num_negatives=5, **rule)
+
+    asked = queries_for_teacher(student_runs, qrels, **rule)
+    assert full.counts["kept"] + full.counts["teacher_wrong"] == len(asked) <= len(student_runs) // 2
+    chunked = select_queries({q: r for q, r in student_runs.items() if q not in asked}, {}, qrels,
+                             num_negatives=5, **rule)
+    for first in range(0, len(asked), 37):
+        chunk = {q: student_runs[q] for q in asked[first:first + 37]}
+        chunked.update(select_queries(chunk, {q: teacher_runs[q] for q in chunk}, qrels, num_negatives=5, **rule))
+    assert chunked.kept == full.kept and list(chunked.kept) == list(full.kept) and chunked.counts == full.counts
 
 
 def test_select_queries_rejects_negative_num_negatives():

@@ -1,0 +1,73 @@
+"""Document ids <-> corpus rows without a Python object per document.
+
+At MS MARCO size a `{doc id: row}` dict and a list of the ids would hold 8.8M Python strings and dict entries
+(~1.5 GB per process). Here the ids stay one Arrow string array (their bytes and offsets: ~100 MB), and the
+row of an id is found by binary search in a sorted array of the ids' hashes (16 bytes per document); only the
+ids and rows a step asks for become Python objects."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+BATCH = 65536  # ids read (and hashed) at a time when the lookup is built
+_last: dict = {}  # the last corpus's DocIds (one entry): the runner's steps and the corpus index share it
+
+
+class DocIds:
+    """The `_id` column of a corpus (an Arrow-backed `datasets.Dataset`, maybe a `select`ed view), in corpus
+    order: `take(rows)` gives the ids of rows, `rows(ids)` the rows of ids (KeyError naming an unknown id)."""
+
+    def __init__(self, corpus) -> None:
+        view = corpus.with_format("arrow")
+        chunks, hashes = [], []
+        for start in range(0, len(corpus), BATCH):
+            column = view[start:start + BATCH].column("_id").combine_chunks()
+            chunks.append(column)
+            hashes.append(np.fromiter(map(hash, column.to_pylist()), dtype=np.int64, count=len(column)))
+        self.ids = pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
+        hashed = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
+        self._order = np.argsort(hashed, kind="stable")
+        self._sorted = hashed[self._order]
+        self._exact: dict[str, int] | None = None
+        if len(hashed) > 1 and bool(np.any(self._sorted[1:] == self._sorted[:-1])):  # a 64-bit hash collision
+            # (or a repeated id): a dict, as exact as before, for this rare corpus
+            logger.info("doc ids: hashes collide, using a dict of %d ids", len(hashed))
+            self._exact = {doc_id: i for i, doc_id in enumerate(self.ids.to_pylist())}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> str:
+        return self.ids[int(row)].as_py()
+
+    def take(self, rows) -> list[str]:
+        """The ids of corpus rows `rows` (integers), in order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.ids.take(pa.array(rows)).to_pylist() if len(rows) else []
+
+    def rows(self, doc_ids: list[str]) -> np.ndarray:
+        """The corpus rows of `doc_ids`, in order."""
+        if self._exact is not None:
+            return np.array([self._exact[d] for d in doc_ids], dtype=np.int64)
+        wanted = np.fromiter(map(hash, doc_ids), dtype=np.int64, count=len(doc_ids))
+        at = np.minimum(np.searchsorted(self._sorted, wanted), max(len(self._sorted) - 1, 0))
+        rows = self._order[at] if len(self._sorted) else np.zeros(len(doc_ids), np.int64)
+        found = self.take(rows)
+        for doc_id, got in zip(doc_ids, found):
+            if doc_id != got:
+                raise KeyError(doc_id)
+        return rows
+
+
+def doc_ids(corpus) -> DocIds:
+    """The DocIds of `corpus`, built once per corpus (by its datasets fingerprint) and shared."""
+    key = getattr(corpus, "_fingerprint", None)
+    if key is None or _last.get("key") != key:
+        _last.clear()
+        _last.update(key=key, ids=DocIds(corpus))
+    return _last["ids"]
