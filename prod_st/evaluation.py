@@ -110,8 +110,9 @@ def build_index(
     progress: bool = True,
 ) -> tuple[faiss.Index, DocIds]:
     """A faiss inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the
-    doc ids in index order (`prod_st.doc_ids.DocIds`). `index_factory` is any faiss factory string ("Flat" exact; "HNSW32", "IVF4096,Flat"
-    for big corpora; a trained index is trained on the first `chunk_size` documents). The encoding is
+    doc ids in index order (`prod_st.doc_ids.DocIds`). `index_factory` is any faiss factory string ("Flat"
+    exact; "HNSW32", "IVF4096,Flat" for big corpora; a trained index is trained on the first `chunk_size`
+    documents). The encoding is
     cached per checkpoint and shared across ranks (`prod_st.corpus_index`), as `dtype` ("float32" or
     "float16"): the same weights never encode the same corpus twice."""
     require_positive(batch_size=batch_size, chunk_size=chunk_size)
