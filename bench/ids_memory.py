@@ -61,7 +61,6 @@ def main() -> None:
     text = json.dumps({q: [ids[r] for r in row] for q, row in zip(qids, rows.tolist())})
     _, before_run = held(lambda: json.loads(text))
     _, after_run = held(lambda: RankedRun(qids, rows.copy(), new))
-    del text
 
     per_doc = (before_ids / args.docs, after_ids / args.docs)
     per_rank = (before_run / rows.size, after_run / rows.size)

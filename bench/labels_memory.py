@@ -42,7 +42,7 @@ def make_rows(rows_n: int):
 
     queries = [f"query {i}" for i in range(rows_n)]
     positives, negatives = [f"positive {i}" for i in range(rows_n)], [[f"negative {i}"] for i in range(rows_n)]
-    return TrainingRows([str(i) for i in range(rows_n)], queries, positives, negatives, [[False]] * rows_n)
+    return TrainingRows.from_texts([str(i) for i in range(rows_n)], queries, positives, negatives)
 
 
 def fill(rows_n: int, dim: int, model: str, work: Path) -> None:
@@ -55,7 +55,8 @@ def fill(rows_n: int, dim: int, model: str, work: Path) -> None:
 
     teacher = BiEncoderTeacher(SentenceTransformer(model), cache_root=work / "teachers", name="bi")
     rows, rng = make_rows(rows_n), np.random.default_rng(0)
-    for role, texts in (("query", rows.queries), ("document", rows.positives + [n[0] for n in rows.negatives])):
+    _, positives, negatives = rows.texts()
+    for role, texts in (("query", rows.queries), ("document", positives + [n[0] for n in negatives])):
         for start in range(0, len(texts), 4096):  # the teacher's own chunk size
             chunk = texts[start : start + 4096]
             teacher.cache.put_many([text_key(role, t) for t in chunk], rng.random((len(chunk), dim), dtype=np.float32))

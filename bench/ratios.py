@@ -224,7 +224,7 @@ def training(student, rows, scores, batch_size: int, steps: int, warmup: int, ro
     from prod_st.teachers.bi_encoder import BiEncoderTeacher
     from prod_st.losses.contrastive import score_scale
 
-    width = 1 + len(rows.negatives[0])
+    width = 1 + rows.count
     teacher = scores_to_labels(scores, width)
     # reg > 0 in list mode, as the runner does it: the stage-start student's scores precomputed into the labels
     frozen = BiEncoderTeacher(student, cache_root=fresh("frozen"), name="stage-start student")

@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.distributed import barrier, is_main
-from prod_st.doc_ids import doc_ids
+from prod_st.doc_ids import doc_ids as doc_ids_of
 from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,16 @@ class RunData:
 
     def _docs(self, ids: list[str]):
         """The corpus rows of `ids`, in order (a view on the memory-mapped corpus)."""
-        return self.corpus.select(doc_ids(self.corpus).rows(ids))
+        return self.corpus.select(doc_ids_of(self.corpus).rows(ids))
 
     def doc_texts(self, doc_ids: list[str]) -> list[str]:
         """Encoded text (title + text) of each doc id, fetched from the memory-mapped corpus."""
-        rows = self._docs(doc_ids)
-        return [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
+        return self.texts_at(doc_ids_of(self.corpus).rows(doc_ids))
+
+    def texts_at(self, rows) -> list[str]:
+        """Encoded text (title + text) of each corpus row, fetched from the memory-mapped corpus."""
+        docs = self.corpus.select(rows)
+        return [document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
 
     def relevance(self, ranked: dict[str, list[str]]) -> dict[str, dict[str, int]]:
         """The training judgements behind positives, mined negatives and DPD's ranks. By default the qrels.
@@ -117,27 +121,66 @@ def load_run_data(
 
 @dataclass
 class TrainingRows:
-    """One row per training query: its text, its positive's text and `count` negative texts (FILLER where
-    the query had fewer), with `missing[i][j]` True for a filler."""
+    """One row per training query: its id and text, and the corpus rows of its positive and of `count`
+    negatives (-1 for a FILLER, where the query had fewer). Document texts are fetched from the memory-mapped
+    corpus (`doc_texts`: rows -> texts) a slice of rows at a time (`texts`), so a stage's rows hold no
+    document text: 8 bytes per document reference, whatever the number of rows and epochs."""
 
     query_ids: list[str]
     queries: list[str]
-    positives: list[str]
-    negatives: list[list[str]]
-    missing: list[list[bool]]
+    positive_rows: np.ndarray  # (rows,) int64
+    negative_rows: np.ndarray  # (rows, count) int64, -1 = filler
+    doc_texts: Callable[[np.ndarray], list[str]]
+
+    @classmethod
+    def from_texts(cls, query_ids: list[str], queries: list[str], positives: list[str],
+                   negatives: list[list[str]]) -> TrainingRows:
+        """Rows given as texts (FILLER for a missing negative), over an in-memory table of those texts."""
+        table = list(dict.fromkeys([*positives, *(n for negs in negatives for n in negs if n != FILLER)]))
+        at = {text: i for i, text in enumerate(table)}
+        negative_rows = np.array([[at[n] if n != FILLER else -1 for n in negs] for negs in negatives], np.int64)
+        return cls(list(query_ids), list(queries), np.array([at[p] for p in positives], np.int64),
+                   negative_rows.reshape(len(queries), len(negatives[0]) if negatives else 0),
+                   lambda rows: [table[r] for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    @property
+    def count(self) -> int:
+        """Negatives per row (fillers included)."""
+        return self.negative_rows.shape[1]
 
     def extend(self, other: TrainingRows) -> None:
         """Append `other`'s rows (another epoch's draw of negatives for the same queries)."""
-        for name in ("query_ids", "queries", "positives", "negatives", "missing"):
-            getattr(self, name).extend(getattr(other, name))
+        self.query_ids.extend(other.query_ids)
+        self.queries.extend(other.queries)
+        self.positive_rows = np.concatenate([self.positive_rows, other.positive_rows])
+        self.negative_rows = np.concatenate([self.negative_rows, other.negative_rows])
 
-    def candidates(self) -> list[list[str]]:
-        return [[p, *negs] for p, negs in zip(self.positives, self.negatives)]
+    def texts(self, start: int = 0, stop: int | None = None) -> tuple[list[str], list[str], list[list[str]]]:
+        """(queries, positive texts, negative texts with FILLER for a missing one) of rows `start:stop`."""
+        positive, negative = self.positive_rows[start:stop], self.negative_rows[start:stop]
+        wanted = np.unique(np.concatenate([positive, negative[negative >= 0]]))
+        text_of = dict(zip(wanted.tolist(), self.doc_texts(wanted))) if len(wanted) else {}
+        return (self.queries[start:stop], [text_of[r] for r in positive.tolist()],
+                [[text_of[r] if r >= 0 else FILLER for r in row] for row in negative.tolist()])
 
-    def real_candidates(self) -> list[list[str]]:
-        """[positive, negatives] without the fillers (which always come last)."""
-        return [[p, *(n for n, gone in zip(negs, miss) if not gone)]
-                for p, negs, miss in zip(self.positives, self.negatives, self.missing)]
+    def candidates(self, start: int = 0, stop: int | None = None) -> list[list[str]]:
+        """[positive, negatives] of rows `start:stop` (fillers included)."""
+        _, positives, negatives = self.texts(start, stop)
+        return [[p, *negs] for p, negs in zip(positives, negatives)]
+
+    def real_candidates(self, start: int = 0, stop: int | None = None) -> list[list[str]]:
+        """[positive, negatives] of rows `start:stop` without the fillers (which always come last)."""
+        _, positives, negatives = self.texts(start, stop)
+        real = (self.negative_rows[start:stop] >= 0).tolist()
+        return [[p, *(n for n, kept in zip(negs, row) if kept)] for p, negs, row in zip(positives, negatives, real)]
+
+    @property
+    def missing(self) -> list[list[bool]]:
+        """`missing[i][j]`: row i's negative j is a filler."""
+        return (self.negative_rows < 0).tolist()
 
     def to_dataset(self, labels: Iterable[np.ndarray] | None = None, *, folder: Path | None = None) -> datasets.Dataset:
         """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect.
@@ -148,7 +191,7 @@ class TrainingRows:
         axes) as they come, and the dataset returned memory-maps that file: no Python object per label value,
         and one batch in memory at a time."""
         if labels is None:
-            return datasets.Dataset.from_dict(self._text_columns(0, len(self.queries)))
+            return datasets.Dataset.from_dict(self._text_columns(0, len(self)))
         if folder is None:
             raise ValueError("labelled training rows are written to a dataset folder: give it")
         path, writer, done = Path(folder) / DATA_FILE, None, 0
@@ -164,15 +207,16 @@ class TrainingRows:
         finally:
             if writer is not None:
                 writer.close()
-        if done != len(self.queries):
-            raise ValueError(f"{done} labels for {len(self.queries)} training rows")
+        if done != len(self):
+            raise ValueError(f"{done} labels for {len(self)} training rows")
         _write_dataset_state(Path(folder))
         return datasets.load_from_disk(str(folder))
 
     def _text_columns(self, start: int, end: int) -> dict[str, list[str]]:
-        columns = {"query": self.queries[start:end], "positive": self.positives[start:end]}
-        for j in range(len(self.negatives[0]) if self.negatives else 0):
-            columns[f"negative_{j + 1}"] = [negs[j] for negs in self.negatives[start:end]]
+        queries, positives, negatives = self.texts(start, end)
+        columns = {"query": queries, "positive": positives}
+        for j in range(self.count):
+            columns[f"negative_{j + 1}"] = [negs[j] for negs in negatives]
         return columns
 
 
@@ -230,12 +274,14 @@ def build_rows(
         kept.append((qid, best[0], negs[:count]))
     if len(kept) < len(negatives):
         logger.info("training rows: %d of %d queries kept", len(kept), len(negatives))
-    doc_ids = sorted({d for _, pos, negs in kept for d in (pos, *negs)})
-    text_of = dict(zip(doc_ids, data.doc_texts(doc_ids))) if doc_ids else {}
+    ids = doc_ids_of(data.corpus)
+    negative_rows = np.full((len(kept), count), -1, dtype=np.int64)
+    lengths = np.array([len(negs) for _, _, negs in kept], dtype=np.int64).reshape(-1, 1)
+    negative_rows[np.arange(count) < lengths] = ids.rows([d for _, _, negs in kept for d in negs])  # row-major
     return TrainingRows(
         query_ids=[q for q, _, _ in kept],
         queries=[queries[q] for q, _, _ in kept],
-        positives=[text_of[p] for _, p, _ in kept],
-        negatives=[[text_of[d] for d in negs] + [FILLER] * (count - len(negs)) for _, _, negs in kept],
-        missing=[[False] * len(negs) + [True] * (count - len(negs)) for _, _, negs in kept],
+        positive_rows=ids.rows([p for _, p, _ in kept]),
+        negative_rows=negative_rows,
+        doc_texts=data.texts_at,
     )

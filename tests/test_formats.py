@@ -294,7 +294,7 @@ def test_nq_answer_bearing_passages_are_positives_never_negatives():
     assert pools == {"train-0": ["6537021"], "train-1": ["1"], "train-2": ["6537021"]}
     assert first_relevant_rank(ranked["train-0"], qrels["train-0"]) == 2  # DPD's rank: the answer-bearing one
     rows = build_rows(data, pools, 1, qrels=qrels)
-    assert rows.positives[0].startswith("Big Little Lies")  # gold first, not the answer-bearing passage 1
+    assert rows.texts()[1][0].startswith("Big Little Lies")  # gold first, not the answer-bearing passage 1
 
     plain = load_run_data(str(NQ), splits=("train", "dev", "dev"))
     assert plain.relevance(ranked) is plain.train.qrels  # qrels only, unless the recipe asks for answers

@@ -21,14 +21,14 @@ from prod_st.stage_data import FILLER, TrainingRows, labelled_dataset
 from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
 
 
-def small_rows() -> TrainingRows:
-    """Five rows, two negatives each; row 3 has one filler (list mode masks it with -inf)."""
+def small_rows(filler: bool = True) -> TrainingRows:
+    """Five rows, two negatives each; row 3 has one filler (list mode masks it with -inf) unless not `filler`
+    (in-batch rows have none)."""
     queries = ["the bank of the river", "a cat on a mat", "play the violin", "deposit money", "a dog barks"]
     positives = ["sloping land by water", "a small feline", "a bowed instrument", "a financial institution", "a canine"]
-    negatives = [["a piano", "a bank loan"], ["a dog", "a lion"], ["a cello", "a drum"], ["a river", FILLER],
-                 ["a wolf", "a cat"]]
-    missing = [[n == FILLER for n in negs] for negs in negatives]
-    return TrainingRows([f"q{i}" for i in range(5)], queries, positives, negatives, missing)
+    negatives = [["a piano", "a bank loan"], ["a dog", "a lion"], ["a cello", "a drum"],
+                 ["a river", FILLER if filler else "a stream"], ["a wolf", "a cat"]]
+    return TrainingRows.from_texts([f"q{i}" for i in range(5)], queries, positives, negatives)
 
 
 class Pool:
@@ -68,7 +68,7 @@ def python_list_labels(teacher, scale, rows, candidates, student, reg_weight) ->
     if reg_weight > 0:
         frozen = BiEncoderTeacher(student, name="stage-start student")
         score_sets.append((frozen, score_scale(student)))
-    real, width = rows.real_candidates(), 1 + len(rows.negatives[0])
+    real, width = rows.real_candidates(), 1 + rows.count
     labels = [
         scores_to_labels([[factor * x for x in row] for row in model.score(rows.queries, real)], width)
         for model, factor in score_sets
@@ -92,9 +92,7 @@ def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
     models, tmp_path, monkeypatch, candidates, reg_weight, shape
 ):
     teacher, student = models
-    rows = small_rows()
-    if candidates == "in_batch":  # in-batch rows have no fillers
-        rows.negatives[3], rows.missing[3] = ["a river", "a stream"], [False, False]
+    rows = small_rows(filler=candidates == "list")  # in-batch rows have no fillers
     before = python_list_labels(teacher, score_scale(teacher.model), rows, candidates, student, reg_weight)
 
     monkeypatch.setattr(labels_module, "LABEL_ROWS", 2)  # three batches: labels cross batch boundaries
@@ -117,8 +115,24 @@ def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
     assert column_type.value_type.value_type == pa.float32()
     assert dataset.cache_files and all("train_data" in f["filename"] for f in dataset.cache_files)
     assert dataset.column_names == ["query", "positive", "negative_1", "negative_2", "label"]
-    assert dataset["query"] == rows.queries and dataset["negative_2"] == [n[1] for n in rows.negatives]
+    assert dataset["query"] == rows.queries and dataset["negative_2"] == [n[1] for n in rows.texts()[2]]
     assert [p.name for p in (tmp_path / "stage").iterdir()] == ["train_data"]  # no temp file left
+
+
+@pytest.mark.parametrize("candidates", ["in_batch", "list"])
+def test_rows_hold_no_document_text_and_fetch_a_slice_at_a_time(models, monkeypatch, tmp_path, candidates):
+    """A stage's rows are corpus rows (ints); the teacher's labels, and the dataset written with them, fetch
+    the documents' texts one LABEL_ROWS slice at a time."""
+    teacher, student = models
+    rows = small_rows(filler=candidates == "list")
+    assert rows.positive_rows.dtype == rows.negative_rows.dtype == np.int64 and rows.negative_rows.shape == (5, 2)
+    fetched, texts_at = [], rows.doc_texts
+    rows.doc_texts = lambda wanted: fetched.append(len(wanted)) or texts_at(wanted)
+    monkeypatch.setattr(labels_module, "LABEL_ROWS", 2)
+    (tmp_path / "stage").mkdir()
+    labelled_dataset(tmp_path / "stage" / "train_data", rows,
+                     bare_runner(teacher).labels("bi", rows, candidates, student, Spec(0.0)))
+    assert len(fetched) == 6 and max(fetched) <= 2 * (1 + rows.count)  # 3 slices for the teacher, 3 for the file
 
 
 def test_labels_column_is_written_batch_by_batch(tmp_path):

@@ -403,8 +403,8 @@ def test_fillers_are_never_scored_and_become_minus_inf():
     from prod_st.stage_data import FILLER, TrainingRows
     from prod_st.teachers import scores_to_labels
 
-    rows = TrainingRows(["q1", "q2"], ["a", "b"], ["pa", "pb"], [["n1", "n2"], ["m1", FILLER]],
-                        [[False, False], [False, True]])
+    rows = TrainingRows.from_texts(["q1", "q2"], ["a", "b"], ["pa", "pb"], [["n1", "n2"], ["m1", FILLER]])
+    assert rows.missing == [[False, False], [False, True]]
     assert rows.real_candidates() == [["pa", "n1", "n2"], ["pb", "m1"]]
     labels = scores_to_labels([[3.0, 1.0, 0.0], [2.0, 1.0]], width=3)
     assert labels[1].tolist() == [2.0, 1.0, float("-inf")]

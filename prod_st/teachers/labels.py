@@ -34,18 +34,17 @@ def stage_labels(
     LABEL_ROWS rows at a time, and the cache folder of the stage-start student's embeddings when the labels
     use them (list mode with `reg_weight` > 0; no later step reads it: the runner prunes it when the stage
     ends), else None. `name`: the teacher's name in the cost lines."""
-    n, width = len(rows.queries), 1 + len(rows.negatives[0])
+    n, width = len(rows), 1 + rows.count
     if candidates == "in_batch":
         if not isinstance(teacher, BiEncoderTeacher):
             raise ProdStError(f"in-batch candidates need a bi-encoder teacher, {name!r} is not one")
-        texts = rows.candidates()
         cost.announce(f"teacher embeddings ({name})", n * (1 + width), "texts",
                       cost.label_bytes(min(n, LABEL_ROWS), (1 + width) * teacher.dimension))
 
         def in_batch() -> Iterator[np.ndarray]:
             for start in range(0, n, LABEL_ROWS):
                 embeddings = teacher.embeddings_for_rows(rows.queries[start : start + LABEL_ROWS],
-                                                         texts[start : start + LABEL_ROWS])
+                                                         rows.candidates(start, start + LABEL_ROWS))
                 embeddings[:, 0] *= scale  # (scale * q) . p = scale * similarity
                 yield embeddings.numpy()
 
@@ -56,13 +55,13 @@ def stage_labels(
         frozen = BiEncoderTeacher(student, name="stage-start student")
         score_sets.append((frozen, score_scale(student)))
         stage_start = frozen.cache_folder
-    real = rows.real_candidates()  # fillers are never scored
-    cost.announce(f"teacher scores ({name})", sum(map(len, real)) * len(score_sets), "pairs",
+    pairs = n + int((rows.negative_rows >= 0).sum())  # fillers are never scored
+    cost.announce(f"teacher scores ({name})", pairs * len(score_sets), "pairs",
                   cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
 
     def scored() -> Iterator[np.ndarray]:
         for start in range(0, n, LABEL_ROWS):
-            queries, lists = rows.queries[start : start + LABEL_ROWS], real[start : start + LABEL_ROWS]
+            queries, lists = rows.queries[start : start + LABEL_ROWS], rows.real_candidates(start, start + LABEL_ROWS)
             labels = [
                 scores_to_labels([[factor * x for x in row] for row in model.score(queries, lists)], width)
                 for model, factor in score_sets

@@ -101,7 +101,8 @@ class TeacherPool:
                                   index_factory=self.index, batch_size=self.eval_batch_size, dtype=self.corpus_dtype)
         negatives = draw_negatives(pools, window, seed=seed)
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
-        triples = list(zip(rows.queries, rows.positives, rows.negatives))
+        queries, positives, negatives = rows.texts()
+        triples = list(zip(queries, positives, negatives))
         epochs = train.epochs
         if train.max_steps:
             epochs = train.max_steps / max(1, -(-len(triples) // train.batch_size))
