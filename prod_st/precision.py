@@ -40,8 +40,9 @@ def resolve_precision(precision: str) -> str:
 
 def precision_flags(precision: str) -> dict[str, bool]:
     """The trainer's mixed-precision flags for a recipe's `training.precision` (fp16 needs a CUDA GPU: a one-line
-    error here rather than the trainer's traceback; bf16 without one trains on the CPU, which the trainer wants
-    said with `use_cpu`)."""
+    error here rather than the trainer's traceback), and `use_cpu` where no GPU is visible: bf16 on the CPU
+    needs it said, and under torchrun on CPUs accelerate otherwise sees one process on every rank, so each rank
+    would train its own copy of the model instead of one data-parallel model (the ranks' students diverge)."""
     import torch
 
     precision = resolve_precision(precision)
@@ -50,4 +51,4 @@ def precision_flags(precision: str) -> dict[str, bool]:
         raise ProdStError("training.precision: fp16 needs a CUDA GPU and none is visible; use bf16 (runs on CPU "
                           "too), auto or fp32")
     flags = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-    return flags | ({"use_cpu": True} if precision == "bf16" and not gpu else {})
+    return flags | ({"use_cpu": True} if not gpu else {})

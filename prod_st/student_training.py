@@ -76,7 +76,7 @@ class CompleteCheckpoints(TrainerCallback):
 def trainer_settings(training) -> dict:
     """SentenceTransformerTrainingArguments keywords from the recipe's `training:` block (None = defaults)."""
     if training is None:
-        return {"report_to": "none"}
+        return {"report_to": "none", **precision_flags("fp32")}
     return {
         **precision_flags(training.precision),
         "gradient_accumulation_steps": training.gradient_accumulation_steps,

@@ -163,3 +163,38 @@ def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp
     assert written["num_queries"] == single.num_queries and written["metrics"] == pytest.approx(single.metrics)
     encoded = [json.loads((tmp_path / f"encoded{r}.json").read_text()) for r in (0, 1)]
     assert sum(encoded) == single.num_docs and min(encoded) > 0
+
+
+def _train_rank(rank: int, world: int, out: str, model_dir: str) -> None:
+    """One rank training the student, as a stage does under torchrun on CPUs."""
+    import datasets
+    import torch.distributed as dist
+
+    from prod_st.fingerprint import model_fingerprint
+    from prod_st.models import load_model
+    from prod_st.student_training import train_student
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous-train", rank=rank, world_size=world)
+    model = load_model(model_dir)
+    rows = {"anchor": [f"query {i} about {w}" for i, w in enumerate("abcdefgh")],
+            "positive": [f"document {i} on {w}" for i, w in enumerate("abcdefgh")]}
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    result = train_student(model, datasets.Dataset.from_dict(rows), MultipleNegativesRankingLoss(model),
+                           workdir=Path(out) / f"work{rank}", lr=1e-3, epochs=1, max_steps=None, batch_size=2,
+                           warmup_ratio=0.0, seed=1, no_duplicates=False, progress=False)
+    Path(out, f"trained{rank}.json").write_text(json.dumps({"steps": result["steps"],
+                                                            "fingerprint": model_fingerprint(model)}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_one_data_parallel_student(tmp_path, tiny_model_dir):
+    """Under torchrun on CPUs the trainer runs data-parallel: each rank takes half of every epoch's batches
+    (8 rows, 2 per device batch: 2 steps, not 4) and the ranks end with the same weights. (Without `use_cpu`
+    accelerate saw one process on every rank: each trained its own copy, and the copies differed.)"""
+    mp.spawn(_train_rank, args=(2, str(tmp_path), tiny_model_dir), nprocs=2)
+    trained = [json.loads((tmp_path / f"trained{r}.json").read_text()) for r in (0, 1)]
+    assert [t["steps"] for t in trained] == [2, 2]
+    assert trained[0]["fingerprint"] == trained[1]["fingerprint"]
