@@ -203,15 +203,16 @@ def approx_dict(expected: dict):
 
 
 def read_scores(cache: Path) -> dict[str, float]:
-    """Every pair score a run's cross-encoder teacher cached (key -> logit), read from its parquet shards."""
-    import pyarrow.parquet as pq
-
+    """Every pair score a run's cross-encoder teacher cached (key -> logit), read from its shards (Arrow, or
+    the older parquet)."""
     from prod_st.teachers import ScoreCache
+    from prod_st.teachers.cache import SHARD_PATTERNS, _read_shard
 
     scores = {}
-    for shard in sorted(cache.glob("teachers/*/scores/part-*.parquet")):
-        table = pq.read_table(shard)
-        scores.update(zip(table.column("key").to_pylist(), table.column(ScoreCache.value_column).to_pylist()))
+    for pattern in SHARD_PATTERNS:
+        for shard in sorted(cache.glob(f"teachers/*/scores/{pattern}")):
+            table = _read_shard(shard)
+            scores.update(zip(table.column("key").to_pylist(), table.column(ScoreCache.value_column).to_pylist()))
     return scores
 
 
