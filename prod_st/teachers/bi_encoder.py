@@ -65,7 +65,7 @@ class BiEncoderTeacher:
 
         fill_missing_shared(  # under torchrun: each rank its share
             self.cache, dict(zip(keys, texts)), encode, chunk_size=self.chunk_size, length=len,
-            progress=progress, desc=f"embedding {role}s ({self.name})",
+            progress=progress, desc=f"embedding {'queries' if role == 'query' else role + 's'} ({self.name})",
         )
         if not keys:
             return np.zeros((0, self.dimension), dtype=np.float32)
