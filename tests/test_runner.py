@@ -420,7 +420,8 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
     from prod_st.recipe import Training
     from prod_st.student_training import train_student, trainer_settings
 
-    assert trainer_settings(None) == {"report_to": "none"}
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True}  # without a GPU: every rank seen under torchrun
+    assert trainer_settings(None) == {"report_to": "none", "bf16": False, "fp16": False} | cpu
     settings = trainer_settings(Training(precision="bf16", report_to=["tensorboard"], dataloader_num_workers=2))
     assert settings.items() >= {"bf16": True, "fp16": False, "gradient_accumulation_steps": 1,
                                 "dataloader_num_workers": 2, "report_to": ["tensorboard"]}.items()
@@ -465,7 +466,8 @@ def test_fp16_training_on_cpu_is_a_one_line_error():
 
     with pytest.raises(ProdStError, match="fp16 needs a CUDA GPU"):
         precision_flags("fp16")
-    assert precision_flags("fp32") == {"bf16": False, "fp16": False}
+    cpu = {} if __import__("torch").cuda.is_available() else {"use_cpu": True}
+    assert precision_flags("fp32") == {"bf16": False, "fp16": False} | cpu
 
 
 # ---- run.log, stage lines, --set recorded, --no-progress ----
