@@ -69,9 +69,11 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
     runner.step = step
+    memory = anonymous_vs_file()
     start = time.perf_counter()
     final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()
     wall = time.perf_counter() - start
+    memory.stop()
     seconds: dict[str, float] = {}
     spec = load_recipe(recipe)
     batch = {s.name: s.batch_size for s in spec.stages} | {f"dpd-{i}": spec.dpd.batch_size for i in range(1, 9)}
@@ -91,7 +93,33 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         "wall_s": round(wall, 1), "seconds": seconds, "num_docs": final["num_docs"],
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1), "rows_read": rows_read,
+        "peak_anon_mb": memory.peak["RssAnon"] / 1024, "peak_file_mb": memory.peak["RssFile"] / 1024,
     }))
+
+
+class anonymous_vs_file:
+    """Peak RssAnon (the process's own memory) and RssFile (pages of memory-mapped files: caches, Arrow data,
+    model weights, which the kernel can drop and reread) of this process, sampled every 0.1 s: ru_maxrss
+    counts both."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.1):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in self.peak:
+                    self.peak[name] = max(self.peak[name], int(value.split()[0]))  # kB
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 # ---- the parent ---------------------------------------------------------------------------------------------
@@ -167,7 +195,8 @@ def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code
     data = json.loads(result.read_text()) | {"docs": docs, "queries": queries,
                                               "process_s": round(time.perf_counter() - start, 1)}
     result.write_text(json.dumps(data))
-    print(f"  {label}: {data['num_docs']} docs, peak RSS {data['peak_rss_mb']:.0f} MB, run {data['wall_s']}s "
+    print(f"  {label}: {data['num_docs']} docs, peak RSS {data['peak_rss_mb']:.0f} MB (anon {data.get('peak_anon_mb', 0):.0f}, "
+          f"file {data.get('peak_file_mb', 0):.0f}), run {data['wall_s']}s "
           f"({data['cpu_s']} CPU s)",
           file=sys.stderr)
     return data
