@@ -69,7 +69,7 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
     runner.step = step
-    memory = anonymous_vs_file()
+    memory = RssPeaks()
     start = time.perf_counter()
     final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()
     wall = time.perf_counter() - start
@@ -97,7 +97,7 @@ def child(recipe: str, run_dir: str, result: str) -> None:
     }))
 
 
-class anonymous_vs_file:
+class RssPeaks:
     """Peak RssAnon (the process's own memory) and RssFile (pages of memory-mapped files: caches, Arrow data,
     model weights, which the kernel can drop and reread) of this process, sampled every 0.1 s: ru_maxrss
     counts both."""

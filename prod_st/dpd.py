@@ -134,11 +134,12 @@ def queries_for_teacher(
     student_min: int = 2,
     student_max: int = 15,
     variant: Variant = "msmarco",
-    **_teacher_max,
+    teacher_max: int = 1,
 ) -> list[str]:
     """The queries of ``student_runs`` whose fate depends on the teacher: judged, and not dropped by the
     student's rank alone (:func:`student_drop_reason`). Only these need the teacher's rerank; for every other
-    query :func:`select_queries` gives the same answer without one."""
+    query :func:`select_queries` gives the same answer without one. (``teacher_max`` is the rule's, taken so
+    the whole rule can be passed; it does not decide who is asked.)"""
     asked = []
     for qid, student_run in student_runs.items():
         relevant = {doc_id for doc_id, rel in qrels.get(qid, {}).items() if rel > 0}
