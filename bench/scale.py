@@ -9,6 +9,7 @@ model sizes.
     python bench/scale.py                                # full: 10k-80k docs, 1k-8k queries
     python bench/scale.py --small --code /work/main      # the same runs on another checkout (before/after)
     python bench/scale.py --sizes 'corpus=2000,16000 queries=100'   # chosen sizes, no fit
+    python bench/scale.py --sizes 'corpus=320000 queries=1000'      # past wordnet-gloss: + distractor documents
 
 Models: student, bi-encoder and cross-encoder teachers of 2 layers, 128 wide, random weights, built here from
 a BertConfig with all-MiniLM-L6-v2's (packaged) tokenizer: nothing is downloaded. Every run has its own
@@ -47,6 +48,7 @@ TARGETS = {  # docs, training queries, dims, (student layers, width), (teacher l
     "nq": dict(docs=21_015_324, queries=58_880, dim=768, student=(6, 768), teacher=(12, 768), tokens=140),
 }
 WORDNET_TOKENS = 18  # wordnet-gloss documents, CALIBRATION.md
+WORDNET_DOCS = 117_659  # past this, a corpus size adds distractor documents (`enlarged_dataset`)
 
 
 # ---- the child: one run, its peak RSS and step seconds ----------------------------------------------------
@@ -64,8 +66,12 @@ def child(recipe: str, run_dir: str, result: str) -> None:
     @contextmanager
     def step(what, seconds, key):
         start = time.process_time()
-        with wall_step(what, seconds, key):
-            yield
+        outer, memory.step = memory.step, key
+        try:
+            with wall_step(what, seconds, key):
+                yield
+        finally:
+            memory.step = outer
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
     runner.step = step
@@ -94,18 +100,22 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1), "rows_read": rows_read,
         "peak_anon_mb": memory.peak["RssAnon"] / 1024, "peak_file_mb": memory.peak["RssFile"] / 1024,
+        "step_anon_mb": {k: round(v["RssAnon"] / 1024) for k, v in memory.steps.items()},
+        "step_file_mb": {k: round(v["RssFile"] / 1024) for k, v in memory.steps.items()},
     }))
 
 
 class RssPeaks:
     """Peak RssAnon (the process's own memory) and RssFile (pages of memory-mapped files: caches, Arrow data,
     model weights, which the kernel can drop and reread) of this process, sampled every 0.1 s: ru_maxrss
-    counts both."""
+    counts both. `steps` holds the same peaks per runner step (the key of the step running when sampled)."""
 
     def __init__(self) -> None:
         import threading
 
         self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.step: str | None = None
+        self.steps: dict[str, dict[str, int]] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -115,7 +125,11 @@ class RssPeaks:
             for line in Path("/proc/self/status").read_text().splitlines():
                 name, _, value = line.partition(":")
                 if name in self.peak:
-                    self.peak[name] = max(self.peak[name], int(value.split()[0]))  # kB
+                    kb = int(value.split()[0])
+                    self.peak[name] = max(self.peak[name], kb)
+                    if self.step is not None:
+                        peaks = self.steps.setdefault(self.step, {"RssAnon": 0, "RssFile": 0})
+                        peaks[name] = max(peaks[name], kb)
 
     def stop(self) -> None:
         self._done.set()
@@ -156,13 +170,47 @@ def build_models(folder: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def recipe(models: dict[str, str], docs: int, queries: int, small: bool) -> dict:
+def enlarged_dataset(out: Path, docs: int) -> str:
+    """A BEIR folder of `docs` documents for corpus sizes past wordnet-gloss's 117,659: its queries and qrels as
+    they are, its corpus plus distractor documents (id `z...`) whose title and text are words drawn at random from
+    wordnet-gloss's own texts (same length distribution), so no query is judged against them."""
+    import gzip
+    import random
+
+    from prod_st.data.sources import EMBEDDED
+
+    source = EMBEDDED["wordnet-gloss"]
+    folder = out / f"wordnet-plus-{docs}"
+    if (folder / "DONE").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qrels").mkdir(exist_ok=True)
+    for name in ("queries.jsonl.gz", "qrels/train.tsv.gz", "qrels/dev.tsv.gz", "qrels/test.tsv.gz"):
+        target = folder / name
+        if not target.exists():
+            target.symlink_to(source / name)
+    with gzip.open(source / "corpus.jsonl.gz", "rt") as f:
+        lines = f.read().splitlines()
+    records = [json.loads(line) for line in lines]
+    words = [w for r in records for w in r["text"].split()]
+    lengths = [len(r["text"].split()) for r in records]
+    rng = random.Random(0)
+    with gzip.open(folder / "corpus.jsonl.gz", "wt", compresslevel=1) as f:
+        f.write("\n".join(lines) + "\n")
+        for i in range(docs - len(records)):
+            text = " ".join(rng.choices(words, k=rng.choice(lengths)))
+            f.write(json.dumps({"_id": f"z{i:08d}", "title": " ".join(rng.choices(words, k=2)), "text": text}) + "\n")
+    (folder / "DONE").write_text("")
+    return str(folder)
+
+
+def recipe(models: dict[str, str], docs: int, queries: int, small: bool, dataset: str = "wordnet-gloss") -> dict:
     neg = {"miner": "student", "start": 1, "end": 100, "count": 1, "strategy": "sample"}
     held_out = 10 if small else 200
     return {
         "name": "scale",
         "seed": 13,
-        "data": {"dataset": "wordnet-gloss", "train_queries": queries, "dev_queries": held_out,
+        "data": {"dataset": dataset, "train_queries": queries, "dev_queries": held_out,
                  "test_queries": 2 * held_out, "corpus_size": docs},
         "student": {"init": models["student"], "num_layers": TINY["layers"], "max_query_length": 32,
                     "max_doc_length": 64},
@@ -185,7 +233,8 @@ def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code
     if result.exists():
         return json.loads(result.read_text())
     path = out / f"{label}.yaml"
-    path.write_text(yaml.safe_dump(recipe(models, docs, queries, small), sort_keys=False))
+    dataset = enlarged_dataset(out, docs) if docs > WORDNET_DOCS else "wordnet-gloss"
+    path.write_text(yaml.safe_dump(recipe(models, docs, queries, small, dataset), sort_keys=False))
     env = os.environ | {"PYTHONPATH": f"{code}:{code / 'cli'}", "HF_HUB_OFFLINE": "1",
                         "TOKENIZERS_PARALLELISM": "false", "PROD_ST_CACHE": str(out / f"cache-{label}")}
     start = time.perf_counter()
@@ -244,6 +293,21 @@ def work_ratio(layers_width: tuple[int, int], tokens: int) -> float:
     return layers * width ** 2 * tokens / (TINY["layers"] * TINY["hidden"] ** 2 * WORDNET_TOKENS)
 
 
+def memory_table(runs: list[dict]) -> list[str]:
+    """Peak RssAnon (own memory) and RssFile (mapped files) per run and, per runner step, peak RssAnon."""
+    runs = [r for r in runs if r.get("step_anon_mb")]
+    if not runs:
+        return []
+    steps = sorted({k for r in runs for k in r["step_anon_mb"]}, key=lambda k: max(r["step_anon_mb"].get(k, 0) for r in runs),
+                   reverse=True)
+    lines = ["", "Peak own memory (RssAnon) and mapped file pages (RssFile), MB; then peak RssAnon during each step:", "",
+             "| docs | train queries | RssAnon | RssFile | " + " | ".join(steps) + " |", "|---|---|---|---|" + "---|" * len(steps)]
+    for r in sorted(runs, key=lambda r: (r["queries"], r["docs"])):
+        lines.append(f"| {r['num_docs']:,} | {r['queries']:,} | {r['peak_anon_mb']:.0f} | {r['peak_file_mb']:.0f} | "
+                     + " | ".join(str(r["step_anon_mb"].get(k, "-")) for k in steps) + " |")
+    return lines
+
+
 def report(runs: list[dict], base: tuple[int, int], gpu_tflops: float, cpu: float) -> str:
     by_docs = sorted((r for r in runs if r["queries"] == base[1]), key=lambda r: r["docs"])
     by_queries = sorted((r for r in runs if r["docs"] == base[0]), key=lambda r: r["queries"])
@@ -254,6 +318,7 @@ def report(runs: list[dict], base: tuple[int, int], gpu_tflops: float, cpu: floa
         c, w = grouped(r["cpu_seconds"]), grouped(r["seconds"])
         lines.append(f"| {r['num_docs']:,} | {r['queries']:,} | {r['peak_rss_mb']:.0f} | {r['cpu_s']:.0f} / {r['wall_s']:.0f} | "
                      + " | ".join(f"{c[k]:.1f} / {w[k]:.1f}" for k in STEP_GROUPS) + " |")
+    lines += memory_table(runs)
     if len(by_docs) < 2 or len(by_queries) < 2:
         return "\n".join(lines)
     fits = {}
