@@ -7,7 +7,8 @@ fingerprint (weights and settings, `prod_st.fingerprint`) + the corpus's fingerp
 normalisation + dtype. The corpus is cut into fixed blocks of `block_size` documents; under torchrun each rank
 encodes a contiguous run of blocks (`prod_st.distributed.shard`) and writes each one atomically, then every rank
 reads them all (memory-mapped). A killed encoding keeps its finished blocks; a rerun, with any number of
-processes, encodes only the missing ones."""
+processes, encodes only the missing ones. The faiss index is built per process from the blocks: the whole
+corpus on one process; under torchrun each rank's own share of blocks (`corpus_index`)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,21 @@ def corpus_embeddings(
     return [np.load(path, mmap_mode="r") for path in paths]
 
 
+def rows_of(blocks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """(len(rows), dim) float32 vectors of corpus `rows` from `corpus_embeddings`'s blocks (all of one size but
+    the last): only the pages holding them are read."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), blocks[0].shape[1] if blocks else 0), np.float32)
+    if not len(rows):
+        return out
+    size = len(blocks[0])
+    which = rows // size
+    for b in np.unique(which).tolist():
+        picked = which == b
+        out[picked] = blocks[b][rows[picked] - b * size]
+    return out
+
+
 def release(key: str) -> None:
     """Remove one cached corpus encoding (rank 0; every rank calls it): a checkpoint no later step searches
     with (at MS MARCO size, 27 GB per checkpoint in float32)."""
@@ -150,10 +166,13 @@ def corpus_index(
     train_size: int = TRAIN_SIZE,
     progress: bool = True,
 ) -> tuple[faiss.Index, DocIds]:
-    """(faiss inner-product index of the corpus's cached embeddings, doc ids in index order: `DocIds`). A trained index
-    (IVF, PQ) trains on the first `train_size` vectors. Every rank builds its own from the shared embeddings;
-    the last one built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next
-    stage's mining) search the same index."""
+    """(faiss inner-product index of the corpus's cached embeddings, doc ids in corpus order: `DocIds`). A trained
+    index (IVF, PQ) trains on the corpus's first `train_size` vectors. On one process the index holds the whole
+    corpus, a vector's faiss id being its corpus row. Under torchrun each rank indexes only its own share of the
+    blocks (the ones it encoded) in a `faiss.IndexIDMap` whose ids are the corpus rows, so the ranks of a node
+    hold one copy of the index between them; `prod_st.evaluation.search_rows` searches every rank's share and
+    merges. The last index built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the
+    next stage's mining) search the same index."""
     key = cache_key(model, corpus, dtype)
     memo = (key, index_factory, train_size)
     if _last_index.get("memo") == memo:
@@ -161,18 +180,28 @@ def corpus_index(
     _last_index.clear()
     dim = model.get_embedding_dimension()
     training = min(len(corpus), train_size)
-    index = new_index(dim, index_factory, len(corpus), training)
+    index = new_index(dim, index_factory, len(corpus), training)  # (a bad factory fails before encoding)
     blocks = corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, progress=progress, key=key)
+    first, last = shard(len(blocks)) if world_size() > 1 else (0, len(blocks))
     if not index.is_trained:
         sample, taken = [], 0
-        for block in blocks:
+        for block in blocks:  # the corpus's first vectors: every rank trains on the same ones
             if taken >= training:
                 break
             sample.append(np.asarray(block[: training - taken], dtype=np.float32))
             taken += len(sample[-1])
         train_index(index, index_factory, np.ascontiguousarray(np.concatenate(sample)))
-    for block in blocks:
-        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    if world_size() > 1:
+        shard_index = faiss.IndexIDMap(index)  # (keeps a reference to `index`)
+        row = sum(len(b) for b in blocks[:first])
+        for block in blocks[first:last]:
+            shard_index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32),
+                                     np.arange(row, row + len(block), dtype=np.int64))
+            row += len(block)
+        index = shard_index
+    else:
+        for block in blocks:
+            index.add(np.ascontiguousarray(block, dtype=np.float32))
     ids = doc_ids(corpus)
     _last_index.update(memo=memo, index=index, ids=ids)
     return index, ids

@@ -13,17 +13,20 @@ import faiss
 import numpy as np
 import pytrec_eval
 from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
 
 from prod_st.answer_match import top_k_accuracy
 from prod_st.corpus_index import corpus_index
 from prod_st.data import RetrievalData, load_retrieval_data
-from prod_st.distributed import all_gather, shard
+from prod_st.distributed import all_gather, is_main, shard, world_size
 from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
 from prod_st.progress import enabled
 
 logger = logging.getLogger(__name__)
+
+QUERY_CHUNK = 8192  # queries searched together under torchrun (each rank's top-k of a chunk are gathered)
 
 # Display name -> (pytrec_eval measure, depth the run is cut to before measuring; None = whole run).
 # pytrec_eval reports measure "ndcg_cut.10" under the key "ndcg_cut_10".
@@ -130,18 +133,38 @@ def search_rows(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, corpus rows) of each query's top-`top_k` documents, best first: two (queries, k) arrays, row
-    -1 where the index returned fewer. Under torchrun every rank calls it: each encodes and searches a
-    contiguous share of the queries, and all return the merged arrays."""
+    -1 where the index returned fewer. Under torchrun every rank calls it with its share of the corpus
+    (`corpus_index`): the queries go through in chunks of QUERY_CHUNK; each rank encodes its share of a chunk,
+    the chunk's vectors are gathered, every rank searches all of them in its share of the corpus, and each
+    query's top-k of the ranks' top-k are kept (ties: lower row first). All ranks return the merged arrays."""
     require_positive(top_k=top_k, batch_size=batch_size)
-    start, stop = shard(len(queries))
-    k = min(top_k, index.ntotal)
-    if stop > start:
-        vectors = encode_texts(model, queries[start:stop], "query", batch_size, show_progress_bar=enabled(progress))
-        scores, rows = index.search(vectors, k)
-    else:
-        scores, rows = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    parts = all_gather((scores, rows))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if world_size() == 1:
+        k = min(top_k, index.ntotal)
+        if not queries:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        vectors = encode_texts(model, queries, "query", batch_size, show_progress_bar=enabled(progress))
+        return index.search(vectors, k)
+    k = min(top_k, sum(all_gather(index.ntotal)))
+    scores, rows = np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+    with tqdm(total=len(queries), desc="Searching", unit="query", disable=not enabled(progress) or not is_main()) as bar:
+        for begin in range(0, len(queries), QUERY_CHUNK):
+            chunk = queries[begin:begin + QUERY_CHUNK]
+            start, stop = shard(len(chunk))
+            mine = (encode_texts(model, chunk[start:stop], "query", batch_size) if stop > start
+                    else np.zeros((0, model.get_embedding_dimension()), np.float32))
+            vectors = np.ascontiguousarray(np.concatenate(all_gather(mine)), dtype=np.float32)
+            found = index.search(vectors, min(k, index.ntotal)) if index.ntotal else (
+                np.zeros((len(chunk), 0), np.float32), np.zeros((len(chunk), 0), np.int64))
+            parts = all_gather(found)
+            chunk_scores = np.concatenate([p[0] for p in parts], axis=1)
+            chunk_rows = np.concatenate([p[1] for p in parts], axis=1)
+            chunk_scores[chunk_rows < 0] = -np.inf  # faiss's filler for a short list
+            order = np.lexsort((chunk_rows, -chunk_scores))[:, :k]  # by score, then row
+            scores[begin:begin + len(chunk)] = np.take_along_axis(chunk_scores, order, axis=1)
+            rows[begin:begin + len(chunk)] = np.take_along_axis(chunk_rows, order, axis=1)
+            bar.update(len(chunk))
+    rows[~np.isfinite(scores)] = -1
+    return scores, rows
 
 
 def search(

@@ -30,8 +30,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -385,14 +386,25 @@ class Runner:
             previous_model=previous, gather_across_devices=world_size() > 1,
         )
 
+    def stage_start_documents(self, student: SentenceTransformer) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Corpus rows -> `student`'s document vectors, read from its cached corpus encoding (built by this
+        stage's mining or the last dev evaluation; encoded again, shared across ranks, only if it was pruned)."""
+        search = self.corpus_search()
+        blocks = corpus_index.corpus_embeddings(student, self.data.corpus, batch_size=search["batch_size"],
+                                                dtype=search["dtype"], progress=self.progress)
+        return partial(corpus_index.rows_of, blocks)
+
     def labels(
         self, teacher_name: str, rows: TrainingRows, candidates: str, student, loss_spec
     ) -> Iterator[np.ndarray]:
         """The loss's label column from the teacher (`prod_st.teachers.labels`); the stage-start student's
-        cache it reads, if any, is released when the stage ends."""
+        cache it reads, if any, is released when the stage ends. With PROD's regularisation (list mode) the
+        stage-start student's document vectors come from its corpus encoding, by row."""
+        reg = candidates == "list" and loss_spec.reg_weight > 0
+        documents = self.stage_start_documents(student) if reg else None
         labels, self.stage_start_cache = stage_labels(
             self.teachers.get(teacher_name), self.teachers.scale(teacher_name), rows, candidates, student,
-            loss_spec.reg_weight, name=teacher_name,
+            loss_spec.reg_weight, name=teacher_name, student_documents=documents,
         )
         return labels
 

@@ -83,3 +83,19 @@ def test_release_removes_one_encoding(tiny_model_dir, toy_beir):
     assert not ci.cache_path("corpus", key).exists() and not ci._last_index
     ci.corpus_index(model, data.corpus, progress=False)  # encoded again when asked again
     assert ci.encoded_docs[key] == 2 * len(data.corpus)
+
+
+def test_rows_of_reads_vectors_by_corpus_row_across_blocks(tiny_model_dir, toy_beir):
+    """What PROD's regulariser reads the stage-start student's document vectors with: any corpus rows, in any
+    order, repeated, across block boundaries, as float32 (also from float16 blocks)."""
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    blocks = ci.corpus_embeddings(model, data.corpus, block_size=2, progress=False)
+    whole = np.concatenate(blocks)
+    rows = np.array([len(data.corpus) - 1, 0, 3, 3, 1, 2])
+    got = ci.rows_of(blocks, rows)
+    assert got.dtype == np.float32 and got.shape == (6, 32)
+    np.testing.assert_array_equal(got, whole[rows])
+    assert ci.rows_of(blocks, np.zeros(0, np.int64)).shape == (0, 32)
+    half = ci.corpus_embeddings(model, data.corpus, dtype="float16", progress=False)
+    np.testing.assert_allclose(ci.rows_of(half, rows), whole[rows], atol=2e-3)

@@ -27,6 +27,7 @@ def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
 
 def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
     import prod_st.corpus_index as ci
+    import prod_st.evaluation as evaluation
     from prod_st.data import load_retrieval_data
     from prod_st.evaluation import evaluate_model
     from prod_st.models import load_model
@@ -44,12 +45,14 @@ def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
     fill_missing_shared(cache, items, compute, chunk_size=4, length=len, progress=False)
     found = cache.get_many(items)
     data = load_retrieval_data(beir)
+    evaluation.QUERY_CHUNK = 3  # (ranks only) 4 queries: chunks of 3 and 1, rank 0 has no query in the second
     result = evaluate_model(load_model(model_dir), data, top_k=3, keep_run=True, progress=False)
+    indexed = ci._last_index["index"].ntotal
     ci_blocks = ci.corpus_embeddings(load_model(model_dir), data.corpus, block_size=2, progress=False)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "computed": computed, "found": found, "run": result.run, "metrics": result.metrics,
         "encoded": sum(ci.encoded_docs.values()), "shard": distributed.shard(10),
-        "gathered": distributed.all_gather(rank), "blocks": [b.tolist() for b in ci_blocks],
+        "gathered": distributed.all_gather(rank), "blocks": [b.tolist() for b in ci_blocks], "indexed": indexed,
     }))
 
 
@@ -120,7 +123,10 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     assert ranks[0]["encoded"] + ranks[1]["encoded"] == single["encoded"]
     assert 0 < ranks[0]["encoded"] < single["encoded"]
     np.testing.assert_allclose(np.concatenate(ranks[1]["blocks"]), np.concatenate(single["blocks"]), atol=1e-6)
-    # search split by queries and merged: the same run and metrics on every rank as in one process
+    # each rank indexes its own share of the corpus (one copy of the index between them), searches every query
+    # in it, and the ranks' top-k are merged: the same run and metrics on every rank as in one process
+    assert ranks[0]["indexed"] + ranks[1]["indexed"] == single["indexed"] == sum(map(len, single["blocks"]))
+    assert 0 < ranks[0]["indexed"] < single["indexed"]
     for r in ranks:
         assert r["run"].keys() == single["run"].keys()
         for q, docs in single["run"].items():

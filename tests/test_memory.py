@@ -55,6 +55,7 @@ class Spec:
 def bare_runner(teacher: BiEncoderTeacher) -> Runner:
     runner = Runner.__new__(Runner)
     runner.teachers, runner.stage_start_cache = Pool(teacher), None
+    runner.stage_start_documents = lambda student: None  # rows of a text table, not of a corpus: encode them
     return runner
 
 

@@ -4,12 +4,13 @@ LABEL_ROWS rows at a time (so no label list of the whole stage is ever in memory
 In-batch candidates: the teacher's embeddings of [query, positive, negatives] (the loss scores every pair of
 the batch). List candidates: the teacher's scores over [positive, negatives], -inf for fillers, and with PROD's
 regularisation also the stage-start student's scores, computed once from its cached embeddings instead of a
-frozen forward pass at every step.
+frozen forward pass at every step: its document vectors are read by corpus row from the corpus encoding its
+checkpoint already has (dev evaluation and this stage's mining built it), so no document is encoded again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,14 @@ LABEL_ROWS = 8192  # training rows labelled per batch: the most label values in 
 
 def stage_labels(
     teacher, scale: float, rows: TrainingRows, candidates: str, student: SentenceTransformer, reg_weight: float,
-    *, name: str,
+    *, name: str, student_documents: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Iterator[np.ndarray], Path | None]:
     """The loss's label column, in logit scale (`scale` times the teacher's scores), as float32 arrays of
     LABEL_ROWS rows at a time, and the cache folder of the stage-start student's embeddings when the labels
     use them (list mode with `reg_weight` > 0; no later step reads it: the runner prunes it when the stage
-    ends), else None. `name`: the teacher's name in the cost lines."""
+    ends), else None. `name`: the teacher's name in the cost lines. `student_documents` (corpus rows -> the
+    stage-start student's document vectors, e.g. `prod_st.corpus_index.rows_of` over its cached corpus
+    encoding) replaces encoding the rows' documents again (`rows` must then hold corpus rows)."""
     n, width = len(rows), 1 + rows.count
     if candidates == "in_batch":
         if not isinstance(teacher, BiEncoderTeacher):
@@ -49,23 +52,40 @@ def stage_labels(
                 yield embeddings.numpy()
 
         return cost.timed(f"teacher embeddings ({name})", in_batch(), n, LABEL_ROWS), None
-    score_sets, stage_start = [(teacher, scale)], None
+    frozen = stage_start = None
     if reg_weight > 0:
         # the student before this stage trains: its embeddings are cached under its weights' fingerprint
         frozen = BiEncoderTeacher(student, name="stage-start student")
-        score_sets.append((frozen, score_scale(student)))
         stage_start = frozen.cache_folder
     pairs = n + int((rows.negative_rows >= 0).sum())  # fillers are never scored
-    cost.announce(f"teacher scores ({name})", pairs * len(score_sets), "pairs",
-                  cost.label_bytes(min(n, LABEL_ROWS), len(score_sets) * width))
+    sets = 1 + (frozen is not None)
+    cost.announce(f"teacher scores ({name})", pairs * sets, "pairs", cost.label_bytes(min(n, LABEL_ROWS), sets * width))
+
+    def scaled(scores: list[list[float]], factor: float) -> torch.Tensor:
+        return scores_to_labels([[factor * x for x in row] for row in scores], width)
 
     def scored() -> Iterator[np.ndarray]:
         for start in range(0, n, LABEL_ROWS):
-            queries, lists = rows.queries[start : start + LABEL_ROWS], rows.real_candidates(start, start + LABEL_ROWS)
-            labels = [
-                scores_to_labels([[factor * x for x in row] for row in model.score(queries, lists)], width)
-                for model, factor in score_sets
-            ]
-            yield (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).numpy()
+            stop = start + LABEL_ROWS
+            queries, lists = rows.queries[start:stop], rows.real_candidates(start, stop)
+            labels = scaled(teacher.score(queries, lists), scale)
+            if frozen is not None:
+                own = (frozen.score(queries, lists) if student_documents is None
+                       else _scores_by_row(frozen, student_documents, rows, start, stop))
+                labels = torch.stack([labels, scaled(own, score_scale(student))], dim=1)
+            yield labels.numpy()
 
     return cost.timed(f"teacher scores ({name})", scored(), n, LABEL_ROWS), stage_start
+
+
+def _scores_by_row(
+    frozen: BiEncoderTeacher, documents: Callable[[np.ndarray], np.ndarray], rows: TrainingRows, start: int, stop: int
+) -> list[list[float]]:
+    """The stage-start student's similarities of rows `start:stop` to their real candidates (fillers, which
+    come last, left out): queries embedded (cached by text), the candidates' vectors read by corpus row."""
+    candidates = np.concatenate([rows.positive_rows[start:stop, None], rows.negative_rows[start:stop]], axis=1)
+    real = candidates >= 0
+    vectors = np.zeros((*candidates.shape, frozen.dimension), np.float32)
+    vectors[real] = documents(candidates[real])
+    scores = np.einsum("bd,bwd->bw", frozen.embed(rows.queries[start:stop], "query"), vectors)
+    return [row[:count].tolist() for row, count in zip(scores, real.sum(axis=1).tolist())]
