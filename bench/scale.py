@@ -1,9 +1,9 @@
 """How prod-st's cost grows with the data (issue 9, item 6): the whole schedule (warm-up, bi-encoder stage,
 cross-encoder stage, one DPD round, test) on tiny random models over growing slices of wordnet-gloss, the
 corpus and the training queries grown separately (3 sizes each, an 8x range), each size in its own process.
-Records peak RSS and seconds per step, fits memory and time per document and per query (least squares) and
-extrapolates to MS MARCO passage (8.8M passages, 500k training queries) and NQ (21M passages) at the recipes'
-model sizes.
+Records peak RSS (and, per runner step, peak own memory and mapped file pages) and seconds per step, fits
+memory and time per document and per query (least squares) and extrapolates to MS MARCO passage (8.8M
+passages, 500k training queries) and NQ (21M passages) at the recipes' model sizes.
 
     nice -n 10 python bench/scale.py --small            # ~3 min on 2 idle cores: 500-4k docs, 40-320 queries
     python bench/scale.py                                # full: 10k-80k docs, 1k-8k queries
