@@ -4,7 +4,7 @@
 
 1. Sharded teacher scoring and evaluation, directly: a fixed set of (query, document) pairs scored by a
    cross-encoder teacher and the dev set evaluated, once by 1 process and once by 2 (each rank scores half
-   the pairs, encodes half the corpus and searches half the queries); scores and metrics compared.
+   the pairs, encodes and indexes half the corpus and searches every query in it); scores and metrics compared.
 2. (unless --fast) A small recipe run end to end by 1 process and by 2, with the same pretrained teachers; the
    2-process recipe halves every per-device batch size, so both train on the same global batch. Compared:
    the dev metrics of the untrained student (exact: same model, sharded evaluation), the teacher scores of
