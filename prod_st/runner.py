@@ -313,15 +313,14 @@ class Runner:
         in_batch = stage.candidates == "in_batch" or stage.kind == "warmup"  # every passage of the batch
         rows, reads = self.stage_rows(stage, student, index, folder, record, in_batch=in_batch)
         if stage.kind == "warmup":
-            loss, dataset = contrastive_loss(student, gather_across_devices=world_size() > 1), rows.to_dataset()
+            loss = contrastive_loss(student, gather_across_devices=world_size() > 1)
+            dataset = labelled_dataset(folder / "train_data", rows, None)
         else:
             self.check_teacher(stage.teacher, student, previous_folder, record, records, stage.loss.temperature)
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
                 labels = self.labels(stage.teacher, rows, stage.candidates, student, stage.loss)
                 dataset = labelled_dataset(folder / "train_data", rows, labels)
             loss = self.prod_loss(student, stage.candidates, stage.loss)
-        if is_main() and not (folder / "train_data").exists():  # (the warm-up's rows, without labels)
-            dataset.save_to_disk(str(folder / "train_data"))
         record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch,
                                   block_size=len(rows.queries) // reads)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)

@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
+TEXT_ROWS = 8192  # rows written per batch when they carry no labels (the warm-up)
 FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
 
 
@@ -185,25 +186,23 @@ class TrainingRows:
     def to_dataset(self, labels: Iterable[np.ndarray] | None = None, *, folder: Path | None = None) -> datasets.Dataset:
         """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect.
 
-        `labels` come batch by batch: arrays whose first axis runs over consecutive rows (in row order), all of
-        one shape otherwise. They are written with the rows' texts into `folder` (an existing empty folder,
-        in `Dataset.save_to_disk`'s layout) as a float32 fixed-size-list column (nested for a label of several
-        axes) as they come, and the dataset returned memory-maps that file: no Python object per label value,
-        and one batch in memory at a time."""
-        if labels is None:
-            return datasets.Dataset.from_dict(self._text_columns(0, len(self)))
+        With `folder` (an existing empty folder, in `Dataset.save_to_disk`'s layout) the rows are written there
+        a batch at a time and the dataset returned memory-maps that file: no Python object per row or label
+        value outlives its batch. `labels` (None: text columns only, TEXT_ROWS rows a batch) come batch by batch:
+        arrays whose first axis runs over consecutive rows (in row order), all of one shape otherwise, written
+        as a float32 fixed-size-list column (nested for a label of several axes). Without `folder`, the text
+        columns are built in memory (small row sets)."""
         if folder is None:
-            raise ValueError("labelled training rows are written to a dataset folder: give it")
+            if labels is not None:
+                raise ValueError("labelled training rows are written to a dataset folder: give it")
+            return datasets.Dataset.from_dict(self._text_columns(0, len(self)))
         path, writer, done = Path(folder) / DATA_FILE, None, 0
         try:
-            for batch in labels:
-                batch = np.asarray(batch, dtype=np.float32)
-                columns = self._text_columns(done, done + len(batch)) | {"label": _fixed_size_lists(batch)}
-                table = pa.table(columns)
+            for table in self._tables(labels):
                 if writer is None:
                     writer = pa.ipc.new_stream(str(path), table.schema)
                 writer.write_table(table)
-                done += len(batch)
+                done += table.num_rows
         finally:
             if writer is not None:
                 writer.close()
@@ -211,6 +210,18 @@ class TrainingRows:
             raise ValueError(f"{done} labels for {len(self)} training rows")
         _write_dataset_state(Path(folder))
         return datasets.load_from_disk(str(folder))
+
+    def _tables(self, labels: Iterable[np.ndarray] | None) -> Iterator[pa.Table]:
+        """The rows as Arrow tables, one per label batch (or per TEXT_ROWS rows without labels)."""
+        if labels is None:
+            for start in range(0, len(self), TEXT_ROWS):
+                yield pa.table(self._text_columns(start, min(start + TEXT_ROWS, len(self))))
+            return
+        done = 0
+        for batch in labels:
+            batch = np.asarray(batch, dtype=np.float32)
+            yield pa.table(self._text_columns(done, done + len(batch)) | {"label": _fixed_size_lists(batch)})
+            done += len(batch)
 
     def _text_columns(self, start: int, end: int) -> dict[str, list[str]]:
         queries, positives, negatives = self.texts(start, end)
@@ -220,17 +231,17 @@ class TrainingRows:
         return columns
 
 
-def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarray]) -> datasets.Dataset:
-    """`rows` with their `labels` as a dataset memory-mapped from the folder `target`. Rank 0 writes it as the
-    labels come (into a temp folder renamed when complete; an earlier one, from a killed stage, is rewritten
-    from the same cached teacher outputs); the other ranks take part in the teacher's work (the same label
-    batches) and read the finished folder."""
+def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarray] | None) -> datasets.Dataset:
+    """`rows` with their `labels` (None: the warm-up's text columns only) as a dataset memory-mapped from the
+    folder `target`. Rank 0 writes it a batch at a time (into a temp folder renamed when complete; an earlier
+    one, from a killed stage, is rewritten from the same cached teacher outputs); the other ranks take part in
+    the teacher's work (the same label batches) and read the finished folder."""
     if is_main():
         if target.exists():
             shutil.rmtree(target)
         write_folder_atomic(target, lambda tmp: rows.to_dataset(labels, folder=tmp))
     else:
-        for _ in labels:
+        for _ in labels or ():
             pass
     barrier()
     return datasets.load_from_disk(str(target))

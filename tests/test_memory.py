@@ -155,6 +155,22 @@ def test_labels_column_is_written_batch_by_batch(tmp_path):
         rows.to_dataset(iter([np.zeros((2, 3))]), folder=tmp_path / "short")
 
 
+def test_warmup_rows_are_written_a_batch_at_a_time(tmp_path, monkeypatch):
+    """The warm-up's rows carry no labels: written TEXT_ROWS rows at a time (the whole stage's texts are never
+    one set of Python lists), memory-mapped, and equal to the in-memory dataset of the same rows."""
+    import prod_st.stage_data as stage_data
+
+    rows = small_rows()
+    fetched, texts_at = [], rows.doc_texts
+    rows.doc_texts = lambda wanted: fetched.append(len(wanted)) or texts_at(wanted)
+    monkeypatch.setattr(stage_data, "TEXT_ROWS", 2)
+    dataset = labelled_dataset(tmp_path / "train_data", rows, None)
+    assert len(fetched) == 3 and max(fetched) <= 2 * (1 + rows.count)  # rows 0-1, 2-3, 4
+    assert dataset.to_dict() == rows.to_dataset().to_dict()
+    assert dataset.column_names == ["query", "positive", "negative_1", "negative_2"]
+    assert dataset.cache_files and all("train_data" in f["filename"] for f in dataset.cache_files)
+
+
 def test_cache_reopens_memory_mapped_without_loading_values(tmp_path):
     keys = [f"text-{i}" for i in range(20_000)]
     vectors = np.random.default_rng(0).random((20_000, 64), dtype=np.float32)  # 5 MB of values
