@@ -10,6 +10,7 @@ drops repeats), which is what scoring online would cost.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -18,6 +19,10 @@ from torch.utils.data import RandomSampler
 
 from prod_st.mining import NegativeWindow, draw_negatives
 from prod_st.stage_data import RunData, TrainingRows, build_rows
+
+logger = logging.getLogger(__name__)
+
+DRAW_QUERIES = 65536  # queries whose negatives are drawn (and turned into corpus rows) together
 
 
 def total_steps(num_rows: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
@@ -39,9 +44,26 @@ def epoch_rows(
     step). Hardest-first negatives are the same every epoch: one block, read repeatedly. No rows (no query
     with a judged positive and negatives): empty rows, one block. `drop_incomplete`: see `build_rows`."""
 
+    query_ids, texts = list(pools), data.train.split_queries()
+
     def rows_of(epoch: int) -> TrainingRows:
-        drawn = draw_negatives(pools, window, seed=seed, epoch=epoch)
-        return build_rows(data, drawn, window.count, drop_incomplete=drop_incomplete, qrels=qrels)
+        """Epoch `epoch`'s rows, drawn DRAW_QUERIES queries at a time (the draws are seeded per query, so the
+        chunks give what one draw would): no per-query list of negatives for the whole data set."""
+        rows = None
+        for start in range(0, len(query_ids), DRAW_QUERIES):
+            part = {q: pools[q] for q in query_ids[start:start + DRAW_QUERIES]}
+            drawn = draw_negatives(part, window, seed=seed, epoch=epoch)
+            chunk = build_rows(data, drawn, window.count, drop_incomplete=drop_incomplete, qrels=qrels,
+                               query_texts=texts, log=False)
+            if rows is None:
+                rows = chunk
+            else:
+                rows.extend(chunk)
+        if rows is None:
+            rows = build_rows(data, {}, window.count, qrels=qrels, query_texts=texts)
+        if len(rows) < len(query_ids):
+            logger.info("training rows: %d of %d queries kept", len(rows), len(query_ids))
+        return rows
 
     rows = rows_of(0)
     if not rows.queries:

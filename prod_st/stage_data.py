@@ -267,14 +267,15 @@ def _fixed_size_lists(batch: np.ndarray) -> pa.Array:
 
 def build_rows(
     data: RunData, negatives: dict[str, list[str]], count: int, *, drop_incomplete: bool = False,
-    qrels: dict[str, dict[str, int]] | None = None,
+    qrels: dict[str, dict[str, int]] | None = None, query_texts: dict[str, str] | None = None, log: bool = True,
 ) -> TrainingRows:
     """Training rows from mined negatives: the positive is the query's highest-graded document in `qrels`
     (default: the training qrels; `RunData.relevance` adds answer-bearing passages); a query with fewer than
     `count` negatives is padded with FILLER (or dropped with `drop_incomplete`, as in-batch candidates cannot
-    be masked)."""
+    be masked). `query_texts`: the training queries' texts when the caller has them (`split_queries()`), `log`:
+    whether to log how many queries were kept."""
     split = data.train
-    queries = split.split_queries()
+    queries = split.split_queries() if query_texts is None else query_texts
     qrels = split.qrels if qrels is None else qrels
     kept = []
     for qid, negs in negatives.items():
@@ -283,7 +284,7 @@ def build_rows(
         if best[1] <= 0 or (drop_incomplete and len(negs) < count):
             continue
         kept.append((qid, best[0], negs[:count]))
-    if len(kept) < len(negatives):
+    if log and len(kept) < len(negatives):
         logger.info("training rows: %d of %d queries kept", len(kept), len(negatives))
     ids = doc_ids_of(data.corpus)
     negative_rows = np.full((len(kept), count), -1, dtype=np.int64)

@@ -51,3 +51,28 @@ def test_block_sampler_without_duplicate_texts_in_a_batch():
 def test_block_sampler_needs_whole_blocks():
     with pytest.raises(ValueError):
         EpochBlockBatchSampler(blocks(1, 10), batch_size=4, drop_last=False, block_size=3)
+
+
+def test_epochs_drawn_a_chunk_of_queries_at_a_time_equal_one_draw(monkeypatch):
+    """epoch_rows draws DRAW_QUERIES queries' negatives at a time (no per-query list of negatives for the whole
+    data set); the draws are seeded per query, so the rows are what one draw over every query gives."""
+    import random
+
+    import prod_st.resampling as resampling
+    from prod_st.mining import NegativeWindow, negative_pools
+    from prod_st.stage_data import load_run_data
+
+    data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
+    corpus_ids, rng = data.corpus["_id"], random.Random(0)
+    ranked = {q: rng.sample(corpus_ids, 20) + list(judged)[:1] for q, judged in data.train.qrels.items()}
+    pools = negative_pools(ranked, data.train.qrels, NegativeWindow(1, 21, 3, "sample"))
+    kwargs = dict(seed=5, rows_per_step=8, epochs=1.0, max_steps=10, drop_incomplete=False)
+
+    whole, reads = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"), **kwargs)
+    monkeypatch.setattr(resampling, "DRAW_QUERIES", 7)  # 30 queries: chunks of 7, 7, 7, 7, 2
+    chunked, reads_chunked = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"),
+                                                   **kwargs)
+    assert reads == reads_chunked == 3 and len(whole) == 3 * 30
+    assert chunked.query_ids == whole.query_ids and chunked.queries == whole.queries
+    assert (chunked.positive_rows == whole.positive_rows).all() and (chunked.negative_rows == whole.negative_rows).all()
+    assert (whole.negative_rows[:30] != whole.negative_rows[30:60]).any()  # epochs draw afresh
