@@ -10,6 +10,7 @@ passages, 500k training queries) and NQ (21M passages) at the recipes' model siz
     python bench/scale.py --small --code /work/main      # the same runs on another checkout (before/after)
     python bench/scale.py --sizes 'corpus=2000,16000 queries=100'   # chosen sizes, no fit
     python bench/scale.py --sizes 'corpus=320000 queries=1000'      # past wordnet-gloss: + distractor documents
+    SCALE_TRACE_MB=20 python bench/scale.py --sizes 'corpus=10000 queries=8000'  # + RssAnon trace in <out>/*.log
 
 Models: student, bi-encoder and cross-encoder teachers of 2 layers, 128 wide, random weights, built here from
 a BertConfig with all-MiniLM-L6-v2's (packaged) tokenizer: nothing is downloaded. Every run has its own
@@ -75,7 +76,7 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
     runner.step = step
-    memory = RssPeaks()
+    memory = RssPeaks(trace_mb=float(os.environ.get("SCALE_TRACE_MB", 0)) or None)
     start = time.perf_counter()
     final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()
     wall = time.perf_counter() - start
@@ -108,14 +109,16 @@ def child(recipe: str, run_dir: str, result: str) -> None:
 class RssPeaks:
     """Peak RssAnon (the process's own memory) and RssFile (pages of memory-mapped files: caches, Arrow data,
     model weights, which the kernel can drop and reread) of this process, sampled every 0.1 s: ru_maxrss
-    counts both. `steps` holds the same peaks per runner step (the key of the step running when sampled)."""
+    counts both. `steps` holds the same peaks per runner step (the key of the step running when sampled). With
+    `trace_mb`, every change of RssAnon by more than that is logged (`TRACE <s> step=<key> anon=<MB>`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace_mb: float | None = None) -> None:
         import threading
 
         self.peak = {"RssAnon": 0, "RssFile": 0}
         self.step: str | None = None
         self.steps: dict[str, dict[str, int]] = {}
+        self.trace_kb, self._traced, self._start = (trace_mb or 0) * 1024, 0, time.time()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -130,6 +133,10 @@ class RssPeaks:
                     if self.step is not None:
                         peaks = self.steps.setdefault(self.step, {"RssAnon": 0, "RssFile": 0})
                         peaks[name] = max(peaks[name], kb)
+                    if self.trace_kb and name == "RssAnon" and abs(kb - self._traced) > self.trace_kb:
+                        print(f"TRACE {time.time() - self._start:7.1f}s step={self.step} anon={kb // 1024} MB",
+                              file=sys.stderr, flush=True)
+                        self._traced = kb
 
     def stop(self) -> None:
         self._done.set()
