@@ -182,7 +182,7 @@ def corpus_index(
     training = min(len(corpus), train_size)
     index = new_index(dim, index_factory, len(corpus), training)  # (a bad factory fails before encoding)
     blocks = corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, progress=progress, key=key)
-    first, last = shard(len(blocks)) if world_size() > 1 else (0, len(blocks))
+    first, last = shard(len(blocks))  # (every block on one process)
     if not index.is_trained:
         sample, taken = [], 0
         for block in blocks:  # the corpus's first vectors: every rank trains on the same ones

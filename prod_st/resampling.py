@@ -49,18 +49,13 @@ def epoch_rows(
     def rows_of(epoch: int) -> TrainingRows:
         """Epoch `epoch`'s rows, drawn DRAW_QUERIES queries at a time (the draws are seeded per query, so the
         chunks give what one draw would): no per-query list of negatives for the whole data set."""
-        rows = None
-        for start in range(0, len(query_ids), DRAW_QUERIES):
+        chunks = []
+        for start in range(0, max(len(query_ids), 1), DRAW_QUERIES):  # (no query: one empty chunk)
             part = {q: pools[q] for q in query_ids[start:start + DRAW_QUERIES]}
             drawn = draw_negatives(part, window, seed=seed, epoch=epoch)
-            chunk = build_rows(data, drawn, window.count, drop_incomplete=drop_incomplete, qrels=qrels,
-                               query_texts=texts, log=False)
-            if rows is None:
-                rows = chunk
-            else:
-                rows.extend(chunk)
-        if rows is None:
-            rows = build_rows(data, {}, window.count, qrels=qrels, query_texts=texts)
+            chunks.append(build_rows(data, drawn, window.count, drop_incomplete=drop_incomplete, qrels=qrels,
+                                     query_texts=texts, log=False))
+        rows = TrainingRows.concatenate(chunks)
         if len(rows) < len(query_ids):
             logger.info("training rows: %d of %d queries kept", len(rows), len(query_ids))
         return rows
@@ -70,9 +65,7 @@ def epoch_rows(
         return rows, 1
     steps = total_steps(len(rows.queries), rows_per_step, epochs, max_steps)
     reads = epochs_read(len(rows.queries), rows_per_step, steps) if window.strategy == "sample" else 1
-    for epoch in range(1, reads):
-        rows.extend(rows_of(epoch))
-    return rows, reads
+    return TrainingRows.concatenate([rows, *(rows_of(epoch) for epoch in range(1, reads))]), reads
 
 
 class EpochBlockBatchSampler(DefaultBatchSampler):

@@ -152,12 +152,13 @@ class TrainingRows:
         """Negatives per row (fillers included)."""
         return self.negative_rows.shape[1]
 
-    def extend(self, other: TrainingRows) -> None:
-        """Append `other`'s rows (another epoch's draw of negatives for the same queries)."""
-        self.query_ids.extend(other.query_ids)
-        self.queries.extend(other.queries)
-        self.positive_rows = np.concatenate([self.positive_rows, other.positive_rows])
-        self.negative_rows = np.concatenate([self.negative_rows, other.negative_rows])
+    @classmethod
+    def concatenate(cls, parts: list[TrainingRows]) -> TrainingRows:
+        """The rows of `parts` in order (chunks of queries, epochs' draws), over the first part's documents:
+        one copy of the row arrays, however many parts."""
+        return cls([q for p in parts for q in p.query_ids], [q for p in parts for q in p.queries],
+                   np.concatenate([p.positive_rows for p in parts]),
+                   np.concatenate([p.negative_rows for p in parts]), parts[0].doc_texts)
 
     def texts(self, start: int = 0, stop: int | None = None) -> tuple[list[str], list[str], list[list[str]]]:
         """(queries, positive texts, negative texts with FILLER for a missing one) of rows `start:stop`."""

@@ -85,7 +85,8 @@ def _scores_by_row(
     come last, left out): queries embedded (cached by text), the candidates' vectors read by corpus row."""
     candidates = np.concatenate([rows.positive_rows[start:stop, None], rows.negative_rows[start:stop]], axis=1)
     real = candidates >= 0
-    vectors = np.zeros((*candidates.shape, frozen.dimension), np.float32)
-    vectors[real] = documents(candidates[real])
-    scores = np.einsum("bd,bwd->bw", frozen.embed(rows.queries[start:stop], "query"), vectors)
+    queries = frozen.embed(rows.queries[start:stop], "query")
+    scores = np.zeros(candidates.shape, np.float32)
+    for j in range(candidates.shape[1]):  # a column at a time: (rows, dim) vectors, never (rows, width, dim)
+        scores[real[:, j], j] = np.einsum("bd,bd->b", queries[real[:, j]], documents(candidates[real[:, j], j]))
     return [row[:count].tolist() for row, count in zip(scores, real.sum(axis=1).tolist())]
