@@ -66,11 +66,12 @@ def all_gather(obj) -> list:
 DEFAULT_TIMEOUT_MINUTES = 180  # long enough for any step a rank may wait on (recipe: distributed.timeout_minutes)
 
 
-def init_if_launched(timeout_minutes: float | None = None) -> None:
+def init_if_launched(timeout_minutes: float | None = None) -> bool:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1), join the process group now, so the runner's
     barriers hold from its first step (the trainer reuses the same group). `timeout_minutes` (default 180)
     is how long a collective may wait for a slower rank before the job fails: NCCL's own default (10 min)
-    would kill a job whose ranks wait on a long step."""
+    would kill a job whose ranks wait on a long step. Returns whether it created the group: whoever did
+    calls `leave_group` when the work is done (a group the caller made is the caller's to end)."""
     import datetime
 
     import torch
@@ -80,5 +81,40 @@ def init_if_launched(timeout_minutes: float | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        _import_group_defaults()
         minutes = DEFAULT_TIMEOUT_MINUTES if timeout_minutes is None else timeout_minutes
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+        return True
+    return False
+
+
+# torch modules whose functions take `group=dist.group.WORLD` (or `process_group=`) as a default argument: one
+# imported after the group exists holds that group for good (sentence-transformers imports the first for its
+# gathers with gradients, the trainer the others on first use).
+GROUP_DEFAULT_MODULES = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+)
+
+
+def _import_group_defaults() -> None:
+    """Import GROUP_DEFAULT_MODULES before the group exists (about 1 s, only under a launcher). Otherwise
+    destroy_process_group cannot free the group, and its gloo threads outlive the interpreter: a rank exiting
+    while one of them still releases a collective's tensors aborts after all its work is done (SIGABRT,
+    "terminate called without an active exception"; seen in CI on 2 loaded cores)."""
+    import importlib
+
+    for name in GROUP_DEFAULT_MODULES:
+        importlib.import_module(name)
+
+
+def leave_group() -> None:
+    """The end of work under torchrun: wait for every rank, then destroy the process group while Python is
+    still up, so its threads are joined before the interpreter shuts down (torch asks for this too)."""
+    if is_distributed():
+        import gc
+
+        _dist().barrier()
+        _dist().destroy_process_group()
+        gc.collect()  # a group only a reference cycle still holds (a trainer's wrapped model) is freed now too

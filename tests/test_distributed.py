@@ -15,14 +15,31 @@ from prod_st import distributed
 from prod_st.recipe import load_recipe
 
 
-def _ranks(rank: int, world: int, out: str, model_dir: str, beir: str) -> None:
-    """One of `world` processes: the shared steps, each rank's own work written under `out`."""
-    import torch.distributed as dist
+def _free_port() -> int:
+    import socket
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), PROD_ST_CACHE=f"{out}/cache")
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_torchrun_starts(rank: int, world: int, port: int, **env: str) -> None:
+    """The environment torchrun gives a rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), **env)
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (a process group that still exists has some)."""
+    return [n for t in Path("/proc/self/task").glob("*/comm") if "gloo" in (n := t.read_text().strip())]
+
+
+def _ranks(rank: int, world: int, port: int, out: str, model_dir: str, beir: str) -> None:
+    """One of `world` processes: the shared steps, each rank's own work written under `out`."""
+    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
+    assert distributed.init_if_launched()
     _steps(rank, out, model_dir, beir)
-    dist.destroy_process_group()
+    distributed.leave_group()
 
 
 def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
@@ -70,35 +87,41 @@ def test_rank_from_the_launcher_environment_before_any_group(monkeypatch):
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (1, 3, False)
     assert distributed.shard(10) == (3, 6)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    distributed.init_if_launched()  # a single process joins no group
+    assert not distributed.init_if_launched()  # a single process joins no group
     assert not distributed.is_distributed()
 
 
 def _launched(rank: int, world: int, port: int, out: str) -> None:
-    """One process as torchrun starts it: the launcher's environment, then what the runner does first."""
+    """One process as torchrun starts it: the launcher's environment, then what the runner does first and
+    last."""
+    import importlib
+
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    _as_torchrun_starts(rank, world, port)
     before = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
-    distributed.init_if_launched(1)
+    joined = distributed.init_if_launched(1)
     after = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
-    Path(out, f"{rank}.json").write_text(json.dumps({"before": before, "after": after,
-                                                     "gathered": distributed.all_gather(rank)}))
-    dist.destroy_process_group()
+    for name in ("sentence_transformers", "transformers.trainer", *distributed.GROUP_DEFAULT_MODULES):
+        importlib.import_module(name)  # what a run imports once the group exists
+    gathered = distributed.all_gather(rank)
+    threads = len(_gloo_threads())
+    distributed.leave_group()
+    Path(out, f"{rank}.json").write_text(json.dumps({
+        "before": before, "after": after, "joined": joined, "gathered": gathered,
+        "group threads": [threads > 0, len(_gloo_threads())], "left": not dist.is_initialized()}))
 
 
 @pytest.mark.slow
-def test_init_if_launched_joins_the_group_the_launcher_set_up(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_launched, args=(2, port, str(tmp_path)), nprocs=2)
+def test_init_if_launched_joins_the_group_the_launcher_set_up_and_leave_group_ends_it(tmp_path):
+    """A rank joins the launcher's group, and `leave_group` really frees it: its gloo threads are gone before
+    the interpreter shuts down, even though the trainer's imports came after the group (a group torch still
+    held let a rank abort on exit in CI: SIGABRT, 'terminate called without an active exception')."""
+    mp.spawn(_launched, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert seen == {"before": [rank, 2, False], "after": [rank, 2, True], "gathered": [0, 1]}
+        assert seen == {"before": [rank, 2, False], "after": [rank, 2, True], "joined": True, "gathered": [0, 1],
+                        "group threads": [True, 0], "left": True}
 
 
 @pytest.mark.slow
@@ -111,7 +134,7 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     monkeypatch.setattr(ci, "encoded_docs", ci.Counter())
     ci._last_index.clear()
     _steps(0, str(one), tiny_model_dir, str(toy_beir))  # one process
-    mp.spawn(_ranks, args=(2, str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
+    mp.spawn(_ranks, args=(2, _free_port(), str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -143,27 +166,21 @@ def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir:
     import prod_st.corpus_index as ci
     from prod_st_cli.main import app
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), PROD_ST_CACHE=f"{out}/cache")
+    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     app(["eval", model_dir, beir, "--top-k", "3", "--output", f"{out}/metrics.json"], standalone_mode=False)
+    assert not dist.is_initialized()  # the command left the group it joined
     Path(out, f"encoded{rank}.json").write_text(json.dumps(sum(ci.encoded_docs.values())))
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp_path, tiny_model_dir, toy_beir):
     """`prod-st eval` launched on two ranks: both join the group and take half of the corpus and of the queries;
     rank 0 writes the metrics of every query, the same as one process's."""
-    import socket
-
     from prod_st.data import load_retrieval_data
     from prod_st.evaluation import evaluate_model
     from prod_st.models import load_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_eval_rank, args=(2, port, str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
+    mp.spawn(_eval_rank, args=(2, _free_port(), str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), top_k=3, progress=False)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["num_queries"] == single.num_queries and written["metrics"] == pytest.approx(single.metrics)
@@ -171,17 +188,16 @@ def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp
     assert sum(encoded) == single.num_docs and min(encoded) > 0
 
 
-def _train_rank(rank: int, world: int, out: str, model_dir: str) -> None:
+def _train_rank(rank: int, world: int, port: int, out: str, model_dir: str) -> None:
     """One rank training the student, as a stage does under torchrun on CPUs."""
     import datasets
-    import torch.distributed as dist
 
     from prod_st.fingerprint import model_fingerprint
     from prod_st.models import load_model
     from prod_st.student_training import train_student
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous-train", rank=rank, world_size=world)
+    _as_torchrun_starts(rank, world, port)
+    distributed.init_if_launched()
     model = load_model(model_dir)
     rows = {"anchor": [f"query {i} about {w}" for i, w in enumerate("abcdefgh")],
             "positive": [f"document {i} on {w}" for i, w in enumerate("abcdefgh")]}
@@ -192,7 +208,7 @@ def _train_rank(rank: int, world: int, out: str, model_dir: str) -> None:
                            warmup_ratio=0.0, seed=1, no_duplicates=False, progress=False)
     Path(out, f"trained{rank}.json").write_text(json.dumps({"steps": result["steps"],
                                                             "fingerprint": model_fingerprint(model)}))
-    dist.destroy_process_group()
+    distributed.leave_group()
 
 
 @pytest.mark.slow
@@ -200,7 +216,7 @@ def test_two_cpu_ranks_train_one_data_parallel_student(tmp_path, tiny_model_dir)
     """Under torchrun on CPUs the trainer runs data-parallel: each rank takes half of every epoch's batches
     (8 rows, 2 per device batch: 2 steps, not 4) and the ranks end with the same weights. (Without `use_cpu`
     accelerate saw one process on every rank: each trained its own copy, and the copies differed.)"""
-    mp.spawn(_train_rank, args=(2, str(tmp_path), tiny_model_dir), nprocs=2)
+    mp.spawn(_train_rank, args=(2, _free_port(), str(tmp_path), tiny_model_dir), nprocs=2)
     trained = [json.loads((tmp_path / f"trained{r}.json").read_text()) for r in (0, 1)]
     assert [t["steps"] for t in trained] == [2, 2]
     assert trained[0]["fingerprint"] == trained[1]["fingerprint"]

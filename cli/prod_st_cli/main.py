@@ -244,18 +244,15 @@ def eval_command(
     """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
     zero-shot on the --beir sets. Under torchrun every rank encodes and searches its share; rank 0 prints and
     writes."""
-    from prod_st.data import load_retrieval_data
-    from prod_st.distributed import init_if_launched, is_main
+    from prod_st.distributed import init_if_launched, is_main, leave_group
     from prod_st.errors import ProdStError
-    from prod_st.evaluation import evaluate_model
-    from prod_st.models import load_model
     from prod_st.paths import check_output_file
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
     if output is not None:
         output = check_output_file(output, "--output file")  # before the work, not after it
-    init_if_launched()
+    joined = init_if_launched()
     console.quiet = not is_main()
     kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, dtype=corpus_dtype.value,
                   relevance_level=relevance_level, max_queries=max_queries)
@@ -264,7 +261,18 @@ def eval_command(
         if not names:
             raise ProdStError(f"--beir {beir!r} names no dataset: give comma-separated BEIR names or folders")
         eval_beir(model, names, split, output, kwargs)
-        return
+    else:
+        eval_data(model, data, split, output, kwargs)
+    if joined:
+        leave_group()
+
+
+def eval_data(model: str, data: str, split: str, output: Optional[Path], kwargs: dict) -> None:
+    """`eval MODEL DATA`: one data set, a table of its metrics, and `--output` written by rank 0."""
+    from prod_st.data import load_retrieval_data
+    from prod_st.evaluation import evaluate_model
+    from prod_st.models import load_model
+
     dataset = load_retrieval_data(data, split)
     encoder = load_model(model)
     result = evaluate_model(encoder, dataset, **kwargs)
@@ -276,8 +284,8 @@ def eval_command(
     console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
     payload = {
         "model": model, "data": data, "split": split, "num_queries": result.num_queries,
-        "num_docs": result.num_docs, "top_k": top_k, "index": index, "corpus_dtype": corpus_dtype.value,
-        "metrics": result.metrics,
+        "num_docs": result.num_docs, "top_k": kwargs["top_k"], "index": kwargs["index_factory"],
+        "corpus_dtype": kwargs["dtype"], "metrics": result.metrics,
         "seconds": result.seconds,
     }
     if output is not None:
