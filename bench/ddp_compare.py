@@ -93,14 +93,14 @@ def score_and_evaluate(out: str, ce: str) -> None:
 
     import numpy as np
 
-    from prod_st.distributed import init_if_launched, is_main, world_size
+    from prod_st.distributed import init_if_launched, is_main, leave_group, world_size
     from prod_st.evaluation import evaluate_model
     from prod_st.models import build_student
     from prod_st.stage_data import load_run_data
     from prod_st.teachers import CrossEncoderTeacher
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    init_if_launched(5)
+    joined = init_if_launched(5)
     data = load_run_data("wordnet-gloss", sizes=(64, 32, 32), corpus_size=600, seed=3)
     queries = data.train.split_queries()
     ids = list(data.corpus["_id"])
@@ -115,6 +115,8 @@ def score_and_evaluate(out: str, ce: str) -> None:
     if is_main():
         np.save(Path(out) / f"scores-{world_size()}.npy", np.array([x for row in scores for x in row], np.float32))
         (Path(out) / f"dev-{world_size()}.json").write_text(json.dumps({"metrics": dev.metrics, "run": dev.run}))
+    if joined:
+        leave_group()
 
 
 def rank_counts(log: Path) -> list[str]:

@@ -206,9 +206,9 @@ def _train_rank(rank: int, world: int, port: int, out: str, model_dir: str) -> N
     result = train_student(model, datasets.Dataset.from_dict(rows), MultipleNegativesRankingLoss(model),
                            workdir=Path(out) / f"work{rank}", lr=1e-3, epochs=1, max_steps=None, batch_size=2,
                            warmup_ratio=0.0, seed=1, no_duplicates=False, progress=False)
-    Path(out, f"trained{rank}.json").write_text(json.dumps({"steps": result["steps"],
-                                                            "fingerprint": model_fingerprint(model)}))
-    distributed.leave_group()
+    distributed.leave_group()  # the trainer's wrapped model no longer holds the group
+    Path(out, f"trained{rank}.json").write_text(json.dumps({"steps": result["steps"], "fingerprint":
+                                                            model_fingerprint(model), "threads": _gloo_threads()}))
 
 
 @pytest.mark.slow
@@ -220,3 +220,4 @@ def test_two_cpu_ranks_train_one_data_parallel_student(tmp_path, tiny_model_dir)
     trained = [json.loads((tmp_path / f"trained{r}.json").read_text()) for r in (0, 1)]
     assert [t["steps"] for t in trained] == [2, 2]
     assert trained[0]["fingerprint"] == trained[1]["fingerprint"]
+    assert [t["threads"] for t in trained] == [[], []]
