@@ -136,9 +136,10 @@ class Runner:
 
     # ---- the schedule --------------------------------------------------------------------------------
     def run(self) -> dict:
-        """The whole run, every log line also appended to <run>/run.log."""
-        log = RunLog.attach()
+        """The whole run, every log line also appended to <run>/run.log. Under torchrun the ranks join the
+        process group first and leave it at the end."""
         joined = init_if_launched(self.recipe.distributed.timeout_minutes)
+        log = RunLog.attach()
         try:
             final = self._run(log)
         finally:
