@@ -1,11 +1,11 @@
 """Does a rank abort at exit after its work is done? Two gloo ranks (spawned, CPU) as torchrun starts them:
 join the group, import what a run imports once the group exists (sentence-transformers), gather once, end.
-`--old` ends the way prod-st did before the sixth session (plain init_process_group, destroy_process_group,
-the imports after the group); the default is prod-st's `init_if_launched` / `leave_group`. Prints how many of
+`--old` starts and ends the way prod-st's runner did before the sixth session (the group made before those
+imports, and never destroyed); the default is prod-st's `init_if_launched` / `leave_group`. Prints how many of
 N launches lost a rank (SIGABRT, "terminate called without an active exception"). Load the cores meanwhile
 (`for i in 1 2; do (timeout 900 sh -c 'while :; do :; done' &); done`): on an idle box the race is rarer.
 
-    python bench/exit_race.py --old 20
+    python bench/exit_race.py --old 40
     python bench/exit_race.py 40
 """
 
@@ -31,9 +31,7 @@ def _rank(rank: int, world: int, port: int, old: bool) -> None:
         distributed.init_if_launched()
     importlib.import_module("sentence_transformers")
     distributed.all_gather(rank)
-    if old:
-        dist.destroy_process_group()
-    else:
+    if not old:
         distributed.leave_group()
 
 
