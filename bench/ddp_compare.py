@@ -93,30 +93,28 @@ def score_and_evaluate(out: str, ce: str) -> None:
 
     import numpy as np
 
-    from prod_st.distributed import init_if_launched, is_main, leave_group, world_size
+    from prod_st.distributed import is_main, launched_group, world_size
     from prod_st.evaluation import evaluate_model
     from prod_st.models import build_student
     from prod_st.stage_data import load_run_data
     from prod_st.teachers import CrossEncoderTeacher
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    joined = init_if_launched(5)
-    data = load_run_data("wordnet-gloss", sizes=(64, 32, 32), corpus_size=600, seed=3)
-    queries = data.train.split_queries()
-    ids = list(data.corpus["_id"])
-    rng = random.Random(0)
-    qids = sorted(data.train.qrels)
-    candidates = [list(data.train.qrels[q]) + rng.sample(ids, 15) for q in qids]
-    teacher = CrossEncoderTeacher(ce, max_length=48, batch_size=16)  # cache: this launch's own PROD_ST_CACHE
-    scores = teacher.score([queries[q] for q in qids], [data.doc_texts(c) for c in candidates], progress=False)
-    student = build_student("all-MiniLM-L6-v2", 1)
-    student.max_seq_length = 32
-    dev = evaluate_model(student, data.dev, top_k=100, keep_run=True, progress=False)
-    if is_main():
-        np.save(Path(out) / f"scores-{world_size()}.npy", np.array([x for row in scores for x in row], np.float32))
-        (Path(out) / f"dev-{world_size()}.json").write_text(json.dumps({"metrics": dev.metrics, "run": dev.run}))
-    if joined:
-        leave_group()
+    with launched_group(5):
+        data = load_run_data("wordnet-gloss", sizes=(64, 32, 32), corpus_size=600, seed=3)
+        queries = data.train.split_queries()
+        ids = list(data.corpus["_id"])
+        rng = random.Random(0)
+        qids = sorted(data.train.qrels)
+        candidates = [list(data.train.qrels[q]) + rng.sample(ids, 15) for q in qids]
+        teacher = CrossEncoderTeacher(ce, max_length=48, batch_size=16)  # cache: this launch's own PROD_ST_CACHE
+        scores = teacher.score([queries[q] for q in qids], [data.doc_texts(c) for c in candidates], progress=False)
+        student = build_student("all-MiniLM-L6-v2", 1)
+        student.max_seq_length = 32
+        dev = evaluate_model(student, data.dev, top_k=100, keep_run=True, progress=False)
+        if is_main():
+            np.save(Path(out) / f"scores-{world_size()}.npy", np.array([x for row in scores for x in row], np.float32))
+            (Path(out) / f"dev-{world_size()}.json").write_text(json.dumps({"metrics": dev.metrics, "run": dev.run}))
 
 
 def rank_counts(log: Path) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 
 def _dist():
@@ -118,3 +119,14 @@ def leave_group() -> None:
         _dist().barrier()
         _dist().destroy_process_group()
         gc.collect()  # a group only a reference cycle still holds (a trainer's wrapped model) is freed now too
+
+
+@contextmanager
+def launched_group(timeout_minutes: float | None = None):
+    """The block's work in the launcher's process group: joined first (`init_if_launched`) and left when the
+    block ends normally (`leave_group`), if this made it. On an error the rank leaves nothing: it exits
+    non-zero, and a barrier there could hang the other ranks."""
+    joined = init_if_launched(timeout_minutes)
+    yield
+    if joined:
+        leave_group()

@@ -40,7 +40,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from prod_st import __version__, corpus_index, cost, run_folder
-from prod_st.distributed import all_gather, barrier, init_if_launched, is_main, leave_group, world_size
+from prod_st.distributed import all_gather, barrier, is_main, launched_group, world_size
 from prod_st.dpd import DPDSelection, queries_for_teacher, select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
@@ -138,15 +138,12 @@ class Runner:
     def run(self) -> dict:
         """The whole run, every log line also appended to <run>/run.log. Under torchrun the ranks join the
         process group first and leave it at the end."""
-        joined = init_if_launched(self.recipe.distributed.timeout_minutes)
-        log = RunLog.attach()
-        try:
-            final = self._run(log)
-        finally:
-            log.close()
-        if joined:
-            leave_group()
-        return final
+        with launched_group(self.recipe.distributed.timeout_minutes):
+            log = RunLog.attach()
+            try:
+                return self._run(log)
+            finally:
+                log.close()
 
     def _run(self, log: RunLog) -> dict:
         started = time.perf_counter()

@@ -244,52 +244,45 @@ def eval_command(
     """Evaluate a retriever: nDCG@10, MRR@10, Recall@10/50/100/1000 and MAP through pytrec_eval, on DATA or
     zero-shot on the --beir sets. Under torchrun every rank encodes and searches its share; rank 0 prints and
     writes."""
-    from prod_st.distributed import init_if_launched, is_main, leave_group
+    from prod_st.data import load_retrieval_data
+    from prod_st.distributed import is_main, launched_group
     from prod_st.errors import ProdStError
+    from prod_st.evaluation import evaluate_model
+    from prod_st.models import load_model
     from prod_st.paths import check_output_file
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
     if output is not None:
         output = check_output_file(output, "--output file")  # before the work, not after it
-    joined = init_if_launched()
-    console.quiet = not is_main()
-    kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, dtype=corpus_dtype.value,
-                  relevance_level=relevance_level, max_queries=max_queries)
-    if beir is not None:
-        names = [n.strip() for n in beir.split(",") if n.strip()]
-        if not names:
-            raise ProdStError(f"--beir {beir!r} names no dataset: give comma-separated BEIR names or folders")
-        eval_beir(model, names, split, output, kwargs)
-    else:
-        eval_data(model, data, split, output, kwargs)
-    if joined:
-        leave_group()
-
-
-def eval_data(model: str, data: str, split: str, output: Optional[Path], kwargs: dict) -> None:
-    """`eval MODEL DATA`: one data set, a table of its metrics, and `--output` written by rank 0."""
-    from prod_st.data import load_retrieval_data
-    from prod_st.evaluation import evaluate_model
-    from prod_st.models import load_model
-
-    dataset = load_retrieval_data(data, split)
-    encoder = load_model(model)
-    result = evaluate_model(encoder, dataset, **kwargs)
-    table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
-    for name in result.metrics:
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
-    console.print(table)
-    console.print(f"wall time {result.seconds['total']:.1f}s (corpus encoding {result.seconds['encode_corpus']:.1f}s)")
-    payload = {
-        "model": model, "data": data, "split": split, "num_queries": result.num_queries,
-        "num_docs": result.num_docs, "top_k": kwargs["top_k"], "index": kwargs["index_factory"],
-        "corpus_dtype": kwargs["dtype"], "metrics": result.metrics,
-        "seconds": result.seconds,
-    }
-    if output is not None:
-        write_json_output(output, payload)
+    with launched_group():
+        console.quiet = not is_main()
+        kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, dtype=corpus_dtype.value,
+                      relevance_level=relevance_level, max_queries=max_queries)
+        if beir is not None:
+            names = [n.strip() for n in beir.split(",") if n.strip()]
+            if not names:
+                raise ProdStError(f"--beir {beir!r} names no dataset: give comma-separated BEIR names or folders")
+            eval_beir(model, names, split, output, kwargs)
+            return
+        dataset = load_retrieval_data(data, split)
+        encoder = load_model(model)
+        result = evaluate_model(encoder, dataset, **kwargs)
+        table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
+        for name in result.metrics:
+            table.add_column(name, justify="right")
+        table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
+        console.print(table)
+        seconds = result.seconds
+        console.print(f"wall time {seconds['total']:.1f}s (corpus encoding {seconds['encode_corpus']:.1f}s)")
+        payload = {
+            "model": model, "data": data, "split": split, "num_queries": result.num_queries,
+            "num_docs": result.num_docs, "top_k": top_k, "index": index, "corpus_dtype": corpus_dtype.value,
+            "metrics": result.metrics,
+            "seconds": result.seconds,
+        }
+        if output is not None:
+            write_json_output(output, payload)
 
 
 def eval_beir(model: str, names: list[str], split: str, output: Optional[Path], kwargs: dict) -> None:
