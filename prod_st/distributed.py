@@ -72,7 +72,8 @@ def init_if_launched(timeout_minutes: float | None = None) -> bool:
     barriers hold from its first step (the trainer reuses the same group). `timeout_minutes` (default 180)
     is how long a collective may wait for a slower rank before the job fails: NCCL's own default (10 min)
     would kill a job whose ranks wait on a long step. Returns whether it created the group: whoever did
-    calls `leave_group` when the work is done (a group the caller made is the caller's to end)."""
+    calls `leave_group` when the work is done (`launched_group` pairs the two; a group the caller made is
+    the caller's to end)."""
     import datetime
 
     import torch
