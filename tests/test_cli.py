@@ -259,18 +259,21 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     # As in a terminal: SIGINT at its default. A test run started in the background (`pytest &`, a CI script)
     # inherits SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt in the child.
     proc = subprocess.Popen([*command, "run", str(path), "--output", str(tmp_path / "run")], cwd=tmp_path,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
+    # Raw reads of the pipe only: communicate() reads the descriptor itself, so anything a buffered reader
+    # (`for line in proc.stderr`) had read ahead of the line it stopped at would be lost from `stderr`.
+    seen = b""
     deadline = time.monotonic() + 300
-    for line in proc.stderr:  # wait until the run has started its work
-        lines.append(line)
-        if "load data: done" in line or time.monotonic() > deadline:
+    while b"load data: done" not in seen and time.monotonic() < deadline:  # until the run has started its work
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
             break
-    assert "load data: done" in lines[-1] and proc.poll() is None, "".join(lines)[-3000:]
+        seen += chunk
+    assert b"load data: done" in seen and proc.poll() is None, seen.decode()[-3000:]
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=300)
-    stderr = "".join(lines) + rest
+    stderr = (seen + rest).decode()
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert stderr.strip().splitlines()[-1] == INTERRUPTED
