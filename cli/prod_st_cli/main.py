@@ -396,7 +396,8 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(DATA_ERROR if isinstance(e, DataError) else USAGE_ERROR)
     except (Interrupted, KeyboardInterrupt):
-        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+        # On a line of its own: Ctrl-C can land mid-line (a terminal's "^C", a progress bar, a log line).
+        err_console.print(f"\n{INTERRUPTED}", highlight=False, soft_wrap=True)
         sys.exit(INTERRUPTED_CODE)
     sys.exit(code if isinstance(code, int) else 0)
 
