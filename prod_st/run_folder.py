@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from prod_st.distributed import world_size
 from prod_st.errors import ProdStError
 from prod_st.paths import write_text_atomic
 
@@ -99,12 +100,16 @@ def plan(recipe) -> Plan:
             depends = previous if source == "student" else teacher(source, previous) if source else None
             if spec.get("members"):  # an ensemble is what its members are
                 depends = {member: teacher(member, previous) for member in spec["members"]}
-            teachers[name] = _hash("teacher", teacher_base, spec, depends)
+            processes = [{"world_size": world_size()}] if spec.get("train") and world_size() > 1 else []
+            teachers[name] = _hash("teacher", teacher_base, spec, depends, *processes)
         return teachers[name]
 
     # training settings that change results (precision, gradient accumulation), only where not the defaults: a
     # recipe without a `training:` block keeps the fingerprints it had before the block existed
     trainer = [training] if (training := recipe.training.results_key()) else []
+    # under torchrun a step reads batch_size x processes rows: another number of processes reads other data
+    # (a 1-process run keeps the fingerprints it had before this was counted)
+    trainer += [{"world_size": world}] if (world := world_size()) > 1 else []
     previous = _hash("init", r["seed"], r["data"], r["student"], dev_eval)
     steps = {"00-init": previous}
     for i, (stage, spec) in enumerate(zip(recipe.stages, r["stages"]), 1):

@@ -50,10 +50,11 @@ from prod_st.model_card import save_stage_card
 from prod_st.models import build_student
 from prod_st.paths import write_text_atomic
 from prod_st.precision import resolve_precision
-from prod_st.resampling import epoch_rows, total_steps
+from prod_st.resampling import epoch_rows
 from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
 from prod_st.stage_data import TrainingRows, build_rows, labelled_dataset, load_run_data
+from prod_st.steps import plan_steps
 from prod_st.student_training import train_student
 from prod_st.teachers import BiEncoderTeacher
 from prod_st.teachers.cache import remove_embedding_cache
@@ -344,16 +345,16 @@ class Runner:
             miner = self.teachers.miner_model(neg.miner, student)
             pools, qrels = mine_pools(miner, self.data.train, window, relevance=self.data.relevance,
                                       **self.corpus_search())
-        rows, reads = epoch_rows(
+        rows, plan = epoch_rows(
             self.data, pools, qrels, window, seed=self.recipe.seed + index, epochs=stage.epochs,
-            rows_per_step=stage.batch_size * self.recipe.training.gradient_accumulation_steps,
-            max_steps=stage.max_steps, drop_incomplete=in_batch,
+            batch_size=stage.batch_size, accumulation=self.recipe.training.gradient_accumulation_steps,
+            max_steps=stage.max_steps, drop_incomplete=in_batch, what=f"stage {stage.name!r}",
         )
-        if not rows.queries:
+        if plan is None:
             raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
+        reads = len(rows.queries) // plan.rows
         write_json(folder / "negatives.json", {"epochs": reads, "queries": len(pools)})  # (the pools: the cached run)
-        logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name,
-                    len(rows.queries) // reads, reads)
+        logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name, plan.rows, reads)
         return rows, reads
 
     def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool,
@@ -362,10 +363,12 @@ class Runner:
         `block_size`: the dataset holds consecutive epochs of that many rows (`prod_st.resampling`)."""
         rows = block_size or len(dataset)
         training = self.recipe.training
-        steps = total_steps(rows, spec.batch_size * training.gradient_accumulation_steps, spec.epochs, spec.max_steps)
+        plan = plan_steps(rows, spec.batch_size, epochs=spec.epochs, max_steps=spec.max_steps,
+                          accumulation=training.gradient_accumulation_steps, what=f"stage {record.name!r}")
+        steps = plan.steps
         frozen = getattr(loss, "previous_model", None)  # PRODLoss's frozen stage-start student, if online
-        rows_read = steps * spec.batch_size * training.gradient_accumulation_steps
-        cost.announce(f"{record.name}: train", rows_read, f"rows read ({steps:,} steps)",
+        cost.announce(f"{record.name}: train", steps * plan.global_batch, f"rows read ({steps:,} steps, "
+                      f"{plan.describe()})",
                       cost.training_bytes(student) + (cost.model_bytes(frozen) if frozen is not None else 0))
         with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"):
             return train_student(

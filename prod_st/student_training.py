@@ -21,7 +21,6 @@ from pathlib import Path
 import datasets
 import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.base.sampler import BatchSamplers
 from transformers import TrainerCallback
 
 from prod_st.distributed import barrier, is_main
@@ -29,6 +28,7 @@ from prod_st.distributed import barrier, is_main
 from prod_st.encoding import training_roles
 from prod_st.precision import precision_flags
 from prod_st.resampling import EpochBlockBatchSampler
+from prod_st.steps import plan_steps
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +109,17 @@ def train_student(
     `block_size`, the dataset is consecutive epochs of `block_size` rows each (fresh negatives per epoch) read
     block after block (`prod_st.resampling`). Queries and documents get the model's own prompts / Router routes.
     `training`: the recipe's `training:` block (precision, gradient accumulation, dataloader workers, report_to);
-    None = its defaults. `max_steps` counts optimizer steps. `evaluator` (a RetrievalEvaluator on dev) is the
-    trainer's, run when the arguments set an eval_strategy."""
+    None = its defaults. `max_steps` counts optimizer steps; without it, `epochs` passes over one block. Either
+    way the trainer is given its steps (`prod_st.steps.plan_steps`, which counts every process's batches), and
+    under torchrun every rank reads equal batches (`EpochBlockBatchSampler`). `evaluator` (a RetrievalEvaluator
+    on dev) is the trainer's, run when the arguments set an eval_strategy."""
     accumulation = training.gradient_accumulation_steps if training is not None else 1
-    steps_per_epoch = max(1, -(-len(dataset) // (batch_size * accumulation)))
-    total = max_steps or max(1, int(steps_per_epoch * epochs))
+    block_size = block_size or len(dataset)
+    total = plan_steps(block_size, batch_size, epochs=epochs, max_steps=max_steps, accumulation=accumulation).steps
     args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir),
         num_train_epochs=epochs,
-        max_steps=max_steps or -1,
+        max_steps=total,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
         warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
@@ -130,10 +132,7 @@ def train_student(
         logging_steps=max(1, total // 10),
         disable_tqdm=not progress,
         **trainer_settings(training),
-        batch_sampler=(
-            functools.partial(EpochBlockBatchSampler, block_size=block_size, no_duplicates=no_duplicates)
-            if block_size else BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER
-        ),
+        batch_sampler=functools.partial(EpochBlockBatchSampler, block_size=block_size, no_duplicates=no_duplicates),
         dataloader_drop_last=False,
         **training_roles(model, dataset.column_names),
     )

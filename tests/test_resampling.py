@@ -5,14 +5,40 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from prod_st.resampling import EpochBlockBatchSampler, epochs_read, total_steps
+from prod_st.errors import ProdStError
+from prod_st.resampling import EpochBlockBatchSampler
+from prod_st.steps import plan_steps
 
 
 def test_steps_and_epochs_read():
-    assert total_steps(100, 16, 1.0, None) == 7 and total_steps(100, 16, 2.5, None) == 17
-    assert total_steps(100, 16, 1.0, 40) == 40
-    assert epochs_read(100, 16, 40) == 7  # 640 rows read of 100 queries: 7 draws
-    assert epochs_read(800, 16, 40) == 1
+    assert plan_steps(100, 16, epochs=1.0).steps == 7 and plan_steps(100, 16, epochs=2.5).steps == 17
+    assert plan_steps(100, 16, max_steps=40).steps == 40
+    assert plan_steps(100, 16, max_steps=40).draws == 6  # 7 batches an epoch (the last short): 40 steps read 6
+    assert plan_steps(800, 16, max_steps=40).draws == 1
+    assert plan_steps(100, 16, max_steps=40, accumulation=2).draws == 12  # 80 batches read
+    assert plan_steps(100, 16, epochs=1.0, accumulation=2).steps == 3  # 7 batches: 3 whole optimizer steps
+
+
+def test_a_step_reads_batch_size_times_world_size_rows():
+    """World size counts: W processes with per-device batch B read what one process with batch W x B reads (the
+    same steps and draws), so an epoch-sized stage trains one epoch, not W."""
+    for rows, batch, world in [(51, 8, 2), (100, 16, 4), (1000, 16, 8), (17, 4, 2)]:
+        for kwargs in [dict(epochs=1.0), dict(epochs=2.5), dict(max_steps=7), dict(max_steps=40)]:
+            many = plan_steps(rows, batch, world_size=world, **kwargs)
+            one = plan_steps(rows, batch * world, world_size=1, **kwargs)
+            assert (many.steps, many.draws) == (one.steps, one.draws), (rows, batch, world, kwargs)
+            assert many.global_batch == one.global_batch == batch * world
+    plan = plan_steps(51, 8, epochs=1.0, world_size=2)
+    assert plan.steps == 4 and plan.draws == 1  # not 7 steps: 51 rows are 4 global batches of 16
+    assert plan.describe() == "global batch 16 = 8 per device x 2 processes"
+    assert plan_steps(51, 8, world_size=1).describe() == "global batch 8"
+
+
+def test_an_epoch_smaller_than_one_global_batch_is_refused_in_one_line():
+    with pytest.raises(ProdStError, match=r"stage 'dpd-1': 5 training rows make less than one global batch of 8 "
+                                          r"per device x 2 processes; lower its batch_size to at most 2 or run"):
+        plan_steps(5, 8, world_size=2, what="stage 'dpd-1'")
+    assert plan_steps(5, 8, world_size=1).steps == 1  # one process: a short batch, as always
 
 
 def blocks(num_blocks: int, size: int) -> datasets.Dataset:
@@ -66,13 +92,38 @@ def test_epochs_drawn_a_chunk_of_queries_at_a_time_equal_one_draw(monkeypatch):
     corpus_ids, rng = data.corpus["_id"], random.Random(0)
     ranked = {q: rng.sample(corpus_ids, 20) + list(judged)[:1] for q, judged in data.train.qrels.items()}
     pools = negative_pools(ranked, data.train.qrels, NegativeWindow(1, 21, 3, "sample"))
-    kwargs = dict(seed=5, rows_per_step=8, epochs=1.0, max_steps=10, drop_incomplete=False)
+    kwargs = dict(seed=5, batch_size=8, epochs=1.0, max_steps=10, drop_incomplete=False)
 
-    whole, reads = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"), **kwargs)
+    whole, plan = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"), **kwargs)
     monkeypatch.setattr(resampling, "DRAW_QUERIES", 7)  # 30 queries: chunks of 7, 7, 7, 7, 2
-    chunked, reads_chunked = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"),
-                                                   **kwargs)
-    assert reads == reads_chunked == 3 and len(whole) == 3 * 30
+    chunked, plan_chunked = resampling.epoch_rows(data, pools, data.train.qrels, NegativeWindow(1, 21, 3, "sample"),
+                                                  **kwargs)
+    assert plan.draws == plan_chunked.draws == 3 and len(whole) == 3 * 30  # 4 batches an epoch: 10 steps read 3
     assert chunked.query_ids == whole.query_ids and chunked.queries == whole.queries
     assert (chunked.positive_rows == whole.positive_rows).all() and (chunked.negative_rows == whole.negative_rows).all()
     assert (whole.negative_rows[:30] != whole.negative_rows[30:60]).any()  # epochs draw afresh
+
+
+@pytest.mark.parametrize("no_duplicates", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_block_sampler_deals_equal_global_batches_to_every_rank(no_duplicates, world):
+    """Under W processes every batch has batch_size rows, the count is a multiple of W (rank r takes batches
+    r, r + W, ...: accelerate's sharding), each group of W batches is one global batch of distinct rows of one
+    block, every row of a block is read in its epoch, and there are as many global batches per block as one
+    process with batch_size x W has batches."""
+    data = blocks(3, 23)  # 23 rows: not a multiple of 4 x W
+    sampler = EpochBlockBatchSampler(data, batch_size=4, drop_last=False, seed=5, block_size=23,
+                                     no_duplicates=no_duplicates, world_size=world)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and len(batches) % world == 0
+    assert all(len(batch) == 4 for batch in batches)
+    single = EpochBlockBatchSampler(data, batch_size=4 * world, drop_last=False, seed=5, block_size=23,
+                                    no_duplicates=no_duplicates, world_size=1)
+    assert len(batches) // world == len(single)
+    groups = [sum(batches[g:g + world], []) for g in range(0, len(batches), world)]
+    for group in groups:
+        assert len(set(group)) == len(group) and len({i // 23 for i in group}) == 1
+    for block in range(3):
+        read = {i for group in groups for i in group if i // 23 == block}
+        assert read == set(range(block * 23, (block + 1) * 23))
+    assert [b for b in sampler] == batches  # seeded: every rank computes the same deal

@@ -103,11 +103,9 @@ class TeacherPool:
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         queries, positives, negatives = rows.texts()
         triples = list(zip(queries, positives, negatives))
-        epochs = train.epochs
-        if train.max_steps:
-            epochs = train.max_steps / max(1, -(-len(triples) // train.batch_size))
         logger.info("teacher %r: training a %s from %s on %d queries", name, spec.kind, train.backbone, len(triples))
-        common = dict(epochs=epochs, batch_size=train.batch_size, lr=train.lr, seed=seed, precision=self.precision)
+        common = dict(epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size, lr=train.lr,
+                      seed=seed, precision=self.precision)
         if spec.kind == "bi-encoder":
             return train_bi_encoder(train.backbone, triples, max_length=train.max_length, **common)
         return train_cross_encoder(train.backbone, triples, max_length=train.max_length or 256, **common)

@@ -11,6 +11,7 @@ never train twice. The model is saved to a temp folder and renamed into place be
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,18 +31,19 @@ from sentence_transformers import (
     SentenceTransformerTrainer,
     SentenceTransformerTrainingArguments,
 )
-from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.cross_encoder.losses import (
     MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss,
 )
 
-from prod_st.distributed import barrier, is_main
+from prod_st.distributed import barrier, is_main, world_size
 from prod_st.encoding import is_cosine, training_roles
 from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
 from prod_st.losses.contrastive import contrastive_loss, score_scale
 from prod_st.models import load_model
 from prod_st.precision import precision_flags, resolve_precision
+from prod_st.resampling import EpochBlockBatchSampler
+from prod_st.steps import plan_steps
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
 
@@ -127,20 +129,30 @@ def _cached_training(
 
 
 def _common_args(
-    workdir: Path, epochs: float, batch_size: int, lr: float, seed: int, warmup_ratio: float, precision: str
+    workdir: Path, rows: int, epochs: float, max_steps: int | None, batch_size: int, lr: float, seed: int,
+    warmup_ratio: float, precision: str, *, no_duplicates: bool,
 ) -> dict:
+    """The trainer arguments both teachers share. The steps are given (`prod_st.steps.plan_steps`: every
+    process's batches count), and the batches come from `EpochBlockBatchSampler`, so under torchrun every rank
+    steps the same number of times on equal shapes (the trainer alone can neither count a sharded epoch nor
+    even out its last batch)."""
+    steps = plan_steps(rows, batch_size, epochs=epochs, max_steps=max_steps, what="teacher training").steps
     return dict(
-        output_dir=str(workdir), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
-        warmup_steps=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed, save_strategy="no",
-        report_to="none", logging_steps=50, **precision_flags(precision),
+        output_dir=str(workdir), num_train_epochs=epochs, max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=lr, warmup_steps=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed,
+        save_strategy="no", report_to="none", logging_steps=50, **precision_flags(precision),
+        batch_sampler=functools.partial(EpochBlockBatchSampler, block_size=rows, no_duplicates=no_duplicates),
     )
 
 
-def _settings(precision: str, **settings) -> dict:
+def _settings(precision: str, max_steps: int | None = None, **settings) -> dict:
     """The settings a trained teacher's cache key hashes: fp32 adds nothing (keys from before precision existed
-    stay valid), another precision (`auto` as this machine resolves it) is a different teacher."""
+    stay valid), another precision (`auto` as this machine resolves it) is a different teacher; `max_steps`
+    and the number of processes only where set (they change the batches read)."""
     precision = resolve_precision(precision)
-    return settings | ({"precision": precision} if precision != "fp32" else {})
+    world = world_size()
+    return (settings | ({"precision": precision} if precision != "fp32" else {})
+            | ({"max_steps": max_steps} if max_steps else {}) | ({"world_size": world} if world > 1 else {}))
 
 
 def train_cross_encoder(
@@ -149,6 +161,7 @@ def train_cross_encoder(
     *,
     output_dir: str | Path | None = None,
     epochs: float = 1,
+    max_steps: int | None = None,
     batch_size: int = 8,
     lr: float = 3e-5,
     max_length: int | None = 256,
@@ -175,12 +188,19 @@ def train_cross_encoder(
     if model.num_labels != 1:
         raise ProdStError(f"a cross-encoder teacher needs a 1-logit head, this one has {model.num_labels}")
     dataset = _rows_dataset(train_rows, min_negatives=1)
-    settings = _settings(precision, epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length,
-                         seed=seed, warmup_ratio=warmup_ratio, loss="listwise-softmax-ce")
+    settings = _settings(precision, max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                         max_length=model.max_seq_length, seed=seed, warmup_ratio=warmup_ratio,
+                         loss="listwise-softmax-ce")
 
     def train(model: CrossEncoder, workdir: Path) -> None:
         args = CrossEncoderTrainingArguments(
-            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio, precision)
+            **_common_args(Path(output_dir or workdir), len(dataset), epochs, max_steps, batch_size, lr, seed,
+                           warmup_ratio, precision, no_duplicates=False),
+            # Every parameter of a cross-encoder gets a gradient. With the trainer's default for a model that is
+            # not a transformers PreTrainedModel (find_unused_parameters=True), the first backward pass under
+            # torchrun fails: "Parameter ... classifier.bias has been marked as ready twice" (seen with 2 gloo
+            # ranks; tests/test_runner_distributed.py trains a cross-encoder teacher under the launcher).
+            ddp_find_unused_parameters=False,
         )
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=ListwiseSoftmaxLoss(model))
         trainer.train()
@@ -197,6 +217,7 @@ def train_bi_encoder(
     *,
     output_dir: str | Path | None = None,
     epochs: float = 1,
+    max_steps: int | None = None,
     batch_size: int = 32,
     lr: float = 2e-5,
     max_length: int | None = None,
@@ -217,15 +238,16 @@ def train_bi_encoder(
     if max_length is not None:
         model.max_seq_length = max_length
     dataset = _rows_dataset(train_rows, min_negatives=0)
-    settings = _settings(precision, epochs=epochs, batch_size=batch_size, lr=lr, max_length=model.max_seq_length,
-                         seed=seed, warmup_ratio=warmup_ratio,
+    settings = _settings(precision, max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                         max_length=model.max_seq_length, seed=seed, warmup_ratio=warmup_ratio,
                          loss=f"mnrl-{'cos' if is_cosine(model) else 'dot'}{score_scale(model):g}")
 
     def train(model: SentenceTransformer, workdir: Path) -> None:
         loss = contrastive_loss(model)
         args = SentenceTransformerTrainingArguments(
-            **_common_args(Path(output_dir or workdir), epochs, batch_size, lr, seed, warmup_ratio, precision),
-            batch_sampler=BatchSamplers.NO_DUPLICATES, **training_roles(model, dataset.column_names),
+            **_common_args(Path(output_dir or workdir), len(dataset), epochs, max_steps, batch_size, lr, seed,
+                           warmup_ratio, precision, no_duplicates=True),
+            **training_roles(model, dataset.column_names),
         )
         SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
 
