@@ -221,3 +221,143 @@ def test_two_cpu_ranks_train_one_data_parallel_student(tmp_path, tiny_model_dir)
     assert [t["steps"] for t in trained] == [2, 2]
     assert trained[0]["fingerprint"] == trained[1]["fingerprint"]
     assert [t["threads"] for t in trained] == [[], []]
+
+
+def _gathered_loss_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank's loss and embedding gradients on its slice of a fixed global batch, candidates gathered."""
+    import torch
+
+    from prod_st.losses import PRODLoss
+
+    _as_torchrun_starts(rank, world, port)
+    distributed.init_if_launched()
+    global_batch, slices = _global_batch(), []
+    per_rank = global_batch[0].size(0) // world
+    for column in global_batch:
+        slices.append(column[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_(True))
+    labels = _teacher_embeddings()[rank * per_rank:(rank + 1) * per_rank]
+    loss = PRODLoss(torch.nn.Identity(), candidate_mode="in_batch", reg_weight=0.0, scale=1.0,
+                    gather_across_devices=True)
+    components = loss.compute_loss_from_embeddings(slices, labels)
+    total = sum(components.values())
+    total.backward()
+    Path(out, f"loss{rank}.json").write_text(json.dumps({
+        "components": {k: float(v.detach()) for k, v in components.items()},
+        "grads": [s.grad.tolist() for s in slices],
+    }))
+    distributed.leave_group()
+
+
+def _global_batch():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 6, generator=generator) for _ in range(3)]  # query, positive, negative_1
+
+
+def _teacher_embeddings():
+    import torch
+
+    return torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.slow
+def test_one_gathered_step_is_the_one_process_step_over_the_global_batch(tmp_path):
+    """PRODLoss with global in-batch candidates on 2 ranks, each holding half of a global batch of 8 queries: the
+    mean of the ranks' losses is the 1-process loss over all 8, and each rank's gradient (summed over ranks by
+    the gather's backward, then averaged by DDP) is the 1-process gradient: each rank's positives are found at
+    rank x batch_size of the gathered candidates."""
+    import torch
+
+    from prod_st.losses import PRODLoss
+
+    mp.spawn(_gathered_loss_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"loss{r}.json").read_text()) for r in (0, 1)]
+    whole = [column.clone().requires_grad_(True) for column in _global_batch()]
+    single = PRODLoss(torch.nn.Identity(), candidate_mode="in_batch", reg_weight=0.0, scale=1.0)
+    components = single.compute_loss_from_embeddings(whole, _teacher_embeddings())
+    sum(components.values()).backward()
+    for name, value in components.items():
+        assert np.mean([r["components"][name] for r in ranks]) == pytest.approx(float(value.detach()), rel=1e-5), name
+    for column, leaf in enumerate(whole):
+        from_ranks = np.concatenate([np.asarray(r["grads"][column]) for r in ranks]) / 2  # DDP's average
+        np.testing.assert_allclose(from_ranks, leaf.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _recipe_rank(rank: int, world: int, port: int, out: str, recipe: str) -> None:
+    """One rank of `prod-st run RECIPE` under torchrun, from an empty cache; records the steps its trainers took."""
+    import prod_st.runner as runner
+    from prod_st_cli.main import app
+
+    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
+    trained: dict[str, int] = {}
+    train = runner.train_student
+
+    def recording(model, dataset, loss, *, workdir, **kwargs):
+        result = train(model, dataset, loss, workdir=workdir, **kwargs)
+        trained[Path(workdir).parent.name] = result["steps"]
+        return result
+
+    runner.train_student = recording
+    app(["run", recipe, "--output", f"{out}/run", "--no-progress"], standalone_mode=False)
+    Path(out, f"steps{rank}.json").write_text(json.dumps(trained))
+
+
+@pytest.mark.slow
+def test_two_ranks_run_a_recipe_from_an_empty_cache_as_one_process_would(tmp_path, tiny_model_dir):
+    """`prod-st run` on 2 gloo ranks with an empty cache: the teachers (a bi-encoder and a cross-encoder) are
+    trained under the launcher, and 51 training queries, which no global batch divides, reach the gathered
+    losses (warm-up and bi stage) as equal batches on both ranks (a short batch on one rank fails the gather or
+    waits for the other rank until the group times out). Each stage trains, on every rank, the steps and reads
+    the draws of negatives that one process with a batch twice as large computes, the epoch-sized stage
+    included (one epoch, not two)."""
+    import datasets
+    import yaml
+
+    from prod_st.steps import plan_steps
+
+    negatives = {"miner": "student", "start": 1, "end": 20, "count": 1, "strategy": "sample"}
+    recipe = {
+        "name": "ddp", "seed": 3,
+        "data": {"dataset": "wordnet-gloss", "train_queries": 51, "dev_queries": 8, "test_queries": 8,
+                 "corpus_size": 200},
+        "student": {"init": tiny_model_dir, "num_layers": 1, "max_doc_length": 32},
+        "teachers": {
+            "bi": {"kind": "bi-encoder", "train": {"backbone": tiny_model_dir, "max_steps": 2, "batch_size": 8,
+                                                   "num_negatives": 1, "train_queries": 32}},
+            "ce": {"kind": "cross-encoder", "max_length": 48,
+                   "train": {"backbone": tiny_model_dir, "max_steps": 2, "batch_size": 4, "num_negatives": 2,
+                             "train_queries": 16, "negatives_from": "bi", "max_length": 48}},
+        },
+        "stages": [
+            {"name": "warmup", "kind": "warmup", "candidates": "in_batch", "negatives": negatives, "max_steps": 5,
+             "batch_size": 8},
+            {"name": "bi", "teacher": "bi", "candidates": "in_batch", "negatives": negatives, "max_steps": 3,
+             "batch_size": 8, "loss": {"reg_weight": 0.0}},
+            {"name": "ce", "teacher": "ce", "candidates": "list", "negatives": negatives | {"count": 2},
+             "epochs": 1.0, "batch_size": 4, "loss": {"reg_weight": 1.0}},
+        ],
+        "eval": {"top_k": 50, "teacher_rerank_depth": 5},
+        "distributed": {"timeout_minutes": 3},  # a rank left waiting fails the test in minutes, not hours
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    mp.spawn(_recipe_rank, args=(2, _free_port(), str(tmp_path), str(path)), nprocs=2)
+
+    run = tmp_path / "run"
+    assert (run / "final.json").is_file()
+    assert len(list((tmp_path / "cache" / "teachers" / "trained").glob("*/DONE"))) == 2  # both trained here
+    steps = [json.loads((tmp_path / f"steps{r}.json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] and set(steps[0]) == {"01-warmup", "02-bi", "03-ce"}
+    for index, stage in enumerate(recipe["stages"], 1):
+        folder = run / f"{index:02d}-{stage['name']}"
+        draws = json.loads((folder / "negatives.json").read_text())["epochs"]
+        rows = len(datasets.load_from_disk(str(folder / "train_data"))) // draws
+        one = plan_steps(rows, stage["batch_size"] * 2, world_size=1, epochs=stage.get("epochs", 1.0),
+                         max_steps=stage.get("max_steps"))
+        assert (steps[0][folder.name], draws) == (one.steps, one.draws), folder.name
+        assert json.loads((folder / "metrics.json").read_text())["train"]["steps"] == one.steps
+    assert steps[0]["01-warmup"] == 5 and json.loads((run / "01-warmup" / "negatives.json").read_text())["epochs"] == 2
+    assert steps[0]["03-ce"] == 7  # one epoch of 51 queries in global batches of 8 (two epochs: 13 per rank)
+    log = (run / "run.log").read_text()
+    assert "global batch 16 = 8 per device x 2 processes" in log
