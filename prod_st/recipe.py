@@ -138,10 +138,10 @@ class Student(_Model):
         None, description="set the similarity (PROD: dot, no normalisation); None keeps the model's own"
     )
     max_query_length: PosInt = Field(
-        32, description="recorded for the model card; not applied separately yet: sentence-transformers truncates "
-        "queries and documents at one max_seq_length, set to max_doc_length"
+        32, description="queries are cut at this many tokens wherever the student reads them (training, evaluation, "
+        "mining, DPD); PROD: 32"
     )
-    max_doc_length: PosInt = 144
+    max_doc_length: PosInt = Field(144, description="documents are cut at this many tokens; PROD: 144 (passages)")
 
 
 class TeacherTrain(_Model):
