@@ -250,7 +250,22 @@ class Loss(_Model):
     temperature: PosFloat = 4.0
     hard_weight: NonNegFloat = 0.1
     kd_weight: NonNegFloat = 0.9
-    reg_weight: NonNegFloat = Field(0.0, description="1.0 in PROD's cross-encoder stages and DPD")
+    reg_weight: NonNegFloat = Field(
+        0.0, description="left out: 1.0 (PROD's) in a list-candidates distill stage and in DPD, 0.0 elsewhere (PROD's "
+        "stage 1 has no regulariser)"
+    )
+
+
+PROD_REG_WEIGHT = 1.0  # PROD's regulariser weight in its cross-encoder stages and DPD (list candidates)
+
+
+def prod_regulariser(loss: Loss) -> Loss:
+    """`loss` with PROD's `reg_weight` when the recipe left it out: a list-candidates stage (PROD's cross-encoder
+    stages) or DPD without it would otherwise train with no regulariser at all. Given explicitly (0 included), it
+    is kept. A copy, so a Loss shared between stages is never changed under another one."""
+    if "reg_weight" in loss.model_fields_set:
+        return loss
+    return loss.model_copy(update={"reg_weight": PROD_REG_WEIGHT})
 
 
 class Stage(_Model):
@@ -270,6 +285,12 @@ class Stage(_Model):
     max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
     batch_size: PosInt = 64
     warmup_ratio: WarmupRatio = 0.1
+
+    @model_validator(mode="after")
+    def _prod_regulariser(self) -> Stage:
+        if self.kind == "distill" and self.candidates == "list":
+            self.loss = prod_regulariser(self.loss)
+        return self
 
 
 class DPDRule(_Model):
@@ -296,7 +317,7 @@ class DPD(_Model):
     rerank_depth: PosInt = Field(50, description="the student's top-k reranked by the teacher")
     rule: DPDRule = Field(default_factory=DPDRule)
     num_negatives: PosInt = Field(15, description="the student's hardest negatives, in rank order")
-    loss: Loss = Field(default_factory=lambda: Loss(reg_weight=1.0))
+    loss: Loss = Field(default_factory=lambda: Loss(reg_weight=PROD_REG_WEIGHT), description="reg_weight left out: 1.0")
     lr: PosFloat = 1.0e-5
     epochs: PosFloat = 1.0
     max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
@@ -305,6 +326,7 @@ class DPD(_Model):
 
     @model_validator(mode="after")
     def _depth(self) -> DPD:
+        self.loss = prod_regulariser(self.loss)
         if self.rerank_depth < self.rule.student_max:
             raise ValueError(
                 f"rerank_depth ({self.rerank_depth}) must be >= rule.student_max ({self.rule.student_max}): the "

@@ -111,6 +111,34 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     assert parse_recipe(explicit).fingerprint() == first.fingerprint()
 
 
+def test_list_stages_and_dpd_get_prods_regulariser_unless_the_recipe_sets_one():
+    """PROD regularises its cross-encoder stages and DPD (list candidates) with weight 1.0 and not its stage 1
+    (in-batch): a recipe that leaves reg_weight out gets that, one that gives it (0 included) keeps its own."""
+    data = recipe_dict(dpd={"teacher": "ce", "loss": {"temperature": 2.0}})
+    data["stages"][2]["loss"] = {"temperature": 2.0}  # no reg_weight
+    data["stages"].append({"name": "ce-again", "teacher": "ce"})  # no loss block at all
+    data["stages"].append({"name": "bi-again", "teacher": "bi", "candidates": "in_batch", "loss": {"kd_weight": 1.0}})
+    data["stages"].append({"name": "ce-off", "teacher": "ce", "loss": {"reg_weight": 0}})
+    recipe = parse_recipe(data)
+    assert [s.loss.reg_weight for s in recipe.stages] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]  # warmup, bi, ce, ..
+    assert recipe.dpd.loss.reg_weight == 1.0 and recipe.dpd.loss.temperature == 2.0
+    assert parse_recipe(recipe.model_dump(mode="json")).fingerprint() == recipe.fingerprint()  # written out as 1.0
+    data["stages"][2]["candidates"] = "in_batch"  # the same stage in batch mode: no regulariser
+    data["stages"][2]["teacher"] = "bi"
+    assert parse_recipe(data).stages[2].loss.reg_weight == 0.0
+
+
+def test_shipped_recipes_spell_out_every_list_stages_reg_weight():
+    """The shipped recipes do not lean on the default: their fingerprints are those of before it existed."""
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for stage in data["stages"]:
+            if stage.get("kind", "distill") == "distill":
+                assert "reg_weight" in stage.get("loss", {}), (path.name, stage["name"])
+        if data.get("dpd") and "loss" in data["dpd"]:
+            assert "reg_weight" in data["dpd"]["loss"], path.name
+
+
 @pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
 def test_resolved_yaml_round_trips(tmp_path, name):
     recipe = load_recipe(name)
