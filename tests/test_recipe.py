@@ -411,7 +411,21 @@ def test_benchmark_recipes_follow_prod():
         ce = recipe.stages[2]
         assert (ce.loss.temperature, ce.loss.hard_weight, ce.loss.kd_weight, ce.loss.reg_weight) == (4.0, 0.1, 0.9, 1.0)
         assert ce.negatives.count == 15 and recipe.dpd.lr == 1e-5 and recipe.dpd.teacher == "ce24"
-    assert load_recipe("nq").dpd.rule.variant == "nq"
+        # PROD mines the warm-up's and stages 1-2's negatives with the DE teacher, stage 3's with the stage-2 student
+        assert [s.negatives.miner for s in recipe.stages] == ["de", "de", "de", "student"]
+        assert (recipe.student.max_query_length, recipe.stages[1].loss.reg_weight) == (32, 0.0)
+    assert load_recipe(RECIPES / "nq.yaml").dpd.rule.variant == "nq"
+
+
+def test_msmarco_teacher_chain_grows_by_published_figures():
+    """MS MARCO dev MRR@10 on the model cards: msmarco-bert-base-dot-v5 38.08 < ms-marco-MiniLM-L-12-v2 39.02
+    (ms-marco-electra-base, 36.41, is weaker than the DE teacher); each recipe quotes the figures it relies on."""
+    for name in ("msmarco-passage", "msmarco-doc", "nq"):
+        recipe, text = load_recipe(RECIPES / f"{name}.yaml"), (RECIPES / f"{name}.yaml").read_text()
+        assert recipe.teachers["ce12"].model == "cross-encoder/ms-marco-MiniLM-L-12-v2"
+        assert "39.02" in text and "36.41" in text
+        if name != "nq":
+            assert recipe.teachers["de"].model == "sentence-transformers/msmarco-bert-base-dot-v5" and "38.08" in text
 
 
 @pytest.mark.parametrize("kind", ["passage", "doc"])
