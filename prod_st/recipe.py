@@ -61,6 +61,7 @@ __all__ = [
     "TeacherTrain",
     "Training",
     "apply_overrides",
+    "data_origin",
     "embedded_recipe_file",
     "embedded_recipes",
     "load_recipe",
@@ -671,6 +672,32 @@ def recipe_summary(name: str) -> str:
     end = text.find(". ")
     text = text[: end + 1] if end >= 0 else text
     return text if len(text) <= 110 else text[:107].rstrip() + "..."
+
+
+def data_origin(path_or_name: str | Path) -> str | None:
+    """Where a recipe's data comes from: the `Data:` paragraph of the recipe file's header comment (a download
+    page, a script, the files to put in the folder), as one line; None when the header has none or the file
+    cannot be read. The shipped recipes keep one, and so do copies made with `prod-st recipes show`, so that a
+    dataset folder that is not on this machine can be reported with how to get it."""
+    try:
+        path, _ = _resolve(path_or_name)
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (ProdStError, OSError, UnicodeDecodeError):
+        return None
+    paragraphs: list[list[str]] = [[]]
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text:
+            paragraphs[-1].append(text)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    for paragraph in paragraphs:
+        text = " ".join(paragraph)
+        if "Data:" in text:
+            return text[text.index("Data:") + len("Data:"):].strip() or None
+    return None
 
 
 def _one_line(text: str) -> str:
