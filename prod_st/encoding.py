@@ -50,10 +50,18 @@ def _has_router(model: SentenceTransformer) -> bool:
     return any(type(module).__name__ == "Router" for module in model.modules())
 
 
+def _has_query_length(model: SentenceTransformer) -> bool:
+    """Whether a Transformer module of `model` cuts queries at their own length (`prod_st.models.set_lengths`)."""
+    return any(getattr(module, "query_length", None) is not None for module in model.modules()
+               if type(module).__name__ == "Transformer")
+
+
 def training_roles(model: SentenceTransformer, columns: list[str]) -> dict:
     """`SentenceTransformerTrainingArguments` keywords that give every text column its role at training time:
-    the "query" column the query prompt (and Router route), every other column the document's. Empty when the
-    model has neither prompts nor a Router, so plain models train exactly as before."""
+    the "query" column the query prompt, Router route and query length, every other column the document's. The
+    trainer's collator tells the model a column's role only through `router_mapping`, so a model with a query
+    length of its own (PROD's student: 32 query tokens, 144 document tokens) gets one too, Router or not. Empty
+    when the model has no prompts, no Router and no query length, so plain models train exactly as before."""
     prompts = model.prompts or {}
     document_prompt = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if n in prompts), None)  # as encode_document
     roles = {c: "query" if c == "query" else "document" for c in columns if c != "label"}
@@ -61,6 +69,6 @@ def training_roles(model: SentenceTransformer, columns: list[str]) -> dict:
     by_column = {c: prompts.get("query") if r == "query" else document_prompt for c, r in roles.items()}
     if any(by_column.values()):
         kwargs["prompts"] = {c: p for c, p in by_column.items() if p}
-    if _has_router(model):
+    if _has_router(model) or _has_query_length(model):
         kwargs["router_mapping"] = roles
     return kwargs

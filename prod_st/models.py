@@ -124,6 +124,30 @@ def build_student(
     return model
 
 
+def set_lengths(model: SentenceTransformer, max_query_length: int | None, max_doc_length: int | None) -> None:
+    """Truncate documents at `max_doc_length` tokens and queries at `max_query_length` (PROD: 144 and 32), in
+    place; None leaves that length as it is.
+
+    A SentenceTransformer has one `max_seq_length`, which cuts every text; the document length goes there. The
+    query length goes to the Transformer module's `query_length`, which sentence-transformers applies to every
+    text that reaches the module as a query: `encode_query` (so evaluation, mining, DPD and the frozen
+    stage-start student's labels) and, in training, the columns `prod_st.encoding.training_roles` maps to the
+    "query" task. It is saved with the model (and so part of its fingerprint and every cache key built on it),
+    so a student loaded elsewhere cuts its queries as it was trained to."""
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    if max_doc_length is not None:
+        model.max_seq_length = max_doc_length
+    if max_query_length is None:
+        return
+    modules = [m for m in model.modules() if isinstance(m, Transformer)]
+    if not modules or not all("query_length" in getattr(m, "config_keys", ()) for m in modules):
+        raise ProdStError("student.max_query_length: this model's Transformer module cannot truncate queries apart "
+                          "from documents (no query_length in this sentence-transformers version)")
+    for module in modules:
+        module.query_length = max_query_length
+
+
 def cut_layers(model: SentenceTransformer, num_layers: int | None) -> None:
     """Keep the first `num_layers` transformer blocks of `model`'s encoder in place (None: all of them)."""
     encoder = model[0].auto_model

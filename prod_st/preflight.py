@@ -22,21 +22,25 @@ import yaml
 
 from prod_st.errors import ProdStError
 from prod_st.model_paths import PACKAGED, RUN_STUDENT, is_run_folder, layer_count, looks_like_path
-from prod_st.recipe import STUDENT, Recipe, embedded_recipes
+from prod_st.recipe import STUDENT, Recipe, data_origin, embedded_recipes
 
 __all__ = ["check_recipe", "preflight"]
 
 
 
 def preflight(recipe: Recipe, source: str) -> None:
-    """Raise one :class:`ProdStError` line (`source: field: problem; ...`) if :func:`check_recipe` finds any."""
-    problems = check_recipe(recipe)
+    """Raise one :class:`ProdStError` line (`source: field: problem; ...`) if :func:`check_recipe` finds any.
+    `source` is the recipe as given (a file or an embedded name): its header's `Data:` paragraph says where the
+    data comes from when the dataset is not on this machine."""
+    problems = check_recipe(recipe, data_from=data_origin(source))
     if problems:
         raise ProdStError(f"{source}: " + "; ".join(problems))
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Every problem found on disk, each as `field.path: what is wrong`; empty when the recipe can run."""
+def check_recipe(recipe: Recipe, *, data_from: str | None = None) -> list[str]:
+    """Every problem found on disk, each as `field.path: what is wrong`; empty when the recipe can run.
+    `data_from`: where the recipe's data comes from (`recipe.data_origin`), added to a `data.dataset` problem
+    (a folder or split file that is not here): the user learns what to download, not only what is missing."""
     problems: list[str] = []
     s = recipe.student
     problems += _model_problems("student.init", s.init, num_layers=s.num_layers)
@@ -56,7 +60,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
         splits.insert(0, ("data.dev_split", d.dev_split))
     if recipe.trains and d.train_split is not None:
         splits.insert(0, ("data.train_split", d.train_split))
-    problems += _data_problems("data.dataset", d.dataset, splits)
+    data = _data_problems("data.dataset", d.dataset, splits)
+    if data and data_from:
+        data[-1] += f" (where the data comes from: {data_from})"
+    problems += data
     for i, name in enumerate(recipe.eval.beir):
         problems += _data_problems(f"eval.beir.{i}", name, [(f"eval.beir.{i}", "test")])
     if recipe.trains:

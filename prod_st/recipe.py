@@ -61,6 +61,7 @@ __all__ = [
     "TeacherTrain",
     "Training",
     "apply_overrides",
+    "data_origin",
     "embedded_recipe_file",
     "embedded_recipes",
     "load_recipe",
@@ -138,10 +139,10 @@ class Student(_Model):
         None, description="set the similarity (PROD: dot, no normalisation); None keeps the model's own"
     )
     max_query_length: PosInt = Field(
-        32, description="recorded for the model card; not applied separately yet: sentence-transformers truncates "
-        "queries and documents at one max_seq_length, set to max_doc_length"
+        32, description="queries are cut at this many tokens wherever the student reads them (training, evaluation, "
+        "mining, DPD); PROD: 32"
     )
-    max_doc_length: PosInt = 144
+    max_doc_length: PosInt = Field(144, description="documents are cut at this many tokens; PROD: 144 (passages)")
 
 
 class TeacherTrain(_Model):
@@ -250,7 +251,22 @@ class Loss(_Model):
     temperature: PosFloat = 4.0
     hard_weight: NonNegFloat = 0.1
     kd_weight: NonNegFloat = 0.9
-    reg_weight: NonNegFloat = Field(0.0, description="1.0 in PROD's cross-encoder stages and DPD")
+    reg_weight: NonNegFloat = Field(
+        0.0, description="left out: 1.0 (PROD's) in a list-candidates distill stage and in DPD, 0.0 elsewhere (PROD's "
+        "stage 1 has no regulariser)"
+    )
+
+
+PROD_REG_WEIGHT = 1.0  # PROD's regulariser weight in its cross-encoder stages and DPD (list candidates)
+
+
+def prod_regulariser(loss: Loss) -> Loss:
+    """`loss` with PROD's `reg_weight` when the recipe left it out: a list-candidates stage (PROD's cross-encoder
+    stages) or DPD without it would otherwise train with no regulariser at all. Given explicitly (0 included), it
+    is kept. A copy, so a Loss shared between stages is never changed under another one."""
+    if "reg_weight" in loss.model_fields_set:
+        return loss
+    return loss.model_copy(update={"reg_weight": PROD_REG_WEIGHT})
 
 
 class Stage(_Model):
@@ -270,6 +286,12 @@ class Stage(_Model):
     max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
     batch_size: PosInt = 64
     warmup_ratio: WarmupRatio = 0.1
+
+    @model_validator(mode="after")
+    def _prod_regulariser(self) -> Stage:
+        if self.kind == "distill" and self.candidates == "list":
+            self.loss = prod_regulariser(self.loss)
+        return self
 
 
 class DPDRule(_Model):
@@ -296,7 +318,7 @@ class DPD(_Model):
     rerank_depth: PosInt = Field(50, description="the student's top-k reranked by the teacher")
     rule: DPDRule = Field(default_factory=DPDRule)
     num_negatives: PosInt = Field(15, description="the student's hardest negatives, in rank order")
-    loss: Loss = Field(default_factory=lambda: Loss(reg_weight=1.0))
+    loss: Loss = Field(default_factory=lambda: Loss(reg_weight=PROD_REG_WEIGHT), description="reg_weight left out: 1.0")
     lr: PosFloat = 1.0e-5
     epochs: PosFloat = 1.0
     max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
@@ -305,6 +327,7 @@ class DPD(_Model):
 
     @model_validator(mode="after")
     def _depth(self) -> DPD:
+        self.loss = prod_regulariser(self.loss)
         if self.rerank_depth < self.rule.student_max:
             raise ValueError(
                 f"rerank_depth ({self.rerank_depth}) must be >= rule.student_max ({self.rule.student_max}): the "
@@ -649,6 +672,32 @@ def recipe_summary(name: str) -> str:
     end = text.find(". ")
     text = text[: end + 1] if end >= 0 else text
     return text if len(text) <= 110 else text[:107].rstrip() + "..."
+
+
+def data_origin(path_or_name: str | Path) -> str | None:
+    """Where a recipe's data comes from: the `Data:` paragraph of the recipe file's header comment (a download
+    page, a script, the files to put in the folder), as one line; None when the header has none or the file
+    cannot be read. The shipped recipes keep one, and so do copies made with `prod-st recipes show`, so that a
+    dataset folder that is not on this machine can be reported with how to get it."""
+    try:
+        path, _ = _resolve(path_or_name)
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (ProdStError, OSError, UnicodeDecodeError):
+        return None
+    paragraphs: list[list[str]] = [[]]
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text:
+            paragraphs[-1].append(text)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    for paragraph in paragraphs:
+        text = " ".join(paragraph)
+        if "Data:" in text:
+            return text[text.index("Data:") + len("Data:"):].strip() or None
+    return None
 
 
 def _one_line(text: str) -> str:

@@ -47,7 +47,7 @@ from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, mine_pools, retrieve_ranked
 from prod_st.model_card import save_stage_card
-from prod_st.models import build_student
+from prod_st.models import build_student, set_lengths
 from prod_st.paths import write_text_atomic
 from prod_st.precision import resolve_precision
 from prod_st.resampling import epoch_rows
@@ -209,8 +209,10 @@ class Runner:
         return self.dir / f"{index:02d}-{name}"
 
     def load_student(self, folder: Path) -> SentenceTransformer:
+        """A step's student, cutting queries and documents at the recipe's lengths (a student saved by an older
+        prod-st has no query length of its own)."""
         model = SentenceTransformer(str(folder / "student"))
-        model.max_seq_length = self.recipe.student.max_doc_length
+        set_lengths(model, self.recipe.student.max_query_length, self.recipe.student.max_doc_length)
         return model
 
     def done(self, folder: Path) -> StageRecord | None:
@@ -298,7 +300,7 @@ class Runner:
         record = StageRecord(0, "init", "init")
         with step("init: build the student", record.seconds, "build"):
             student = build_student(s.init, s.num_layers, pooling=s.pooling, similarity=s.similarity)
-            student.max_seq_length = s.max_doc_length
+            set_lengths(student, s.max_query_length, s.max_doc_length)
         if self.data.dev is not None:  # (only an evaluate-only recipe may have no dev split)
             record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         return self.finish_stage(folder, student, record)

@@ -323,6 +323,59 @@ def test_validate_takes_set_and_verbose_after_the_command(monkeypatch, capsys):
     assert code == 2 and "stages.9: stages is a list with 4 entries" in err
 
 
+SHIPPED = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))  # this checkout's recipes
+
+
+def test_every_shipped_recipe_passes_validate_schema_only_on_a_fresh_machine(monkeypatch, capsys, tmp_path):
+    """No data/ or runs/ folder, an empty Hugging Face cache: --schema-only still checks (and passes) every shipped
+    recipe, while the full check reports what is not here, with where the data comes from."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "--schema-only", *map(str, SHIPPED))
+    assert code == 0, err
+    assert [line.split(": schema valid (")[0] for line in out.splitlines()] == list(map(str, SHIPPED))
+    doc = next(p for p in SHIPPED if p.stem == "msmarco-doc")
+    code, out, err = run_cli(monkeypatch, capsys, "validate", str(doc))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "dataset folder 'data/msmarco-doc' does not exist" in err
+    assert "(where the data comes from: MS MARCO document ranking's original release files, from " \
+           "https://microsoft.github.io/msmarco/" in err
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "--schema-only", str(doc), "--set", "stages.0.lr=-1")
+    assert code == 2 and "stages.0.lr: Input should be greater than 0" in err  # the schema is still checked
+
+
+def test_shipped_recipes_that_read_a_local_folder_say_where_its_data_comes_from():
+    from prod_st.recipe import data_origin, load_recipe
+
+    for path in SHIPPED:
+        dataset = load_recipe(path).data.dataset
+        if "/" in dataset:  # a folder (BEIR names download themselves; wordnet-gloss is embedded)
+            assert "http" in (data_origin(path) or "") or "github.com" in (data_origin(path) or ""), path.name
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["validate", "data/[x].yaml"], "recipe file not found: data/[x].yaml"),
+    (["validate", "QUICKSTART", "--set", "data.dataset=data/[x]"], "dataset folder 'data/[x]' does not exist"),
+    (["validate", "QUICKSTART", "--set", "data.dataset=[bold]x[/bold]"], "--set 'data.dataset=[bold]x[/bold]': the "),
+    (["eval", "all-MiniLM-L6-v2", "/no/[red]folder"], "dataset folder '/no/[red]folder' does not exist"),
+])
+def test_error_lines_print_paths_and_values_verbatim(monkeypatch, capsys, args, shown):
+    """rich must not read `[x]` in a path or a --set value as markup (it would drop it from the message)."""
+    quickstart = str(next(p for p in SHIPPED if p.stem == "quickstart"))
+    code, out, err = run_cli(monkeypatch, capsys, *[quickstart if a == "QUICKSTART" else a for a in args])
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert shown in err, err
+
+
+def test_validate_prints_a_recipe_path_verbatim(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "[x]"
+    folder.mkdir()
+    (folder / "quickstart.yaml").write_text(next(p for p in SHIPPED if p.stem == "quickstart").read_text())
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "--schema-only", str(folder / "quickstart.yaml"))
+    assert code == 0 and out.startswith(f"{folder / 'quickstart.yaml'}: schema valid"), out
+
+
 def test_data_errors_exit_3(monkeypatch, capsys, toy_beir):
     (toy_beir / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\nnot json\n')
     code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir))

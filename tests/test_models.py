@@ -109,3 +109,19 @@ def test_config_kwargs_deeper_than_the_model_is_refused(tiny_model_dir):
     assert models._load_first_layers(tiny_model_dir, 3) is None  # layer 3 would be randomly initialised
     with pytest.raises(ProdStError, match="between 1 and 2"):
         build_student(tiny_model_dir, 3)
+
+
+def test_the_run_gives_every_student_it_loads_the_recipes_query_and_document_lengths(tiny_model_dir, tmp_path):
+    """A step's student (even one saved without a query length, by an older prod-st) cuts queries at
+    student.max_query_length and documents at max_doc_length."""
+    from prod_st.recipe import parse_recipe
+    from prod_st.runner import Runner
+
+    SentenceTransformer(tiny_model_dir).save(str(tmp_path / "01-step" / "student"))
+    recipe = parse_recipe({"name": "lengths", "data": {"dataset": "wordnet-gloss"}, "stages": [],
+                           "student": {"init": tiny_model_dir, "max_query_length": 12, "max_doc_length": 40}})
+    student = Runner(recipe, tmp_path / "run").load_student(tmp_path / "01-step")
+    assert (student[0].query_length, student.max_seq_length) == (12, 40)
+    long = " ".join(["retrieval"] * 100)
+    assert student.preprocess([long], task="query")["input_ids"].shape[1] == 12
+    assert student.preprocess([long], task="document")["input_ids"].shape[1] == 40

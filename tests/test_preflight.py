@@ -169,6 +169,36 @@ def test_missing_or_unknown_dataset(tmp_path):
     assert found.startswith("data.dataset: ") and "not a dataset folder" in found
 
 
+def test_a_dataset_that_is_not_here_is_reported_with_where_its_data_comes_from(tmp_path, toy_beir):
+    """The recipe header's `Data:` paragraph (recipe.data_origin) ends the data.dataset problem, whether the folder
+    or a split file is missing; a recipe without one reports the problem alone."""
+    from prod_st.recipe import data_origin
+
+    data = recipe(data={"dataset": str(tmp_path / "nope")})
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    header = "# r: a recipe.\n#\n# Data: the release files, from https://example.org/data,\n# put in nope/.\n#\n# More.\n"
+    path.write_text(header + yaml.safe_dump(data))
+    assert data_origin(path) == "the release files, from https://example.org/data, put in nope/."
+    with pytest.raises(ProdStError) as info:
+        preflight(parse_recipe(data), str(path))
+    assert str(info.value) == (f"{path}: data.dataset: dataset folder {str(tmp_path / 'nope')!r} does not exist (or is "
+                               "not a folder) (where the data comes from: the release files, from "
+                               "https://example.org/data, put in nope/.)")
+    data["data"]["dataset"] = str(toy_beir)  # here, but without the train and dev splits: the last line says it
+    path.write_text(header + yaml.safe_dump(data))
+    with pytest.raises(ProdStError) as info:
+        preflight(parse_recipe(data), str(path))
+    assert str(info.value).endswith("no qrels for split 'dev' (available: test) (where the data comes from: the "
+                                    "release files, from https://example.org/data, put in nope/.)")
+    path.write_text(yaml.safe_dump(data))  # no header: no note
+    assert data_origin(path) is None
+    with pytest.raises(ProdStError) as info:
+        preflight(parse_recipe(data), str(path))
+    assert "where the data comes from" not in str(info.value)
+
+
 def test_each_split_the_run_reads_must_exist(toy_beir):
     # the toy folder has only test qrels: training on it fails, evaluating only does not
     assert problems(recipe(data={"dataset": str(toy_beir)})) == [

@@ -111,6 +111,34 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     assert parse_recipe(explicit).fingerprint() == first.fingerprint()
 
 
+def test_list_stages_and_dpd_get_prods_regulariser_unless_the_recipe_sets_one():
+    """PROD regularises its cross-encoder stages and DPD (list candidates) with weight 1.0 and not its stage 1
+    (in-batch): a recipe that leaves reg_weight out gets that, one that gives it (0 included) keeps its own."""
+    data = recipe_dict(dpd={"teacher": "ce", "loss": {"temperature": 2.0}})
+    data["stages"][2]["loss"] = {"temperature": 2.0}  # no reg_weight
+    data["stages"].append({"name": "ce-again", "teacher": "ce"})  # no loss block at all
+    data["stages"].append({"name": "bi-again", "teacher": "bi", "candidates": "in_batch", "loss": {"kd_weight": 1.0}})
+    data["stages"].append({"name": "ce-off", "teacher": "ce", "loss": {"reg_weight": 0}})
+    recipe = parse_recipe(data)
+    assert [s.loss.reg_weight for s in recipe.stages] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]  # warmup, bi, ce, ..
+    assert recipe.dpd.loss.reg_weight == 1.0 and recipe.dpd.loss.temperature == 2.0
+    assert parse_recipe(recipe.model_dump(mode="json")).fingerprint() == recipe.fingerprint()  # written out as 1.0
+    data["stages"][2]["candidates"] = "in_batch"  # the same stage in batch mode: no regulariser
+    data["stages"][2]["teacher"] = "bi"
+    assert parse_recipe(data).stages[2].loss.reg_weight == 0.0
+
+
+def test_shipped_recipes_spell_out_every_list_stages_reg_weight():
+    """The shipped recipes do not lean on the default: their fingerprints are those of before it existed."""
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for stage in data["stages"]:
+            if stage.get("kind", "distill") == "distill":
+                assert "reg_weight" in stage.get("loss", {}), (path.name, stage["name"])
+        if data.get("dpd") and "loss" in data["dpd"]:
+            assert "reg_weight" in data["dpd"]["loss"], path.name
+
+
 @pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
 def test_resolved_yaml_round_trips(tmp_path, name):
     recipe = load_recipe(name)
@@ -383,7 +411,21 @@ def test_benchmark_recipes_follow_prod():
         ce = recipe.stages[2]
         assert (ce.loss.temperature, ce.loss.hard_weight, ce.loss.kd_weight, ce.loss.reg_weight) == (4.0, 0.1, 0.9, 1.0)
         assert ce.negatives.count == 15 and recipe.dpd.lr == 1e-5 and recipe.dpd.teacher == "ce24"
-    assert load_recipe("nq").dpd.rule.variant == "nq"
+        # PROD mines the warm-up's and stages 1-2's negatives with the DE teacher, stage 3's with the stage-2 student
+        assert [s.negatives.miner for s in recipe.stages] == ["de", "de", "de", "student"]
+        assert (recipe.student.max_query_length, recipe.stages[1].loss.reg_weight) == (32, 0.0)
+    assert load_recipe(RECIPES / "nq.yaml").dpd.rule.variant == "nq"
+
+
+def test_msmarco_teacher_chain_grows_by_published_figures():
+    """MS MARCO dev MRR@10 on the model cards: msmarco-bert-base-dot-v5 38.08 < ms-marco-MiniLM-L-12-v2 39.02
+    (ms-marco-electra-base, 36.41, is weaker than the DE teacher); each recipe quotes the figures it relies on."""
+    for name in ("msmarco-passage", "msmarco-doc", "nq"):
+        recipe, text = load_recipe(RECIPES / f"{name}.yaml"), (RECIPES / f"{name}.yaml").read_text()
+        assert recipe.teachers["ce12"].model == "cross-encoder/ms-marco-MiniLM-L-12-v2"
+        assert "39.02" in text and "36.41" in text
+        if name != "nq":
+            assert recipe.teachers["de"].model == "sentence-transformers/msmarco-bert-base-dot-v5" and "38.08" in text
 
 
 @pytest.mark.parametrize("kind", ["passage", "doc"])

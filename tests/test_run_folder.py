@@ -50,6 +50,7 @@ def changed_steps(change) -> tuple[list[str], bool]:
         (lambda r: r["dpd"].update(rounds=2), [], True),  # a second round keeps the first
         (lambda r: r["eval"].update(top_k=50), STEPS, True),  # dev metrics of every step
         (lambda r: r["student"].update(num_layers=2), STEPS, True),
+        (lambda r: r["student"].update(max_query_length=8), STEPS, True),  # every step reads queries
         (lambda r: r["data"].update(train_queries=20), STEPS, True),
         (lambda r: r.update(seed=4), STEPS, True),
     ],

@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from prod_st import __version__
@@ -58,6 +59,18 @@ class CorpusDtype(str, Enum):
     float16 = "float16"
 
 err_console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """Print a line that names user input (a path, a model, a recipe) verbatim: rich would read `[x]` in it as
+    markup and drop it."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def error_line(message: str) -> Text:
+    """`error: MESSAGE`, the label in bold red and the message verbatim (a path or a --set value with `[x]` in it
+    is printed as given, not read as rich markup)."""
+    return Text.assemble(("error:", "bold red"), " ", message)
 
 
 def _set_verbose(verbose: bool) -> bool:
@@ -171,7 +184,7 @@ def run_command(
                      loaded.eval.metric)
     if final.get("beir"):
         print_beir_table("student: zero-shot BEIR", final["beir"])
-    console.print(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
+    say(f"student: {runner.dir / 'student'}   report: {runner.dir / 'report.md'}")
 
 
 def _disable_progress_bars() -> None:
@@ -194,12 +207,12 @@ def print_test_table(title: str, final: dict, metric: str) -> None:
 
     rows = final_test_rows(final)
     columns = metric_columns([m for _, m in rows], metric)
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("model")
     for name in columns:
         table.add_column(name, justify="right")
     for label, metrics in rows:
-        table.add_row(label, *(_num(metrics.get(k)) for k in columns))
+        table.add_row(Text(label), *(_num(metrics.get(k)) for k in columns))
     console.print(table)
 
 
@@ -211,19 +224,25 @@ def _num(value) -> str:
 def validate_command(
     recipes: Annotated[list[str], typer.Argument(help="Recipe YAML files or embedded recipe names.")],
     overrides: Overrides = None,
+    schema_only: Annotated[bool, typer.Option(
+        "--schema-only", help="Check the schema and cross-references only, not what the recipe names on disk "
+        "(models, dataset folders): for a recipe whose data or models are not on this machine."
+    )] = False,
     verbose: Verbose = False,
 ) -> None:
     """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
-    folders and split files; Hub ids only when they are in the local Hub cache). Imports no torch: it takes a
-    fraction of a second."""
+    folders and split files; Hub ids only when they are in the local Hub cache; a missing dataset folder is
+    reported with where its data comes from). Imports no torch: it takes a fraction of a second."""
     from prod_st.preflight import preflight
     from prod_st.recipe import load_recipe
 
     for recipe in recipes:
         loaded = load_recipe(recipe, overrides or ())
-        preflight(loaded, recipe)
+        if not schema_only:
+            preflight(loaded, recipe)
         steps = [s.name for s in loaded.stages] + ([f"dpd x{loaded.dpd.rounds}"] if loaded.dpd else [])
-        console.print(f"{recipe}: valid ({' -> '.join(steps) or 'evaluate only'})")
+        what = "schema valid" if schema_only else "valid"
+        say(f"{recipe}: {what} ({' -> '.join(steps) or 'evaluate only'})")
 
 
 @app.command("eval")
@@ -268,7 +287,7 @@ def eval_command(
         dataset = load_retrieval_data(data, split)
         encoder = load_model(model)
         result = evaluate_model(encoder, dataset, **kwargs)
-        table = Table(title=f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)")
+        table = Table(title=Text(f"{model} on {data} ({split}, {result.num_queries} queries, {result.num_docs} docs)"))
         for name in result.metrics:
             table.add_column(name, justify="right")
         table.add_row(*(f"{v:.4f}" for v in result.metrics.values()))
@@ -324,19 +343,19 @@ def write_json_output(output: Path, payload: dict) -> None:
     if not is_main():
         return
     write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
-    console.print(f"metrics written to {output}")
+    say(f"metrics written to {output}")
 
 
 def print_beir_table(title: str, results: dict) -> None:
     from prod_st.report import metric_columns
 
     columns = metric_columns(list(results.values()))
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for column in ("dataset", *columns):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for name, metrics in results.items():
         style = "bold" if name == "average" else None
-        table.add_row(name, *(_num(metrics.get(k)) for k in columns), style=style)
+        table.add_row(Text(name), *(_num(metrics.get(k)) for k in columns), style=style)
     console.print(table)
 
 
@@ -354,7 +373,7 @@ def push_command(
     from prod_st.publish import push_run
 
     where = push_run(run_dir, repo_id, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir, exist_ok=exist_ok)
-    console.print(f"upload folder written to {where}" if dry_run else f"pushed to {where}")
+    say(f"upload folder written to {where}" if dry_run else f"pushed to {where}")
 
 
 @app.command("student")
@@ -369,7 +388,7 @@ def student_command(
     from prod_st.models import build_student
 
     build_student(base, layers, output)
-    console.print(f"student with the first {layers} layers of {base} saved to {output}")
+    say(f"student with the first {layers} layers of {base} saved to {output}")
 
 
 def main() -> None:
@@ -389,15 +408,15 @@ def main() -> None:
         sys.exit(USAGE_ERROR)
     except click.UsageError as e:
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {' '.join(e.format_message().split())}{where}", highlight=False,
+        err_console.print(error_line(f"{' '.join(e.format_message().split())}{where}"), highlight=False,
                           soft_wrap=True)
         sys.exit(USAGE_ERROR)
     except ProdStError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(error_line(str(e)), highlight=False, soft_wrap=True)
         sys.exit(DATA_ERROR if isinstance(e, DataError) else USAGE_ERROR)
     except (Interrupted, KeyboardInterrupt):
         # On a line of its own: Ctrl-C can land mid-line (a terminal's "^C", a progress bar, a log line).
-        err_console.print(f"\n{INTERRUPTED}", highlight=False, soft_wrap=True)
+        err_console.print(f"\n{INTERRUPTED}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(INTERRUPTED_CODE)
     sys.exit(code if isinstance(code, int) else 0)
 
