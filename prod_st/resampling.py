@@ -59,7 +59,7 @@ def epoch_rows(
     if not rows.queries:
         return rows, None
     plan = plan_steps(len(rows.queries), batch_size, epochs=epochs, max_steps=max_steps, accumulation=accumulation,
-                      what=what)
+                      in_batch=drop_incomplete, what=what)
     reads = plan.draws if window.strategy == "sample" else 1
     return TrainingRows.concatenate([rows, *(rows_of(epoch) for epoch in range(1, reads))]), plan
 

@@ -366,7 +366,8 @@ class Runner:
         rows = block_size or len(dataset)
         training = self.recipe.training
         plan = plan_steps(rows, spec.batch_size, epochs=spec.epochs, max_steps=spec.max_steps,
-                          accumulation=training.gradient_accumulation_steps, what=f"stage {record.name!r}")
+                          accumulation=training.gradient_accumulation_steps, in_batch=no_duplicates,
+                          what=f"stage {record.name!r}")
         steps = plan.steps
         frozen = getattr(loss, "previous_model", None)  # PRODLoss's frozen stage-start student, if online
         cost.announce(f"{record.name}: train", steps * plan.global_batch, f"rows read ({steps:,} steps, "

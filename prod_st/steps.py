@@ -9,7 +9,8 @@ rank steps on equal shapes: the gathered losses (PRODLoss's global in-batch cand
 MultipleNegativesRankingLoss with gather) need that, and a rank with one batch more than another would wait for
 the others in a collective until the process group times out. With one process, the last batch of an epoch may be
 short (as the trainer has always read it); with several, a short last global batch is filled up with rows of the
-same epoch that the batch does not hold yet, so one epoch is ceil(rows / global batch) global batches on any
+same epoch that the batch does not hold yet (in an epoch smaller than one global batch, its rows repeat: refused
+where candidates are in-batch), so one epoch is ceil(rows / global batch) global batches on any
 number of processes: a 2-process run reads the same number of steps and draws as a 1-process run whose
 batch_size is twice as large.
 """
@@ -58,16 +59,17 @@ class StepPlan:
 
 def plan_steps(
     rows: int, batch_size: int, *, epochs: float = 1.0, max_steps: int | None = None, accumulation: int = 1,
-    world_size: int | None = None, what: str = "training",
+    world_size: int | None = None, in_batch: bool = True, what: str = "training",
 ) -> StepPlan:
     """Optimizer steps and epochs read for `rows` training rows (queries) in per-device batches of `batch_size`:
     `max_steps` if set, else `epochs` passes (rounded down to whole steps, at least one); `world_size` defaults to
-    the launcher's. `what` names the stage in the one-line error for an epoch smaller than one global batch on
-    several processes (its rows would have to repeat inside one batch)."""
+    the launcher's. An epoch smaller than one global batch on several processes must repeat rows to fill it:
+    harmless where each query is scored against its own candidates only, but with `in_batch` candidates a
+    repeated row is its own false negative, so that is a one-line error (`what` names the stage)."""
     world = distributed.world_size() if world_size is None else world_size
     if rows < 1:
         raise ProdStError(f"{what}: no training rows")
-    if world > 1 and rows < batch_size * world:
+    if in_batch and world > 1 and rows < batch_size * world:
         most = rows // world
         raise ProdStError(
             f"{what}: {rows} training rows make less than one global batch of {batch_size} per device x {world} "

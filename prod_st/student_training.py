@@ -115,7 +115,8 @@ def train_student(
     on dev) is the trainer's, run when the arguments set an eval_strategy."""
     accumulation = training.gradient_accumulation_steps if training is not None else 1
     block_size = block_size or len(dataset)
-    total = plan_steps(block_size, batch_size, epochs=epochs, max_steps=max_steps, accumulation=accumulation).steps
+    total = plan_steps(block_size, batch_size, epochs=epochs, max_steps=max_steps, accumulation=accumulation,
+                       in_batch=no_duplicates).steps
     args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir),
         num_train_epochs=epochs,

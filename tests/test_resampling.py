@@ -39,6 +39,7 @@ def test_an_epoch_smaller_than_one_global_batch_is_refused_in_one_line():
                                           r"per device x 2 processes; lower its batch_size to at most 2 or run"):
         plan_steps(5, 8, world_size=2, what="stage 'dpd-1'")
     assert plan_steps(5, 8, world_size=1).steps == 1  # one process: a short batch, as always
+    assert plan_steps(5, 8, world_size=2, in_batch=False).steps == 1  # own candidates only: the rows repeat
 
 
 def blocks(num_blocks: int, size: int) -> datasets.Dataset:
@@ -127,3 +128,12 @@ def test_block_sampler_deals_equal_global_batches_to_every_rank(no_duplicates, w
         read = {i for group in groups for i in group if i // 23 == block}
         assert read == set(range(block * 23, (block + 1) * 23))
     assert [b for b in sampler] == batches  # seeded: every rank computes the same deal
+
+
+def test_a_block_smaller_than_one_global_batch_repeats_its_rows_to_fill_it():
+    """(List candidates only: `plan_steps` refuses it for in-batch ones.) 5 rows, 2 ranks x 4: one global batch
+    of 8 holding every row, each rank a slice of 4."""
+    sampler = EpochBlockBatchSampler(blocks(1, 5), batch_size=4, drop_last=False, seed=1, block_size=5, world_size=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2 and [len(b) for b in batches] == [4, 4]
+    assert set(batches[0] + batches[1]) == set(range(5))

@@ -136,7 +136,8 @@ def _common_args(
     process's batches count), and the batches come from `EpochBlockBatchSampler`, so under torchrun every rank
     steps the same number of times on equal shapes (the trainer alone can neither count a sharded epoch nor
     even out its last batch)."""
-    steps = plan_steps(rows, batch_size, epochs=epochs, max_steps=max_steps, what="teacher training").steps
+    steps = plan_steps(rows, batch_size, epochs=epochs, max_steps=max_steps, in_batch=no_duplicates,
+                       what="teacher training").steps
     return dict(
         output_dir=str(workdir), num_train_epochs=epochs, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr, warmup_steps=warmup_ratio, max_grad_norm=2.0, seed=seed, data_seed=seed,
