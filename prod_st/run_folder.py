@@ -293,6 +293,7 @@ def reconcile(folder: Path, recipe, steps: Plan) -> Reconciled:
     if steps.publish and ("final" in result.redone or marker(folder).get("published") != steps.publish):
         result.redone.append("publish")
     _log_changes(folder, recipe, result)
+    write_marker(folder, marker(folder) | {"processes": world_size()})
     return result
 
 
@@ -307,9 +308,13 @@ def _log_changes(folder: Path, recipe, result: Reconciled) -> None:
     redo = ", ".join(f"{n} (from its last checkpoint)" if n == result.resumed else n for n in result.redone)
     redo = redo or "nothing"
     kept = ", ".join(result.kept) or "nothing"
+    processes = marker(folder).get("processes", 1), world_size()
     if isinstance(old, dict) and old != new:
         changed = recipe_changes(old, new)
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
         logger.info("recipe changed (%s): redoing %s; keeping %s", shown, redo, kept)
+    elif processes[0] != processes[1] and result.redone != ["final"]:
+        logger.info("the number of processes changed (%d -> %d; a step reads batch_size x processes rows): redoing "
+                    "%s; keeping %s", *processes, redo, kept)
     elif result.kept or result.resumed:
         logger.info("resuming the run in %s: redoing %s; keeping %s", folder, redo, kept)

@@ -75,6 +75,33 @@ def test_a_teacher_mining_with_the_student_depends_on_the_student_before_its_fir
     assert plain.teachers["bi"] == warmup_changed.teachers["bi"]
 
 
+def test_the_number_of_processes_reaches_every_training_step_and_trained_teacher(monkeypatch):
+    """Under torchrun a step reads batch_size x processes rows: a 2-process run trains on other data than a
+    1-process one, so its training steps (and teachers trained in the run) have other fingerprints; the untrained
+    student's does not move, and a 1-process run keeps the fingerprints it had before processes were counted."""
+    one = run_folder.plan(recipe())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets (no process group here: the environment counts)
+    two = run_folder.plan(recipe())
+    assert [s for s in one.steps if one.steps[s] != two.steps[s]] == STEPS[1:]
+    assert one.teachers != two.teachers
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_folder.plan(recipe()) == one
+
+
+def test_a_run_resumed_on_another_number_of_processes_says_why_it_redoes_its_steps(tmp_path, caplog, monkeypatch):
+    run = tmp_path / "run"
+    Runner(recipe(), run).prepare_folder()
+    fake_steps(run, run_folder.plan(recipe()), STEPS)
+    fake_final(run, run_folder.plan(recipe()))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.INFO, logger="prod_st.run"):
+        Runner(recipe(), run).prepare_folder()
+    lines = [r.getMessage() for r in caplog.records if "processes changed" in r.getMessage()]
+    assert lines == ["the number of processes changed (1 -> 2; a step reads batch_size x processes rows): redoing "
+                     "01-warmup, 02-bi, 03-ce, 04-dpd-1, final; keeping 00-init"]
+    assert run_folder.marker(run)["processes"] == 2
+
+
 # ---- which folders prod-st uses, and what --force removes ----
 
 def test_protected_folders_are_never_a_run_folder(tmp_path, monkeypatch):
