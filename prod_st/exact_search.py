@@ -12,13 +12,15 @@ index SQfp16, else float32) and every product is computed in float32 with TF32 o
 faiss Flat / SQfp16 computes (fp32 dot products of the stored vectors) up to summation order: the same top-k,
 ties aside, on a GPU as on the CPU run that mined the same negatives. float16 products on tensor cores would be
 some 3x faster on the matmul, but they round every query and score to 11 bits (1e-3 on a cosine), reordering
-near ties; at ~30 us per query per million documents (an estimate, see bench/search_bench.py) the fp32 search
-is already some 200x faster than faiss here.
+near ties. At an H200's float32 rate the fp32 search should cost some 25-30 us per query per million documents
+of dim 768 (an estimate, not measured yet: `bench/search_bench.py --device cuda` measures both), still some 200x
+faster than faiss here.
 
 Memory: nothing (queries x corpus) is ever made: queries go through in chunks whose score matrix against one
 block holds at most SCORE_ELEMENTS numbers, and each block's top-k is merged into the chunk's running top-k.
 The device copy of the blocks lives from the first search to `release()` (`search_rows` releases it when a
-search is done, so training never shares the GPU with a corpus)."""
+search is done, so training never shares the GPU with a corpus); a share of the corpus too big for the GPU is
+one line saying what to set instead."""
 
 from __future__ import annotations
 
@@ -64,12 +66,16 @@ class TorchFlatIndex:
 
     def _device_blocks(self) -> list[torch.Tensor]:
         if self._on_device is None:
-            with warnings.catch_warnings():  # a read-only memory map: read, never written
-                warnings.filterwarnings("ignore", message=".*not writable.*")
-                self._on_device = [
-                    torch.from_numpy(np.asarray(b)).to(self.device, self.dtype or _storage_dtype(b.dtype))
-                    for b in self.blocks
-                ]
+            dtypes = [self.dtype or _storage_dtype(b.dtype) for b in self.blocks]
+            try:
+                self._on_device = [_upload(b, self.device, dtype) for b, dtype in zip(self.blocks, dtypes)]
+            except torch.cuda.OutOfMemoryError:
+                size = sum(b.size * dtype.itemsize for b, dtype in zip(self.blocks, dtypes)) / 2**30
+                raise ProdStError(
+                    f"the corpus's {size:.1f} GB of vectors do not fit on {self.device}: set eval.search: faiss "
+                    "(prod-st eval --search faiss), halve them (eval.corpus_dtype: float16), or search on more GPUs "
+                    "(under torchrun each holds its share)"
+                ) from None
         return self._on_device
 
     def release(self) -> None:
@@ -108,6 +114,12 @@ class TorchFlatIndex:
                 best, best_rows = _stable_desc(torch.cat([best, top], 1), torch.cat([best_rows, idx], 1), k)
             start += len(block)
         return best, best_rows
+
+
+def _upload(block: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only memory map: read, never written
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(block)).to(device, dtype)
 
 
 def _storage_dtype(dtype: np.dtype) -> torch.dtype:

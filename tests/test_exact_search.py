@@ -95,6 +95,17 @@ def test_the_device_copy_lives_until_released(tmp_path):
     assert index._on_device is None
 
 
+def test_a_corpus_too_big_for_the_gpu_is_one_line(tmp_path, monkeypatch):
+    blocks = _corpus(300, 8, 100, np.float16, tmp_path)
+
+    def out_of_memory(block, device, dtype):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+    monkeypatch.setattr(es, "_upload", out_of_memory)
+    with pytest.raises(ProdStError, match=r"^the corpus's 0.0 GB of vectors do not fit on cpu: set eval.search: faiss"):
+        es.TorchFlatIndex(blocks, device="cpu").search(np.ones((1, 8), np.float32), 3)
+
+
 def test_backend_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not es.uses_torch("auto", "Flat") and es.uses_torch("torch", "Flat") and not es.uses_torch("faiss", "Flat")
