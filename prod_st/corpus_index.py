@@ -200,8 +200,8 @@ def corpus_index(
     """(inner-product index of the corpus's cached embeddings, doc ids in corpus order: `DocIds`).
     `search_backend` picks the backend (`prod_st.exact_search.uses_torch`): "auto" searches an exact index (Flat,
     SQfp16) with torch on a GPU (a `TorchFlatIndex` over the blocks, ids = corpus rows) and everything else with
-    faiss; "torch" / "faiss" force one. A trained faiss index (IVF, PQ) trains on `train_size` vectors drawn at random
-    across the corpus (`training_rows`). On one process the index holds the whole corpus, a vector's faiss id
+    faiss; "torch" / "faiss" force one. A trained faiss index (IVF, PQ) trains on `train_size` vectors drawn at
+    random across the corpus (`training_rows`). On one process the index holds the whole corpus, a vector's faiss id
     being its corpus row. Under torchrun each rank indexes only its own share of the blocks (the ones it
     encoded) in a `faiss.IndexIDMap` whose ids are the corpus rows, so the ranks of a node hold one copy of the
     index between them; `prod_st.evaluation.search_rows` searches every rank's share and merges. The last index
