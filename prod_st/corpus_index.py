@@ -7,8 +7,9 @@ fingerprint (weights and settings, `prod_st.fingerprint`) + the corpus's fingerp
 normalisation + dtype. The corpus is cut into fixed blocks of `block_size` documents; under torchrun each rank
 encodes a contiguous run of blocks (`prod_st.distributed.shard`) and writes each one atomically, then every rank
 reads them all (memory-mapped). A killed encoding keeps its finished blocks; a rerun, with any number of
-processes, encodes only the missing ones. The faiss index is built per process from the blocks: the whole
-corpus on one process; under torchrun each rank's own share of blocks (`corpus_index`)."""
+processes, encodes only the missing ones. The index is built per process from the blocks: the whole corpus on
+one process; under torchrun each rank's own share of blocks (`corpus_index`). It is a faiss index, or on a GPU
+for exact search a `prod_st.exact_search.TorchFlatIndex` (recipe `eval.search`: auto | torch | faiss)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ from prod_st.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.encoding import encode_texts, is_cosine
 from prod_st.errors import ProdStError
+from prod_st.exact_search import EXACT, TorchFlatIndex, uses_torch
 from prod_st.fingerprint import model_fingerprint, text_key
 from prod_st.paths import cache_dir, cache_path
 
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32768  # documents per cached block at most (fewer when that gives every rank a share)
-TRAIN_SIZE = 32768  # vectors a trained faiss index (IVF, PQ) learns from: the corpus's first ones
+TRAIN_SIZE = 32768  # vectors a trained faiss index (IVF, PQ) learns from: a seeded random sample of the corpus
+SAMPLE_SEED = 0  # the training sample's seed: every rank, and every checkpoint, draws the same rows
 DTYPES = ("float32", "float16")
 
 # Documents this process encoded, per cache key: the tests and bench/count_encodings.py read it (a corpus
@@ -156,6 +159,33 @@ def train_index(index: faiss.Index, index_factory: str, vectors: np.ndarray) -> 
                           "'Flat' or a smaller index") from None
 
 
+def training_rows(num_vectors: int, size: int, seed: int = SAMPLE_SEED) -> np.ndarray:
+    """The sorted corpus rows a trained index learns from: `size` rows drawn at random (seeded) across the whole
+    corpus, or every row when the corpus is that small. Not the first rows: a corpus in file order is grouped
+    (NQ's passages come article by article), and centroids learnt from its head would fit a few topics."""
+    if size >= num_vectors:
+        return np.arange(num_vectors, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(num_vectors, size, replace=False)).astype(np.int64)
+
+
+_faiss_threads: list[int] = []  # the thread count set once under a launcher
+
+
+def set_faiss_threads() -> int:
+    """faiss's OpenMP threads under a launcher (LOCAL_WORLD_SIZE set): this process's share of the cores it may
+    run on, `cores // local ranks`. torchrun sets OMP_NUM_THREADS=1 for every rank, which would leave each rank's
+    faiss search on one core; set once per process, and logged. Without a launcher faiss keeps its default."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is None or _faiss_threads:
+        return faiss.omp_get_max_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // max(1, int(local)))
+    faiss.omp_set_num_threads(threads)
+    _faiss_threads.append(threads)
+    logger.info("faiss searches with %d threads (%d cores, %s local ranks)", threads, cores, local)
+    return threads
+
+
 def corpus_index(
     model: SentenceTransformer,
     corpus,
@@ -164,44 +194,51 @@ def corpus_index(
     batch_size: int = 64,
     dtype: str = "float32",
     train_size: int = TRAIN_SIZE,
+    search_backend: str = "auto",
     progress: bool = True,
-) -> tuple[faiss.Index, DocIds]:
-    """(faiss inner-product index of the corpus's cached embeddings, doc ids in corpus order: `DocIds`). A trained
-    index (IVF, PQ) trains on the corpus's first `train_size` vectors. On one process the index holds the whole
-    corpus, a vector's faiss id being its corpus row. Under torchrun each rank indexes only its own share of the
-    blocks (the ones it encoded) in a `faiss.IndexIDMap` whose ids are the corpus rows, so the ranks of a node
-    hold one copy of the index between them; `prod_st.evaluation.search_rows` searches every rank's share and
-    merges. The last index built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the
-    next stage's mining) search the same index."""
+) -> tuple[faiss.Index | TorchFlatIndex, DocIds]:
+    """(inner-product index of the corpus's cached embeddings, doc ids in corpus order: `DocIds`).
+    `search_backend` picks the backend (`prod_st.exact_search.uses_torch`): "auto" searches an exact index (Flat,
+    SQfp16) with torch on a GPU (a `TorchFlatIndex` over the blocks, ids = corpus rows) and everything else with
+    faiss; "torch" / "faiss" force one. A trained faiss index (IVF, PQ) trains on `train_size` vectors drawn at
+    random across the corpus (`training_rows`). On one process the index holds the whole corpus, a vector's faiss id
+    being its corpus row. Under torchrun each rank indexes only its own share of the blocks (the ones it
+    encoded) in a `faiss.IndexIDMap` whose ids are the corpus rows, so the ranks of a node hold one copy of the
+    index between them; `prod_st.evaluation.search_rows` searches every rank's share and merges. The last index
+    built is kept, so back-to-back steps with one checkpoint (dev evaluation, then the next stage's mining)
+    search the same index."""
     key = cache_key(model, corpus, dtype)
-    memo = (key, index_factory, train_size)
+    on_torch = uses_torch(search_backend, index_factory)
+    memo = (key, index_factory, train_size, on_torch)
     if _last_index.get("memo") == memo:
         return _last_index["index"], _last_index["ids"]
     _last_index.clear()
     dim = model.get_embedding_dimension()
     training = min(len(corpus), train_size)
-    index = new_index(dim, index_factory, len(corpus), training)  # (a bad factory fails before encoding)
+    # (a bad factory fails before encoding)
+    index = None if on_torch else new_index(dim, index_factory, len(corpus), training)
     blocks = corpus_embeddings(model, corpus, batch_size=batch_size, dtype=dtype, progress=progress, key=key)
     first, last = shard(len(blocks))  # (every block on one process)
-    if not index.is_trained:
-        sample, taken = [], 0
-        for block in blocks:  # the corpus's first vectors: every rank trains on the same ones
-            if taken >= training:
-                break
-            sample.append(np.asarray(block[: training - taken], dtype=np.float32))
-            taken += len(sample[-1])
-        train_index(index, index_factory, np.ascontiguousarray(np.concatenate(sample)))
-    if world_size() > 1:
-        shard_index = faiss.IndexIDMap(index)  # (keeps a reference to `index`)
-        row = sum(len(b) for b in blocks[:first])
-        for block in blocks[first:last]:
-            shard_index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32),
-                                     np.arange(row, row + len(block), dtype=np.int64))
-            row += len(block)
-        index = shard_index
+    row = sum(len(b) for b in blocks[:first])
+    if on_torch:
+        index = TorchFlatIndex(blocks[first:last], row, dtype=EXACT[index_factory])
+        logger.info("exact search with torch on %s (%s)", index.device, index_factory)
     else:
-        for block in blocks:
-            index.add(np.ascontiguousarray(block, dtype=np.float32))
+        set_faiss_threads()
+        if not index.is_trained:  # every rank trains on the same sample
+            sample = rows_of(blocks, training_rows(len(corpus), training))
+            train_index(index, index_factory, sample)
+            del sample
+        if world_size() > 1:
+            shard_index = faiss.IndexIDMap(index)  # (keeps a reference to `index`)
+            for block in blocks[first:last]:
+                shard_index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32),
+                                         np.arange(row, row + len(block), dtype=np.int64))
+                row += len(block)
+            index = shard_index
+        else:
+            for block in blocks:
+                index.add(np.ascontiguousarray(block, dtype=np.float32))
     ids = doc_ids(corpus)
     _last_index.update(memo=memo, index=index, ids=ids)
     return index, ids

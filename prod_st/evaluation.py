@@ -16,12 +16,13 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from prod_st.answer_match import top_k_accuracy
-from prod_st.corpus_index import corpus_index
+from prod_st.corpus_index import TRAIN_SIZE, corpus_index
 from prod_st.data import RetrievalData, load_retrieval_data
 from prod_st.distributed import all_gather, is_main, shard, world_size
 from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.encoding import encode_texts
 from prod_st.errors import ProdStError
+from prod_st.exact_search import TorchFlatIndex
 from prod_st.progress import enabled
 
 logger = logging.getLogger(__name__)
@@ -109,23 +110,25 @@ def build_index(
     index_factory: str = "Flat",
     batch_size: int = 64,
     dtype: str = "float32",
-    chunk_size: int = 32768,
+    index_train_size: int = TRAIN_SIZE,
+    search_backend: str = "auto",
     progress: bool = True,
-) -> tuple[faiss.Index, DocIds]:
-    """A faiss inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the
-    doc ids in index order (`prod_st.doc_ids.DocIds`). `index_factory` is any faiss factory string ("Flat"
-    exact; "HNSW32", "IVF4096,Flat" for big corpora; a trained index is trained on the first `chunk_size`
-    documents). The encoding is
-    cached per checkpoint and shared across ranks (`prod_st.corpus_index`), as `dtype` ("float32" or
-    "float16"): the same weights never encode the same corpus twice."""
-    require_positive(batch_size=batch_size, chunk_size=chunk_size)
+) -> tuple[faiss.Index | TorchFlatIndex, DocIds]:
+    """An inner-product index of `corpus` (an Arrow table with _id/title/text) encoded by `model`, and the doc
+    ids in index order (`prod_st.doc_ids.DocIds`). `index_factory` is any faiss factory string ("Flat" exact;
+    "HNSW32", "IVF4096,Flat" for big corpora; a trained index is trained on `index_train_size` documents drawn
+    at random across the corpus). `search_backend` "auto" runs an exact index (Flat, SQfp16) on torch when there
+    is a GPU, faiss otherwise ("torch", "faiss": that one; `prod_st.exact_search`). The encoding is cached per
+    checkpoint and shared across ranks (`prod_st.corpus_index`), as `dtype` ("float32" or "float16"): the same
+    weights never encode the same corpus twice."""
+    require_positive(batch_size=batch_size, index_train_size=index_train_size)
     return corpus_index(model, corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
-                        train_size=chunk_size, progress=enabled(progress))
+                        train_size=index_train_size, search_backend=search_backend, progress=enabled(progress))
 
 
 def search_rows(
     model: SentenceTransformer,
-    index: faiss.Index,
+    index: faiss.Index | TorchFlatIndex,
     queries: list[str],
     *,
     top_k: int = 1000,
@@ -136,8 +139,17 @@ def search_rows(
     -1 where the index returned fewer. Under torchrun every rank calls it with its share of the corpus
     (`corpus_index`): the queries go through in chunks of QUERY_CHUNK; each rank encodes its share of a chunk,
     the chunk's vectors are gathered, every rank searches all of them in its share of the corpus, and each
-    query's top-k of the ranks' top-k are kept (ties: lower row first). All ranks return the merged arrays."""
+    query's top-k of the ranks' top-k are kept (ties: lower row first). All ranks return the merged arrays. A
+    `TorchFlatIndex` releases its device copy of the corpus when the search is done."""
     require_positive(top_k=top_k, batch_size=batch_size)
+    try:
+        return _search_rows(model, index, queries, top_k, batch_size, progress)
+    finally:
+        if isinstance(index, TorchFlatIndex):
+            index.release()
+
+
+def _search_rows(model, index, queries: list[str], top_k: int, batch_size: int, progress: bool):
     if world_size() == 1:
         k = min(top_k, index.ntotal)
         if not queries:
@@ -169,7 +181,7 @@ def search_rows(
 
 def search(
     model: SentenceTransformer,
-    index: faiss.Index,
+    index: faiss.Index | TorchFlatIndex,
     ids: DocIds,
     queries: dict[str, str],
     *,
@@ -193,13 +205,15 @@ def evaluate_model(
     index_factory: str = "Flat",
     batch_size: int = 64,
     dtype: str = "float32",
+    index_train_size: int = TRAIN_SIZE,
+    search_backend: str = "auto",
     relevance_level: int = 1,
     max_queries: int | None = None,
     keep_run: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Encode `data.corpus` (cached per checkpoint as `dtype`), retrieve for the judged queries of `data.split`,
-    and score the run."""
+    """Encode `data.corpus` (cached per checkpoint as `dtype`), retrieve for the judged queries of `data.split`
+    (`build_index`'s `index_factory`, `index_train_size` and `search_backend`), and score the run."""
     require_positive(top_k=top_k, batch_size=batch_size, relevance_level=relevance_level, max_queries=max_queries)
     queries = data.split_queries()
     if max_queries is not None:
@@ -208,7 +222,7 @@ def evaluate_model(
         raise ProdStError(f"{data.name} ({data.split}): no queries to evaluate")
     start = time.perf_counter()
     index, ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
-                             progress=progress)
+                             index_train_size=index_train_size, search_backend=search_backend, progress=progress)
     encoded = time.perf_counter()
     run = search(model, index, ids, queries, top_k=top_k, batch_size=batch_size, progress=progress)
     searched = time.perf_counter()

@@ -24,6 +24,7 @@ from sentence_transformers import SentenceTransformer
 from prod_st.data import RetrievalData
 from prod_st.distributed import all_gather, is_main
 from prod_st.doc_ids import DocIds, doc_ids
+from prod_st.corpus_index import TRAIN_SIZE
 from prod_st.evaluation import build_index, search_rows
 from prod_st.paths import cache_dir
 from prod_st.fingerprint import model_fingerprint, text_key
@@ -81,21 +82,26 @@ def retrieve_ranked(
     index_factory: str = "Flat",
     batch_size: int = 64,
     dtype: str = "float32",
+    index_train_size: int = TRAIN_SIZE,
+    search_backend: str = "auto",
     progress: bool = True,
 ) -> RankedRun:
     """Each query's top-`top_k` doc ids in rank order (a `RankedRun`), cached on disk as the corpus rows. Under
     torchrun every rank calls it: the corpus encoding and the search are split across ranks (`build_index`,
-    `search_rows`); rank 0 writes the run."""
+    `search_rows`); rank 0 writes the run. The key holds what changes the ranks (not `search_backend`: torch and
+    faiss find the same top-k, ties aside); `index_train_size` only when not the default."""
+    settings = {"top_k": top_k, "index": index_factory} | ({"dtype": dtype} if dtype != "float32" else {})
+    settings |= {"index_train_size": index_train_size} if index_train_size != TRAIN_SIZE else {}
     key = text_key(
         model_fingerprint(model), data.corpus._fingerprint, *(f"{q}\t{t}" for q, t in queries.items()),
-        settings={"top_k": top_k, "index": index_factory} | ({"dtype": dtype} if dtype != "float32" else {}),
+        settings=settings,
     )
     path = cache_dir("runs") / f"{key}.npy"
     if all(all_gather(path.exists())):  # decided together: every rank reads it, or every rank takes its share
         logger.info("ranked run for %d queries read from cache", len(queries))
         return RankedRun(list(queries), np.load(path, mmap_mode="r"), doc_ids(data.corpus))
     index, ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
-                             progress=progress)
+                             index_train_size=index_train_size, search_backend=search_backend, progress=progress)
     _, rows = search_rows(model, index, list(queries.values()), top_k=top_k, batch_size=batch_size,
                           progress=progress)
     rows = rows.astype(np.int32)

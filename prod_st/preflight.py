@@ -9,6 +9,8 @@ training. `prod-st validate` reports these problems and `prod-st run` checks the
   the loaders' own file-finding helpers; a BEIR name that is not downloaded yet is left to the run.
 - Training (`training.precision`, `training.report_to`): fp16 needs a GPU (bf16 also runs on CPU); a logger
   (tensorboard, wandb, ...) needs its package installed.
+- The index (`eval.index`, `eval.index_train_size`): a trained index (IVF, PQ) needs a training sample big
+  enough for its k-means (`index_training_need`).
 
 Nothing here loads weights or imports torch / sentence-transformers: the checks read a few small files.
 """
@@ -16,6 +18,7 @@ Nothing here loads weights or imports torch / sentence-transformers: the checks 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -68,7 +71,40 @@ def check_recipe(recipe: Recipe, *, data_from: str | None = None) -> list[str]:
         problems += _data_problems(f"eval.beir.{i}", name, [(f"eval.beir.{i}", "test")])
     if recipe.trains:
         problems += _training_problems(recipe.training)
+    problems += _index_problems(recipe.eval.index, recipe.eval.index_train_size)
     return problems
+
+
+# ------------------------------------------------------------------------------------------------ index
+POINTS_PER_CENTROID = 39  # faiss's k-means warns below 39 training vectors per centroid
+# the k-means parts of a faiss factory string -> centroids: IVF lists, an IMI's 2^bits per half, 2^nbits per
+# (O)PQ / residual / additive quantizer codebook (8 bits unless written `PQ64x4`, as faiss reads them)
+_KMEANS = (
+    (re.compile(r"IVF(\d+)"), lambda m: int(m[1])),
+    (re.compile(r"IMI\d+x(\d+)"), lambda m: 2 ** int(m[1])),
+    (re.compile(r"(?<![A-Za-z])(?:O?PQ|RQ|LSQ|PRQ|PLSQ)\d+(?:x(\d+))?"), lambda m: 2 ** int(m[1] or 8)),
+)
+
+
+def index_training_need(index_factory: str) -> tuple[str, int] | None:
+    """(the factory string's part with the most centroids, their number) for an index that trains k-means, else
+    None (Flat, HNSW, SQ...). Parsed from the string, without faiss (validate imports no faiss)."""
+    parts = [(m[0], need(m)) for pattern, need in _KMEANS for m in pattern.finditer(index_factory)]
+    return max(parts, key=lambda part: part[1]) if parts else None
+
+
+def _index_problems(index_factory: str, train_size: int) -> list[str]:
+    """A training sample smaller than POINTS_PER_CENTROID x the centroids: faiss fails below 1 per centroid and
+    warns below 39; fewer than 39 leaves centroids fitted to a handful of vectors (an index that misses what an
+    exact search finds). The rule holds for the sample; a corpus smaller than it is checked when it is loaded."""
+    need = index_training_need(index_factory)
+    if need is None or train_size >= POINTS_PER_CENTROID * need[1]:
+        return []
+    part, centroids = need
+    least = POINTS_PER_CENTROID * centroids
+    return [f"eval.index_train_size: {train_size} vectors are too few to train {index_factory!r}: its {part} learns "
+            f"{centroids} centroids and needs at least {least} ({POINTS_PER_CENTROID} per centroid, below which "
+            f"faiss's k-means warns); set eval.index_train_size: {least} or use fewer centroids"]
 
 
 # report_to integration -> the packages transformers needs for it (any one of them)

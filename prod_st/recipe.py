@@ -352,12 +352,23 @@ def omit_at_default(data, model: BaseModel, *names: str):
     return data
 
 
+EXACT_INDEXES = ("Flat", "SQfp16")  # the exact indexes torch can search (prod_st.exact_search.EXACT)
+
+
 class Evaluation(_Model):
     top_k: PosInt = 1000
     index: NonEmptyStr = Field("Flat", description="faiss index factory string")
     corpus_dtype: Literal["float32", "float16"] = Field(
         "float32", description="the corpus embeddings cached per checkpoint (float16: half the disk and memory; "
         "with index: SQfp16 the index is float16 too)"
+    )
+    index_train_size: PosInt = Field(
+        32768, description="vectors a trained index (IVF, PQ) learns from, drawn at random across the corpus: at "
+        "least 39 per centroid (IVF65536 needs 2555904; `prod-st validate` checks it)"
+    )
+    search: Literal["auto", "torch", "faiss"] = Field(
+        "auto", description="auto: exact search (index Flat or SQfp16) with torch on a GPU, faiss otherwise; torch "
+        "(also on CPU) or faiss to force one. Same top-k either way (ties aside): not part of any fingerprint"
     )
     batch_size: PosInt = 64
     teacher_rerank_depth: PosInt = Field(
@@ -370,8 +381,16 @@ class Evaluation(_Model):
 
     @model_serializer(mode="wrap")
     def _omit_default_dtype(self, handler):
-        """`corpus_dtype` is written only when not float32: recipes dump (and fingerprint) as before it existed."""
-        return omit_at_default(handler(self), self, "corpus_dtype")
+        """`corpus_dtype`, `index_train_size` and `search` are written only when not at their defaults: recipes
+        dump (and fingerprint) as before they existed."""
+        return omit_at_default(handler(self), self, "corpus_dtype", "index_train_size", "search")
+
+    @model_validator(mode="after")
+    def _torch_is_exact(self) -> Evaluation:
+        if self.search == "torch" and self.index not in EXACT_INDEXES:
+            raise ValueError(f"search: torch is exact search only (index {' or '.join(EXACT_INDEXES)}), not "
+                             f"{self.index!r}: use search: auto or faiss")
+        return self
 
 
 class Output(_Model):

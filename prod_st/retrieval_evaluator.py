@@ -24,7 +24,8 @@ class RetrievalEvaluator(BaseEvaluator):
 
     def __init__(self, data=None, *, name: str | None = None, metric: str = "nDCG@10", top_k: int = 1000,
                  index_factory: str = "Flat", batch_size: int = 64, dtype: str = "float32", relevance_level: int = 1,
-                 max_queries: int | None = None, progress: bool = False) -> None:
+                 max_queries: int | None = None, progress: bool = False, index_train_size: int | None = None,
+                 search_backend: str = "auto") -> None:
         super().__init__()
         if data is None and name is None:
             raise ProdStError("a RetrievalEvaluator needs its data or, to describe recorded metrics, a name")
@@ -32,6 +33,7 @@ class RetrievalEvaluator(BaseEvaluator):
         self.primary_metric = metric
         self.top_k, self.index_factory, self.batch_size, self.dtype = top_k, index_factory, batch_size, dtype
         self.relevance_level, self.max_queries, self.progress = relevance_level, max_queries, progress
+        self.index_train_size, self.search_backend = index_train_size, search_backend  # (None: evaluate_model's)
         self.last_result = None
 
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
@@ -42,7 +44,8 @@ class RetrievalEvaluator(BaseEvaluator):
         self.last_result = evaluate_model(
             model, self.data, top_k=self.top_k, index_factory=self.index_factory, batch_size=self.batch_size,
             dtype=self.dtype, relevance_level=self.relevance_level, max_queries=self.max_queries, keep_run=True,
-            progress=self.progress,
+            progress=self.progress, search_backend=self.search_backend,
+            **({"index_train_size": self.index_train_size} if self.index_train_size is not None else {}),
         )
         return self.record(model, self.last_result.metrics, epoch=epoch, steps=steps)
 

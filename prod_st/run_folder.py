@@ -43,8 +43,9 @@ STEP_DIR = re.compile(r"^\d{2}-[a-z0-9_-]+$")
 TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OWN_FILES + OWN_DIRS) + r")\.tmp")
 # eval settings that do not change a step's results: BEIR is evaluated at the end only; the encoding batch size
 # changes speed, not numbers (nor do training.dataloader_num_workers and report_to); `metric` only picks the column the tables lead with and the teacher checks compare
-# (the warnings a finished step recorded keep the metric they were written with)
-DEV_EVAL_IGNORED = ("beir", "metric", "batch_size")
+# (the warnings a finished step recorded keep the metric they were written with); `search` (torch or faiss) finds
+# the same top-k, ties aside
+DEV_EVAL_IGNORED = ("beir", "metric", "batch_size", "search")
 
 
 def is_own(name: str) -> bool:
@@ -121,7 +122,8 @@ def plan(recipe) -> Plan:
         for round_no in range(1, recipe.dpd.rounds + 1):
             uses = {recipe.dpd.teacher: teacher(recipe.dpd.teacher, previous)}
             previous = steps[f"{len(steps):02d}-dpd-{round_no}"] = _hash("dpd", previous, spec, uses, *trainer)
-    final = _hash("final", previous, {k: v for k, v in r["eval"].items() if k not in ("metric", "batch_size")})
+    final_eval = {k: v for k, v in r["eval"].items() if k not in ("metric", "batch_size", "search")}
+    final = _hash("final", previous, final_eval)
     return Plan(steps, teachers, final, _hash("publish", final, r["publish"]) if r["publish"] else None)
 
 

@@ -195,7 +195,8 @@ class Runner:
             logger.info("training.precision auto: %s on this machine", resolve_precision("auto"))
         self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=r.eval.batch_size, index=r.eval.index,
-                                    corpus_dtype=r.eval.corpus_dtype,
+                                    corpus_dtype=r.eval.corpus_dtype, index_train_size=r.eval.index_train_size,
+                                    search_backend=r.eval.search,
                                     precision=resolve_precision(r.training.precision))
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
@@ -279,10 +280,11 @@ class Runner:
                                   relevance_level=self.recipe.data.relevance_level, progress=True)
 
     def corpus_search(self) -> dict:
-        """How every step searches the corpus: the recipe's faiss index, encoding batch size and the dtype of the
-        cached corpus embeddings (`build_index`'s settings)."""
+        """How every step searches the corpus: the recipe's index, its training sample size and search backend, the
+        encoding batch size and the dtype of the cached corpus embeddings (`build_index`'s settings)."""
         e = self.recipe.eval
-        return dict(index_factory=e.index, batch_size=e.batch_size, dtype=e.corpus_dtype)
+        return dict(index_factory=e.index, batch_size=e.batch_size, dtype=e.corpus_dtype,
+                    index_train_size=e.index_train_size, search_backend=e.search)
 
     def corpus_key(self, student: SentenceTransformer) -> str:
         """The cache key of `student`'s corpus encoding (what `release_stage_start` may remove)."""

@@ -186,6 +186,8 @@ CASES: list[tuple] = [
     ("eval-repeated-query-id", ["eval", "MODEL", "TMP/bad"], "queries.jsonl: query id 'q1' appears 2 times",
      append_line("queries.jsonl", b'{"_id": "q1", "text": "a second q1"}')),
     ("eval-ivf-too-big", ["eval", "MODEL", "TOY", "--index", "IVF4096,Flat"], "needs at least 4096 vectors"),
+    ("eval-torch-search-approximate", ["eval", "MODEL", "TOY", "--search", "torch", "--index", "HNSW32"],
+     "--search torch is exact search only (--index Flat or SQfp16), not 'HNSW32'"),
     ("eval-output-is-a-folder", ["eval", "MODEL", "TOY", "--output", "TMP"], "is a folder: give the path of a file"),
     ("eval-output-under-a-file", ["eval", "MODEL", "TOY", "--output", "TMP/a-file/m.json"], "a-file is a file",
      a_file),

@@ -32,6 +32,31 @@ def test_eval_prints_table_and_writes_json(monkeypatch, capsys, toy_beir, tmp_pa
     assert 0.0 < saved["metrics"]["MRR@10"] <= 1.0
 
 
+def test_eval_search_backend_and_index_train_size_reach_the_search(monkeypatch, capsys, toy_beir, tmp_path):
+    """`--search torch` (exact search with torch, here on the CPU) gives faiss's metrics; `--index-train-size`
+    is the trained index's sample (and is recorded in the JSON when not the default)."""
+    import prod_st.corpus_index as ci
+    from prod_st.exact_search import TorchFlatIndex
+
+    metrics = {}
+    for backend in ("faiss", "torch"):
+        out_file = tmp_path / f"{backend}.json"
+        code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--search", backend,
+                               "--output", str(out_file))
+        assert code == 0, err
+        assert isinstance(ci._last_index["index"], TorchFlatIndex) == (backend == "torch")
+        metrics[backend] = json.loads(out_file.read_text())["metrics"]
+    assert metrics["torch"] == pytest.approx(metrics["faiss"])
+    trained = []
+    real = ci.train_index
+    monkeypatch.setattr(ci, "train_index", lambda index, name, vectors: trained.append(len(vectors)) or real(
+        index, name, vectors))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--index", "IVF2,Flat",
+                           "--index-train-size", "3", "--output", str(tmp_path / "ivf.json"))
+    assert code == 0, err
+    assert trained == [3] and json.loads((tmp_path / "ivf.json").read_text())["index_train_size"] == 3
+
+
 def test_student_command(monkeypatch, capsys, tiny_model_dir, tmp_path):
     code, out, _ = run_cli(monkeypatch, capsys, "student", tiny_model_dir, str(tmp_path / "s"), "--layers", "1")
     assert code == 0 and "first 1 layers" in out
@@ -87,7 +112,8 @@ def test_eval_needs_data_or_beir(monkeypatch, capsys):
     assert code == 2 and "give either DATA or --beir" in err
 
 
-@pytest.mark.parametrize("option", ["--top-k", "--batch-size", "--max-queries", "--relevance-level"])
+@pytest.mark.parametrize("option", ["--top-k", "--batch-size", "--max-queries", "--relevance-level",
+                                    "--index-train-size"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_eval_counts_below_one_are_usage_errors(monkeypatch, capsys, toy_beir, option, value):
     code, out, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), option, value)

@@ -99,3 +99,66 @@ def test_rows_of_reads_vectors_by_corpus_row_across_blocks(tiny_model_dir, toy_b
     assert ci.rows_of(blocks, np.zeros(0, np.int64)).shape == (0, 32)
     half = ci.corpus_embeddings(model, data.corpus, dtype="float16", progress=False)
     np.testing.assert_allclose(ci.rows_of(half, rows), whole[rows], atol=2e-3)
+
+
+def test_a_trained_index_learns_from_a_sample_across_the_corpus(tiny_model_dir, toy_beir, monkeypatch):
+    """IVF / PQ train on `train_size` rows drawn at random (seeded) across the whole corpus, not its first rows
+    (a corpus in file order is grouped by topic: NQ's passages come article by article)."""
+    rows = ci.training_rows(100_000, 1000)
+    assert len(np.unique(rows)) == 1000 and (np.diff(rows) > 0).all()  # distinct, sorted (read block by block)
+    assert rows[0] < 1000 and rows[-1] > 99_000 and np.median(rows) == pytest.approx(50_000, rel=0.1)
+    np.testing.assert_array_equal(rows, ci.training_rows(100_000, 1000))  # every rank draws the same rows
+    np.testing.assert_array_equal(ci.training_rows(6, 32768), np.arange(6))  # a small corpus: all of it
+
+    data = load_retrieval_data(toy_beir)
+    model = SentenceTransformer(tiny_model_dir)
+    trained = []
+    real = ci.train_index
+    monkeypatch.setattr(ci, "train_index", lambda index, name, vectors: trained.append(vectors) or real(
+        index, name, vectors))
+    index, ids = ci.corpus_index(model, data.corpus, index_factory="IVF2,Flat", train_size=3, progress=False)
+    whole = np.concatenate(ci.corpus_embeddings(model, data.corpus, progress=False))
+    sample = ci.training_rows(len(data.corpus), 3)
+    assert sample.tolist() != [0, 1, 2]  # (this seed's draw is not the head: the check below can tell)
+    np.testing.assert_array_equal(trained[0], whole[sample])
+    assert index.ntotal == len(ids) == len(data.corpus)
+
+
+def test_faiss_threads_under_a_launcher_are_the_ranks_share_of_the_cores(monkeypatch, caplog):
+    """torchrun sets OMP_NUM_THREADS=1 for every rank: faiss gets cores // local ranks instead, once."""
+    import logging
+    import os
+
+    import faiss
+
+    cores = len(os.sched_getaffinity(0))
+    before = faiss.omp_get_max_threads()
+    try:
+        for local, want in (("1", cores), ("2", max(1, cores // 2)), ("64", 1)):
+            faiss.omp_set_num_threads(1)
+            monkeypatch.setattr(ci, "_faiss_threads", [])
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+            with caplog.at_level(logging.INFO, logger="prod_st.corpus_index"):
+                assert ci.set_faiss_threads() == want == faiss.omp_get_max_threads()
+            assert f"faiss searches with {want} threads ({cores} cores, {local} local ranks)" in caplog.text
+        faiss.omp_set_num_threads(3)
+        assert ci.set_faiss_threads() == 3  # once per process
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setattr(ci, "_faiss_threads", [])
+        assert ci.set_faiss_threads() == 3  # no launcher: faiss's own setting stays
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_corpus_index_sets_faiss_threads_under_a_launcher(tiny_model_dir, toy_beir, monkeypatch):
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    monkeypatch.setattr(ci, "_faiss_threads", [])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # (one rank: WORLD_SIZE unset)
+    faiss.omp_set_num_threads(1)
+    try:
+        ci.corpus_index(SentenceTransformer(tiny_model_dir), load_retrieval_data(toy_beir).corpus, progress=False)
+        assert ci._faiss_threads and faiss.omp_get_max_threads() == ci._faiss_threads[0]
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -65,11 +65,14 @@ def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
     evaluation.QUERY_CHUNK = 3  # (ranks only) 4 queries: chunks of 3 and 1, rank 0 has no query in the second
     result = evaluate_model(load_model(model_dir), data, top_k=3, keep_run=True, progress=False)
     indexed = ci._last_index["index"].ntotal
+    on_torch = evaluate_model(load_model(model_dir), data, top_k=3, keep_run=True, progress=False,
+                              search_backend="torch")
     ci_blocks = ci.corpus_embeddings(load_model(model_dir), data.corpus, block_size=2, progress=False)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "computed": computed, "found": found, "run": result.run, "metrics": result.metrics,
         "encoded": sum(ci.encoded_docs.values()), "shard": distributed.shard(10),
         "gathered": distributed.all_gather(rank), "blocks": [b.tolist() for b in ci_blocks], "indexed": indexed,
+        "torch run": on_torch.run,
     }))
 
 
@@ -150,11 +153,13 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     # in it, and the ranks' top-k are merged: the same run and metrics on every rank as in one process
     assert ranks[0]["indexed"] + ranks[1]["indexed"] == single["indexed"] == sum(map(len, single["blocks"]))
     assert 0 < ranks[0]["indexed"] < single["indexed"]
-    for r in ranks:
-        assert r["run"].keys() == single["run"].keys()
-        for q, docs in single["run"].items():
-            assert list(r["run"][q]) == list(docs)
-            assert list(r["run"][q].values()) == pytest.approx(list(docs.values()), abs=1e-5)
+    # the same with torch's exact search (prod_st.exact_search) in place of faiss, merged the same way
+    for r in [*ranks, single]:
+        for run in (r["run"], r["torch run"]):
+            assert run.keys() == single["run"].keys()
+            for q, docs in single["run"].items():
+                assert list(run[q]) == list(docs)
+                assert list(run[q].values()) == pytest.approx(list(docs.values()), abs=1e-5)
         assert r["metrics"] == pytest.approx(single["metrics"])
     assert [r["shard"] for r in ranks] == [[0, 5], [5, 10]] and ranks[0]["gathered"] == [0, 1]
 

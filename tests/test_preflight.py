@@ -13,7 +13,7 @@ import pytest
 from prod_st.errors import ProdStError
 from prod_st.model_paths import resolve_model_path
 from prod_st.preflight import check_recipe, preflight
-from prod_st.recipe import parse_recipe
+from prod_st.recipe import load_recipe, parse_recipe
 
 
 def fake_model(folder: Path, layers: int = 2, *, sub: str = "0_Transformer") -> Path:
@@ -271,6 +271,29 @@ def test_preflight_is_one_line_with_every_problem(tmp_path):
     assert "\n" not in message and message.startswith("my.yaml: student.num_layers: 9 is more than the 6 layers")
     assert "; data.dev_split: " in message
     preflight(parse_recipe(recipe()), "fine.yaml")  # no problem: no error
+
+
+def test_a_training_sample_too_small_for_the_index_is_refused():
+    """An IVF or PQ index needs 39 training vectors per centroid (faiss's k-means warns below; it fails below 1):
+    recipes/nq.yaml's advice for smaller machines, IVF65536,PQ64, with the default sample of 32768 is refused,
+    with the size it needs it passes."""
+    assert problems(recipe(eval={"index": "IVF65536,PQ64"})) == [
+        "eval.index_train_size: 32768 vectors are too few to train 'IVF65536,PQ64': its IVF65536 learns 65536 "
+        "centroids and needs at least 2555904 (39 per centroid, below which faiss's k-means warns); set "
+        "eval.index_train_size: 2555904 or use fewer centroids"]
+    assert problems(recipe(eval={"index": "IVF65536,PQ64", "index_train_size": 2555904})) == []
+    assert problems(recipe(eval={"index": "IVF840,Flat"})) == []  # 39 x 840 = 32760: the default sample's most
+    assert problems(recipe(eval={"index": "IVF841,Flat"}))[0].startswith("eval.index_train_size: 32768 vectors")
+    assert "its PQ16 learns 256 centroids" in problems(recipe(eval={"index": "PQ16", "index_train_size": 9983}))[0]
+    assert problems(recipe(eval={"index": "PQ16", "index_train_size": 9984})) == []
+    assert "its PQ16x4 learns 16" in problems(recipe(eval={"index": "PQ16x4", "index_train_size": 100}))[0]
+    for untrained in ("Flat", "SQfp16", "HNSW32", "SQ8"):
+        assert problems(recipe(eval={"index": untrained, "index_train_size": 1})) == []
+    advice = (Path(__file__).parents[1] / "recipes" / "nq.yaml").read_text()  # as written in its comment
+    assert "index: IVF65536,PQ64 with index_train_size: 2555904" in advice
+    as_advised = load_recipe("nq", ["eval.index=IVF65536,PQ64", "eval.index_train_size=2555904"])
+    assert [p for p in check_recipe(as_advised) if p.startswith("eval.")] == []
+    assert [p for p in check_recipe(load_recipe("nq", ["eval.index=IVF65536,PQ64"])) if p.startswith("eval.")]
 
 
 def test_preflight_imports_no_torch():

@@ -534,6 +534,32 @@ def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
     assert "eval.corpus_dtype: Input should be 'float32' or 'float16'" in error_of(tmp_path, with_dtype("int8"))
 
 
+def test_search_and_index_train_size_keep_fingerprints_at_their_defaults(tmp_path):
+    """`eval.search` changes how fast, not what, the search finds: no step is redone for it. `eval.index_train_size`
+    changes what a trained index finds: every step that searches is redone; neither is written at its default."""
+    from prod_st.run_folder import plan
+
+    def with_eval(**fields) -> Recipe:
+        return parse_recipe(recipe_dict(eval=MINIMAL.get("eval", {}) | fields))
+
+    default = with_eval()
+    assert plan(default).steps == STEPS_BEFORE_TRAINING
+    assert default.eval.search == "auto" and default.eval.index_train_size == 32768
+    assert "search" not in default.resolved_yaml() and "index_train_size" not in default.resolved_yaml()
+    for backend in ("torch", "faiss"):
+        forced = with_eval(search=backend)
+        assert f"search: {backend}" in forced.resolved_yaml()  # recorded in the run folder's recipe.yaml ...
+        assert plan(forced) == plan(default)  # ... but nothing is redone
+    bigger = with_eval(index="IVF16,Flat", index_train_size=65536)
+    assert "index_train_size: 65536" in bigger.resolved_yaml()
+    assert all(v != plan(with_eval(index="IVF16,Flat")).steps[k] for k, v in plan(bigger).steps.items())
+    assert "eval: search: torch is exact search only (index Flat or SQfp16), not 'HNSW32'" in error_of(
+        tmp_path, recipe_dict(eval={"index": "HNSW32", "search": "torch"}))
+    assert "eval.search: Input should be 'auto', 'torch' or 'faiss'" in error_of(tmp_path, recipe_dict(
+        eval={"search": "gpu"}))
+    assert "eval.index_train_size" in error_of(tmp_path, recipe_dict(eval={"index_train_size": 0}))
+
+
 def test_training_block_is_validated(tmp_path):
     recipe = parse_recipe(recipe_dict(training={"precision": "bf16", "report_to": ["tensorboard", "wandb"]}))
     assert recipe.training.precision == "bf16" and recipe.training.report_list() == ["tensorboard", "wandb"]

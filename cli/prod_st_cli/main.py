@@ -58,6 +58,15 @@ class CorpusDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
 
+
+class SearchBackend(str, Enum):
+    """`eval --search`: what the recipe's eval.search takes."""
+
+    auto = "auto"
+    torch = "torch"
+    faiss = "faiss"
+
+
 err_console = Console(stderr=True)
 
 
@@ -254,6 +263,8 @@ def eval_command(
     output: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Documents retrieved per query.")] = 1000,
     index: Annotated[str, typer.Option(help="faiss index factory string ('Flat' = exact).")] = "Flat",
+    index_train_size: Annotated[int, typer.Option(min=1, help="Vectors a trained index (IVF, PQ) learns from, drawn at random across the corpus.")] = 32768,
+    search: Annotated[SearchBackend, typer.Option(help="auto: exact search (Flat, SQfp16) with torch on a GPU, faiss otherwise; torch or faiss to force one.")] = SearchBackend.auto,
     corpus_dtype: Annotated[CorpusDtype, typer.Option(help="dtype of the cached corpus embeddings (float16: half the disk).")] = CorpusDtype.float32,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 64,
     relevance_level: Annotated[int, typer.Option(min=1, help="Lowest grade counted relevant (MRR, recall, MAP).")] = 1,
@@ -269,15 +280,19 @@ def eval_command(
     from prod_st.evaluation import evaluate_model
     from prod_st.models import load_model
     from prod_st.paths import check_output_file
+    from prod_st.recipe import EXACT_INDEXES
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")
+    if search is SearchBackend.torch and index not in EXACT_INDEXES:
+        raise ProdStError(f"--search torch is exact search only (--index {' or '.join(EXACT_INDEXES)}), not {index!r}")
     if output is not None:
         output = check_output_file(output, "--output file")  # before the work, not after it
     with launched_group():
         console.quiet = not is_main()
         kwargs = dict(top_k=top_k, index_factory=index, batch_size=batch_size, dtype=corpus_dtype.value,
-                      relevance_level=relevance_level, max_queries=max_queries)
+                      relevance_level=relevance_level, max_queries=max_queries, index_train_size=index_train_size,
+                      search_backend=search.value)
         if beir is not None:
             names = [n.strip() for n in beir.split(",") if n.strip()]
             if not names:
@@ -297,6 +312,7 @@ def eval_command(
         payload = {
             "model": model, "data": data, "split": split, "num_queries": result.num_queries,
             "num_docs": result.num_docs, "top_k": top_k, "index": index, "corpus_dtype": corpus_dtype.value,
+            **({"index_train_size": index_train_size} if index_train_size != 32768 else {}),
             "metrics": result.metrics,
             "seconds": result.seconds,
         }

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
+from prod_st.corpus_index import TRAIN_SIZE
 from prod_st.distributed import barrier, is_main
 from prod_st.losses import score_scale
 from prod_st.mining import NegativeWindow, draw_negatives, mine_pools
@@ -29,7 +30,8 @@ class TeacherPool:
 
     def __init__(
         self, specs: dict, data: RunData, *, folder: Path, seed: int, eval_batch_size: int = 64, index: str = "Flat",
-        corpus_dtype: str = "float32", precision: str = "fp32",
+        corpus_dtype: str = "float32", precision: str = "fp32", index_train_size: int = TRAIN_SIZE,
+        search_backend: str = "auto",
     ):
         self.specs = specs
         self.folder = folder
@@ -37,6 +39,7 @@ class TeacherPool:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.index, self.corpus_dtype = index, corpus_dtype
+        self.index_train_size, self.search_backend = index_train_size, search_backend
         self.precision = precision  # resolved (not auto): teachers train and score under it
         self._built: dict[str, BiEncoderTeacher | CrossEncoderTeacher | EnsembleTeacher] = {}
 
@@ -98,7 +101,8 @@ class TeacherPool:
             query_ids = sorted(random.Random(seed).sample(query_ids, train.train_queries))
         window = NegativeWindow(1, train.negatives_window, train.num_negatives, "sample")
         pools, qrels = mine_pools(miner, self.data.train, window, query_ids=query_ids, relevance=self.data.relevance,
-                                  index_factory=self.index, batch_size=self.eval_batch_size, dtype=self.corpus_dtype)
+                                  index_factory=self.index, batch_size=self.eval_batch_size, dtype=self.corpus_dtype,
+                                  index_train_size=self.index_train_size, search_backend=self.search_backend)
         negatives = draw_negatives(pools, window, seed=seed)
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         queries, positives, negatives = rows.texts()
