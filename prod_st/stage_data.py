@@ -18,13 +18,14 @@ import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
-from prod_st.distributed import barrier, is_main
+from prod_st.distributed import all_gather, barrier, is_main, shard
 from prod_st.doc_ids import doc_ids as doc_ids_of
 from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
 TEXT_ROWS = 8192  # rows written per batch when they carry no labels (the warm-up)
+ANSWER_CHUNK = 1024  # training queries whose retrieved passages are fetched together for answer matching
 FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
 
 
@@ -54,24 +55,47 @@ class RunData:
         docs = self.corpus.select(rows)
         return [document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
 
+    def doc_texts_per_query(self, lists: Iterable[list[str]]) -> list[list[str]]:
+        """`doc_texts` of each list of doc ids, fetched with one corpus lookup for them all (not one
+        `Dataset.select` per query)."""
+        lists = list(lists)
+        texts = iter(self.doc_texts([d for docs in lists for d in docs]))
+        return [[next(texts) for _ in docs] for docs in lists]
+
     def relevance(self, ranked: dict[str, list[str]]) -> dict[str, dict[str, int]]:
         """The training judgements behind positives, mined negatives and DPD's ranks. By default the qrels.
         With `answer_positives` (PROD and DPR on Natural Questions), also every passage of `ranked` whose text
         contains one of the query's answers (DPR's string match, on the passage body), at grade 1 after the
-        gold ones, so a gold passage stays the positive a row trains on when there is one."""
+        gold ones, so a gold passage stays the positive a row trains on when there is one. The matching (a
+        tokenisation of every retrieved passage) is split across ranks under torchrun, each rank a share of
+        the queries, and the matches gathered: every rank calls this."""
         qrels, answers = self.train.qrels, self.train.answers
         if not self.answer_positives or not answers:
             return qrels
+        qids = list(ranked)
+        start, stop = shard(len(qids))
         out = dict(qrels)
-        for qid, docs in ranked.items():
-            if not answers.get(qid) or not docs:
-                continue
-            bodies = self._docs(docs)["text"]
-            judged = qrels.get(qid, {})  # an explicit judgement wins over the string match
-            found = [d for d, body in zip(docs, bodies) if d not in judged and has_answer(body, answers[qid])]
-            if found:
-                out[qid] = judged | dict.fromkeys(found, 1)
+        for found in all_gather(self._answer_bearing(ranked, qids[start:stop], answers, qrels)):
+            for qid, docs in found.items():  # an explicit judgement wins over the string match
+                out[qid] = qrels.get(qid, {}) | dict.fromkeys(docs, 1)
         return out
+
+    def _answer_bearing(self, ranked, qids: list[str], answers: dict[str, list[str]],
+                        qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+        """{query: its retrieved, unjudged passages that contain one of its answers} for the queries `qids` that
+        have any, the passage bodies fetched ANSWER_CHUNK queries at a time (one corpus lookup each)."""
+        qids = [q for q in qids if answers.get(q)]
+        found = {}
+        for first in range(0, len(qids), ANSWER_CHUNK):
+            chunk = qids[first:first + ANSWER_CHUNK]
+            lists = [ranked[q] for q in chunk]
+            bodies = iter(self._docs([d for docs in lists for d in docs])["text"])
+            for qid, docs in zip(chunk, lists):
+                judged = qrels.get(qid, {})
+                hits = [d for d, body in zip(docs, bodies) if d not in judged and has_answer(body, answers[qid])]
+                if hits:
+                    found[qid] = hits
+        return found
 
 
 def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:

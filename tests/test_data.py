@@ -205,3 +205,19 @@ def test_repeated_query_id(toy_beir):
         f.write(json.dumps({"_id": "q2", "text": "another text under the same id"}) + "\n")
     with pytest.raises(ProdStError, match=r"queries\.jsonl: query id 'q2' appears 2 times"):
         load_retrieval_data(toy_beir)
+
+
+def test_split_queries_is_built_once_per_qrels_and_follows_a_new_one(toy_beir):
+    """Issue 18 item 6: the runner asks for `split_queries()` at every mining, rerank and row build; it is read
+    with Arrow once per qrels object and shared, and a split whose qrels are replaced (a recipe's subset) gets
+    the new queries."""
+    data = load_retrieval_data(toy_beir)
+    texts = dict(zip(data.queries["_id"], data.queries["text"]))
+    first = data.split_queries()
+    assert first == {q: texts[q] for q in data.qrels} and list(first) == list(data.qrels)
+    assert data.split_queries() is first
+    data.qrels = dict(list(data.qrels.items())[::-1][:2])
+    assert list(data.split_queries()) == list(data.qrels) and len(data.split_queries()) == 2
+    data.qrels = {"not-a-query": {"d1": 1}}
+    with pytest.raises(KeyError, match="not-a-query"):
+        data.split_queries()
