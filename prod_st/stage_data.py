@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from prod_st.answer_match import has_answer
@@ -128,13 +129,8 @@ def load_run_data(
             data.answers = _sample_queries(data.answers, n, rng)
     corpus: datasets.Dataset = loaded[0].corpus
     if corpus_size is not None and corpus_size < len(corpus):
-        judged = {d for data in loaded for j in data.qrels.values() for d in j}
         # (answer-only test queries have no judged passages to keep: their accuracy is over the subset)
-        ids = corpus["_id"]
-        needed = [i for i, d in enumerate(ids) if d in judged]
-        others = [i for i, d in enumerate(ids) if d not in judged]
-        extra = rng.sample(others, max(0, corpus_size - len(needed)))
-        corpus = corpus.select(sorted(needed + extra))  # an index mapping over the same Arrow file, no copy
+        corpus = corpus.select(_corpus_subset(corpus, loaded, corpus_size, rng).tolist())  # an index mapping
         for data in loaded:
             data.corpus = corpus
     logger.info(
@@ -142,6 +138,18 @@ def load_run_data(
         dataset, *(len(d.qrels) if d is not None else 0 for d in every), len(corpus),
     )
     return RunData(*every, answer_positives=answer_positives)
+
+
+def _corpus_subset(corpus: datasets.Dataset, splits: list[RetrievalData], size: int, rng: random.Random) -> np.ndarray:
+    """The sorted corpus rows of a `size`-document subset: every document judged in `splits`, then others drawn
+    with `rng`. Judged ids are matched with Arrow (`is_in` on the id column), so an 8.8M-document corpus
+    becomes two integer arrays, not 8.8M Python strings; the draw is `rng.sample` over the other rows, as
+    before (the same subset for the same seed)."""
+    judged = pa.array(list({d for data in splits for j in data.qrels.values() for d in j}), pa.string())
+    is_judged = pc.is_in(corpus.with_format("arrow")["_id"], value_set=judged).to_numpy(zero_copy_only=False)
+    needed, others = np.flatnonzero(is_judged), np.flatnonzero(~is_judged)
+    extra = others[rng.sample(range(len(others)), max(0, size - len(needed)))]
+    return np.sort(np.concatenate([needed, extra]))
 
 
 @dataclass
