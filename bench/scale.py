@@ -11,6 +11,11 @@ passages, 500k training queries) and NQ (21M passages) at the recipes' model siz
     python bench/scale.py --sizes 'corpus=2000,16000 queries=100'   # chosen sizes, no fit
     python bench/scale.py --sizes 'corpus=320000 queries=1000'      # past wordnet-gloss: + distractor documents
     SCALE_TRACE_MB=20 python bench/scale.py --sizes 'corpus=10000 queries=8000'  # + RssAnon trace in <out>/*.log
+    python bench/scale.py --procs 2 --sizes 'corpus=4000 queries=320'   # under torchrun: peak RssAnon per rank
+
+With `--procs N` every run is N processes under torchrun (gloo on CPU, OMP_NUM_THREADS=1, each per-device batch
+divided by N so the global batch is the one-process run's): each rank samples its own memory, and the report
+gives every rank's peak RssAnon (issue 18 item 8: what a rank other than 0 holds).
 
 Models: student, bi-encoder and cross-encoder teachers of 2 layers, 128 wide, random weights, built here from
 a BertConfig with all-MiniLM-L6-v2's (packaged) tokenizer: nothing is downloaded. Every run has its own
@@ -84,18 +89,19 @@ def child(recipe: str, run_dir: str, result: str) -> None:
     seconds: dict[str, float] = {}
     spec = load_recipe(recipe)
     batch = {s.name: s.batch_size for s in spec.stages} | {f"dpd-{i}": spec.dpd.batch_size for i in range(1, 9)}
-    rows_read = 0  # training rows read over the run: steps x batch size of every stage
+    rows_read, world = 0, int(os.environ.get("WORLD_SIZE", 1))  # rows read: steps x global batch of every stage
     for folder in sorted(Path(run_dir).iterdir()):
         metrics = folder / "metrics.json"
         if folder.name[:2].isdigit() and metrics.exists():
             record = json.loads(metrics.read_text())
             for key, value in record["seconds"].items():
                 seconds[key] = seconds.get(key, 0.0) + value
-            rows_read += record["train"].get("steps", 0) * batch.get(record["name"], 0)
+            rows_read += record["train"].get("steps", 0) * batch.get(record["name"], 0) * world
     for key, value in final["seconds"].items():
         if key != "run":
             seconds[key] = seconds.get(key, 0.0) + value
-    Path(result).write_text(json.dumps({
+    rank = int(os.environ.get("RANK", 0))
+    Path(result if not rank else f"{result}.rank{rank}").write_text(json.dumps({
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": round(wall, 1), "seconds": seconds, "num_docs": final["num_docs"],
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
@@ -211,10 +217,13 @@ def enlarged_dataset(out: Path, docs: int) -> str:
     return str(folder)
 
 
-def recipe(models: dict[str, str], docs: int, queries: int, small: bool, dataset: str = "wordnet-gloss") -> dict:
+def recipe(models: dict[str, str], docs: int, queries: int, small: bool, dataset: str = "wordnet-gloss",
+           procs: int = 1) -> dict:
+    """The run's recipe; with `procs` processes every per-device batch size is divided by `procs` (the same
+    global batch, so the same steps)."""
     neg = {"miner": "student", "start": 1, "end": 100, "count": 1, "strategy": "sample"}
     held_out = 10 if small else 200
-    return {
+    return _per_device(procs, {
         "name": "scale",
         "seed": 13,
         "data": {"dataset": dataset, "train_queries": queries, "dev_queries": held_out,
@@ -231,31 +240,53 @@ def recipe(models: dict[str, str], docs: int, queries: int, small: bool, dataset
         ],
         "dpd": {"teacher": "ce", "rerank_depth": 15, "num_negatives": 7, "batch_size": 16},
         "eval": {"top_k": 100, "teacher_rerank_depth": 10, "batch_size": 64},
-    }
+    })
 
 
-def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code: Path) -> dict:
-    label = f"d{docs}-q{queries}"
+def _per_device(procs: int, spec: dict) -> dict:
+    """`spec` with the training batch sizes of its stages and DPD divided by `procs`."""
+    for part in (*spec["stages"], spec["dpd"]):
+        part["batch_size"] //= procs
+    return spec
+
+
+def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code: Path, procs: int = 1) -> dict:
+    label = f"d{docs}-q{queries}" + (f"-p{procs}" if procs > 1 else "")
     result = out / f"{label}.json"
     if result.exists():
         return json.loads(result.read_text())
     path = out / f"{label}.yaml"
     dataset = enlarged_dataset(out, docs) if docs > WORDNET_DOCS else "wordnet-gloss"
-    path.write_text(yaml.safe_dump(recipe(models, docs, queries, small, dataset), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(models, docs, queries, small, dataset, procs), sort_keys=False))
     env = os.environ | {"PYTHONPATH": f"{code}:{code / 'cli'}", "HF_HUB_OFFLINE": "1",
                         "TOKENIZERS_PARALLELISM": "false", "PROD_ST_CACHE": str(out / f"cache-{label}")}
+    launcher = [sys.executable]
+    if procs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port())]
     start = time.perf_counter()
     with open(out / f"{label}.log", "w") as log:
-        subprocess.run([sys.executable, __file__, "--child", str(path), str(out / f"run-{label}"), str(result)],
+        subprocess.run(launcher + [__file__, "--child", str(path), str(out / f"run-{label}"), str(result)],
                        env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, check=True)
-    data = json.loads(result.read_text()) | {"docs": docs, "queries": queries,
+    data = json.loads(result.read_text()) | {"docs": docs, "queries": queries, "procs": procs,
                                               "process_s": round(time.perf_counter() - start, 1)}
+    ranks = [data] + [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, procs)]
+    data["rank_anon_mb"] = [round(r["peak_anon_mb"]) for r in ranks]
+    data["rank_step_anon_mb"] = [r["step_anon_mb"] for r in ranks]
     result.write_text(json.dumps(data))
     print(f"  {label}: {data['num_docs']} docs, peak RSS {data['peak_rss_mb']:.0f} MB (anon {data.get('peak_anon_mb', 0):.0f}, "
           f"file {data.get('peak_file_mb', 0):.0f}), run {data['wall_s']}s "
-          f"({data['cpu_s']} CPU s)",
+          f"({data['cpu_s']} CPU s)" + (f"; peak RssAnon per rank {data['rank_anon_mb']} MB" if procs > 1 else ""),
           file=sys.stderr)
     return data
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def grouped(seconds: dict) -> dict[str, float]:
@@ -308,10 +339,13 @@ def memory_table(runs: list[dict]) -> list[str]:
     steps = sorted({k for r in runs for k in r["step_anon_mb"]}, key=lambda k: max(r["step_anon_mb"].get(k, 0) for r in runs),
                    reverse=True)
     lines = ["", "Peak own memory (RssAnon) and mapped file pages (RssFile), MB; then peak RssAnon during each step:", "",
-             "| docs | train queries | RssAnon | RssFile | " + " | ".join(steps) + " |", "|---|---|---|---|" + "---|" * len(steps)]
-    for r in sorted(runs, key=lambda r: (r["queries"], r["docs"])):
-        lines.append(f"| {r['num_docs']:,} | {r['queries']:,} | {r['peak_anon_mb']:.0f} | {r['peak_file_mb']:.0f} | "
-                     + " | ".join(str(r["step_anon_mb"].get(k, "-")) for k in steps) + " |")
+             "| docs | train queries | processes | RssAnon (per rank) | RssFile | " + " | ".join(steps) + " |",
+             "|---|---|---|---|---|" + "---|" * len(steps)]
+    for r in sorted(runs, key=lambda r: (r["queries"], r["docs"], r.get("procs", 1))):
+        ranks = r.get("rank_step_anon_mb") or [r["step_anon_mb"]]
+        anon = " / ".join(str(m) for m in r.get("rank_anon_mb") or [round(r["peak_anon_mb"])])
+        lines.append(f"| {r['num_docs']:,} | {r['queries']:,} | {r.get('procs', 1)} | {anon} | {r['peak_file_mb']:.0f} | "
+                     + " | ".join(" / ".join(str(m.get(k, "-")) for m in ranks) for k in steps) + " |")
     return lines
 
 
@@ -379,6 +413,7 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="the prod-st checkout the runs import")
     parser.add_argument("--gpu-tflops", type=float, default=100.0, help="assumed effective GPU TFLOP/s")
     parser.add_argument("--sizes", default=None, help="'corpus=A,B,C queries=X,Y,Z' (first of each is the base)")
+    parser.add_argument("--procs", type=int, default=1, help="processes per run, under torchrun (gloo on CPU)")
     parser.add_argument("--child", nargs=3, metavar=("RECIPE", "RUN_DIR", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -397,7 +432,7 @@ def main() -> None:
     models = build_models(out / "models")
     started = time.perf_counter()
     sizes = [(d, queries[0]) for d in corpus] + [(corpus[0], q) for q in queries[1:]]
-    runs = [run_size(out, models, d, q, args.small, args.code.resolve()) for d, q in sizes]
+    runs = [run_size(out, models, d, q, args.small, args.code.resolve(), args.procs) for d, q in sizes]
     cpu = cpu_tflops()
     text = report(runs, (corpus[0], queries[0]), args.gpu_tflops, cpu)
     (out / "results.json").write_text(json.dumps({"runs": runs, "cpu_tflops": cpu, "code": str(args.code)}, indent=1))

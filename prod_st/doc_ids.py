@@ -8,6 +8,7 @@ ids and rows a step asks for become Python objects."""
 from __future__ import annotations
 
 import logging
+import operator
 
 import numpy as np
 import pyarrow as pa
@@ -52,16 +53,22 @@ class DocIds:
 
     def rows(self, doc_ids: list[str]) -> np.ndarray:
         """The corpus rows of `doc_ids`, in order."""
-        if self._exact is not None:
-            return np.array([self._exact[d] for d in doc_ids], dtype=np.int64)
-        wanted = np.fromiter(map(hash, doc_ids), dtype=np.int64, count=len(doc_ids))
-        at = np.minimum(np.searchsorted(self._sorted, wanted), max(len(self._sorted) - 1, 0))
-        rows = self._order[at] if len(self._sorted) else np.zeros(len(doc_ids), np.int64)
-        found = self.take(rows)
-        for doc_id, got in zip(doc_ids, found):
-            if doc_id != got:
-                raise KeyError(doc_id)
+        rows = self.find(doc_ids)
+        if (rows < 0).any():
+            raise KeyError(doc_ids[int(np.argmax(rows < 0))])
         return rows
+
+    def find(self, doc_ids: list[str]) -> np.ndarray:
+        """The corpus rows of `doc_ids`, in order, -1 for an id the corpus does not hold (judgements may name
+        documents outside a run's corpus subset)."""
+        if self._exact is not None:
+            return np.array([self._exact.get(d, -1) for d in doc_ids], dtype=np.int64)
+        if not len(self._sorted):
+            return np.full(len(doc_ids), -1, dtype=np.int64)
+        wanted = np.fromiter(map(hash, doc_ids), dtype=np.int64, count=len(doc_ids))
+        rows = self._order[np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)]
+        same = np.fromiter(map(operator.eq, doc_ids, self.take(rows)), dtype=bool, count=len(doc_ids))
+        return np.where(same, rows, -1)
 
 
 def doc_ids(corpus) -> DocIds:

@@ -11,8 +11,10 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DPDSelection", "drop_reason", "first_relevant_rank", "keep_query", "queries_for_teacher", "select_queries",
-           "student_drop_reason", "teacher_rankings"]
+import numpy as np
+
+__all__ = ["DPDSelection", "decided_by_student", "drop_reason", "first_relevant_rank", "keep_query",
+           "queries_for_teacher", "select_queries", "student_drop_reason", "teacher_rankings"]
 
 Variant = Literal["msmarco", "nq"]
 DROP_REASONS = ("student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels")
@@ -140,14 +142,48 @@ def queries_for_teacher(
     student's rank alone (:func:`student_drop_reason`). Only these need the teacher's rerank; for every other
     query :func:`select_queries` gives the same answer without one. (``teacher_max`` is the rule's, taken so
     the whole rule can be passed; it does not decide who is asked.)"""
-    asked = []
-    for qid, student_run in student_runs.items():
-        relevant = {doc_id for doc_id, rel in qrels.get(qid, {}).items() if rel > 0}
-        rank = first_relevant_rank(student_run, relevant) if relevant else None
-        if relevant and student_drop_reason(rank, student_min=student_min, student_max=student_max,
-                                            variant=variant) is None:
-            asked.append(qid)
-    return asked
+    return decided_by_student(student_runs, qrels, student_min=student_min, student_max=student_max,
+                              variant=variant)[0]
+
+
+def decided_by_student(
+    student_runs: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    *,
+    student_min: int = 2,
+    student_max: int = 15,
+    variant: Variant = "msmarco",
+    teacher_max: int = 1,
+) -> tuple[list[str], DPDSelection]:
+    """(:func:`queries_for_teacher`, the selection of every other query): the second counts the queries the
+    student's rank alone decides (``no_qrels`` and the student's drop reasons; it keeps none), as
+    :func:`select_queries` would. One pass: the first relevant ranks come from the run's arrays when it has
+    them (a `prod_st.mining.RankedRun`: no list of ids per query, so 500k training queries take seconds),
+    and the rule is applied once per distinct rank, not once per query."""
+    judged = np.fromiter((any(g > 0 for g in qrels.get(q, {}).values()) for q in student_runs), dtype=bool,
+                         count=len(student_runs))
+    ranks = _first_relevant_ranks(student_runs, qrels)
+    outcomes = ("", "no_qrels", *DROP_REASONS[:3])  # "": the teacher decides
+    by_rank = np.array([outcomes.index(student_drop_reason(rank or None, student_min=student_min,
+                                                           student_max=student_max, variant=variant) or "")
+                        for rank in range(int(ranks.max(initial=0)) + 1)], dtype=np.int8)  # rank 0: none
+    codes = np.where(judged, by_rank[ranks], outcomes.index("no_qrels"))
+    selection = DPDSelection()
+    for code, count in zip(*np.unique(codes, return_counts=True)):
+        if code:
+            selection.counts[outcomes[code]] += int(count)
+    asked = np.flatnonzero(codes == 0)
+    qids = list(student_runs)
+    return [qids[i] for i in asked], selection
+
+
+def _first_relevant_ranks(student_runs: Mapping[str, Sequence[str]],
+                          qrels: Mapping[str, Mapping[str, int]]) -> np.ndarray:
+    """Per query of ``student_runs``, in order: :func:`first_relevant_rank`, 0 for None."""
+    if hasattr(student_runs, "first_relevant_ranks"):  # a RankedRun: from its arrays
+        return student_runs.first_relevant_ranks(qrels)
+    return np.fromiter((first_relevant_rank(run, {d for d, g in qrels.get(q, {}).items() if g > 0}) or 0
+                        for q, run in student_runs.items()), dtype=np.int32, count=len(student_runs))
 
 
 def select_queries(

@@ -31,6 +31,7 @@ from prod_st.fingerprint import model_fingerprint, text_key
 
 logger = logging.getLogger(__name__)
 Strategy = Literal["sample", "hardest"]
+RELEVANT_BLOCK = 32_768  # queries per block when a run's ranks are matched with the judgements (x 200 ranks: 50 MB)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,45 @@ class RankedRun(Mapping[str, list[str]]):
 
     def __len__(self) -> int:
         return len(self._position)
+
+    def positions(self, qids: list[str]) -> np.ndarray:
+        """The row of `rows` of each query of `qids`."""
+        return np.fromiter(map(self._position.__getitem__, qids), dtype=np.int64, count=len(qids))
+
+    def first_relevant_ranks(self, qrels: Mapping[str, Mapping[str, int]]) -> np.ndarray:
+        """Per query, in order: the 1-based rank of its first relevant document (grade > 0), 0 where it retrieved
+        none. From the arrays (`relevant_blocks`): no list of ids per query."""
+        out = np.zeros(len(self), dtype=np.int32)
+        for first, hits in self.relevant_blocks(qrels):
+            out[first:first + len(hits)] = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
+        return out
+
+    def relevant_blocks(self, qrels: Mapping[str, Mapping[str, int]],
+                        columns: slice = slice(None)) -> Iterator[tuple[int, np.ndarray]]:
+        """(first query, (queries, ranks) bool) for RELEVANT_BLOCK queries at a time: whether the document at
+        each rank of `columns` is relevant to its query (grade > 0 in `qrels`; a -1 padding never is). The
+        judgements become one sorted array of `query * documents + row` keys that each block is searched
+        in: 8 bytes per judgement, not a set per query."""
+        documents = len(self._ids)
+        judged = self._relevant_keys(qrels, documents)
+        for first in range(0, len(self), RELEVANT_BLOCK):
+            rows = np.asarray(self.rows[first:first + RELEVANT_BLOCK, columns], dtype=np.int64)
+            keys = np.arange(first, first + len(rows), dtype=np.int64)[:, None] * documents + rows
+            at = np.minimum(np.searchsorted(judged, keys), max(len(judged) - 1, 0))
+            yield first, (rows >= 0) & (judged[at] == keys) if len(judged) else np.zeros(rows.shape, bool)
+
+    def _relevant_keys(self, qrels: Mapping[str, Mapping[str, int]], documents: int) -> np.ndarray:
+        """Sorted `query position * documents + corpus row` of every relevant (query, document) judgement of
+        this run's queries (documents outside the corpus are left out: no run can retrieve them)."""
+        positions, relevant = [], []
+        for i, qid in enumerate(self._position):  # a pass over the judgements (a few per query), no documents
+            for doc_id, grade in qrels.get(qid, {}).items():
+                if grade > 0:
+                    positions.append(i)
+                    relevant.append(doc_id)
+        rows = self._ids.find(relevant)
+        keys = np.asarray(positions, dtype=np.int64) * documents + rows
+        return np.unique(keys[rows >= 0])
 
 
 def retrieve_ranked(
@@ -130,6 +170,18 @@ class NegativePools(Mapping[str, list[str]]):
     def __len__(self) -> int:
         return len(self.ranked)
 
+    def sizes(self) -> np.ndarray:
+        """Each query's pool size, in order: from the run's arrays when it is a `RankedRun` (ranks found in the
+        window minus the relevant ones among them, no list of ids per query), else from the pools."""
+        if not isinstance(self.ranked, RankedRun):
+            return np.fromiter((len(pool) for pool in self.values()), dtype=np.int64, count=len(self))
+        window = slice(self.window.start - 1, self.window.end)
+        found = (np.asarray(self.ranked.rows[:, window]) >= 0).sum(axis=1)
+        relevant = np.zeros(len(self), dtype=np.int64)
+        for first, hits in self.ranked.relevant_blocks(self.qrels, window):
+            relevant[first:first + len(hits)] = hits.sum(axis=1)
+        return found - relevant
+
 
 def negative_pools(
     ranked: Mapping[str, list[str]], qrels: dict[str, dict[str, int]], window: NegativeWindow
@@ -184,7 +236,7 @@ def mine_pools(
     ranked = retrieve_ranked(model, data, queries, top_k=top_k or window.end, **retrieve_kwargs)
     qrels = relevance(ranked) if relevance is not None else data.qrels
     pools = negative_pools(ranked, qrels, window)
-    short = sum(len(v) < window.count for v in pools.values())
+    short = int((pools.sizes() < window.count).sum())
     if short:
         logger.warning("%d of %d queries have fewer than %d negatives in ranks %d..%d",
                        short, len(pools), window.count, window.start, window.end)

@@ -41,7 +41,7 @@ from sentence_transformers import SentenceTransformer
 
 from prod_st import __version__, corpus_index, cost, run_folder
 from prod_st.distributed import all_gather, barrier, is_main, launched_group, world_size
-from prod_st.dpd import DPDSelection, queries_for_teacher, select_queries, teacher_rankings
+from prod_st.dpd import decided_by_student, select_queries, teacher_rankings
 from prod_st.errors import ProdStError
 from prod_st.evaluation import evaluate_beir, evaluate_model
 from prod_st.losses import PRODLoss, contrastive_loss, score_scale
@@ -482,22 +482,14 @@ class Runner:
             ranked = retrieve_ranked(student, self.data.train, queries, top_k=spec.rerank_depth,
                                      **self.corpus_search())
         qrels, rule = self.data.relevance(ranked), spec.rule.model_dump()
-        asked = queries_for_teacher(ranked, qrels, **rule)  # the others are decided by the student's rank alone
+        asked, selection = decided_by_student(ranked, qrels, **rule)  # the others: the student's rank alone
         cost.announce(f"{name}: teacher rerank of the {len(asked)} of {len(ranked)} queries the rule asks it about",
-                      sum(len(ranked[q]) for q in asked), "pairs",
+                      int((ranked.rows[ranked.positions(asked)] >= 0).sum()), "pairs",
                       cost.run_bytes(min(len(asked), RERANK_CHUNK), spec.rerank_depth) * 2)
-        asked_set = set(asked)
-
-        def chunks(qids: list[str]):  # a chunk of queries' ranked lists at a time: memory holds one chunk
-            for first in range(0, len(qids), RERANK_CHUNK):
-                yield {q: ranked[q] for q in qids[first:first + RERANK_CHUNK]}
-
-        selection = DPDSelection()
-        for chunk in chunks([q for q in ranked if q not in asked_set]):
-            selection.update(select_queries(chunk, {}, qrels, num_negatives=spec.num_negatives, **rule))
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
-            for chunk in chunks(asked):
-                scores = teacher.score([queries[q] for q in chunk], [self.data.doc_texts(d) for d in chunk.values()])
+            for first in range(0, len(asked), RERANK_CHUNK):  # memory holds one chunk's ranked lists
+                chunk = {q: ranked[q] for q in asked[first:first + RERANK_CHUNK]}
+                scores = teacher.score([queries[q] for q in chunk], self.data.doc_texts_per_query(chunk.values()))
                 selection.update(select_queries(chunk, teacher_rankings(chunk, scores), qrels,
                                                 num_negatives=spec.num_negatives, **rule))
         record.selection = dict(selection.counts)

@@ -14,17 +14,19 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
 from prod_st.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
-from prod_st.distributed import barrier, is_main
+from prod_st.distributed import all_gather, barrier, is_main, shard
 from prod_st.doc_ids import doc_ids as doc_ids_of
 from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
 TEXT_ROWS = 8192  # rows written per batch when they carry no labels (the warm-up)
+ANSWER_CHUNK = 1024  # training queries whose retrieved passages are fetched together for answer matching
 FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
 
 
@@ -54,24 +56,47 @@ class RunData:
         docs = self.corpus.select(rows)
         return [document_text(t, x) for t, x in zip(docs["title"], docs["text"])]
 
+    def doc_texts_per_query(self, lists: Iterable[list[str]]) -> list[list[str]]:
+        """`doc_texts` of each list of doc ids, fetched with one corpus lookup for them all (not one
+        `Dataset.select` per query)."""
+        lists = list(lists)
+        texts = iter(self.doc_texts([d for docs in lists for d in docs]))
+        return [[next(texts) for _ in docs] for docs in lists]
+
     def relevance(self, ranked: dict[str, list[str]]) -> dict[str, dict[str, int]]:
         """The training judgements behind positives, mined negatives and DPD's ranks. By default the qrels.
         With `answer_positives` (PROD and DPR on Natural Questions), also every passage of `ranked` whose text
         contains one of the query's answers (DPR's string match, on the passage body), at grade 1 after the
-        gold ones, so a gold passage stays the positive a row trains on when there is one."""
+        gold ones, so a gold passage stays the positive a row trains on when there is one. The matching (a
+        tokenisation of every retrieved passage) is split across ranks under torchrun, each rank a share of
+        the queries, and the matches gathered: every rank calls this."""
         qrels, answers = self.train.qrels, self.train.answers
         if not self.answer_positives or not answers:
             return qrels
+        qids = list(ranked)
+        start, stop = shard(len(qids))
         out = dict(qrels)
-        for qid, docs in ranked.items():
-            if not answers.get(qid) or not docs:
-                continue
-            bodies = self._docs(docs)["text"]
-            judged = qrels.get(qid, {})  # an explicit judgement wins over the string match
-            found = [d for d, body in zip(docs, bodies) if d not in judged and has_answer(body, answers[qid])]
-            if found:
-                out[qid] = judged | dict.fromkeys(found, 1)
+        for found in all_gather(self._answer_bearing(ranked, qids[start:stop], answers, qrels)):
+            for qid, docs in found.items():  # an explicit judgement wins over the string match
+                out[qid] = qrels.get(qid, {}) | dict.fromkeys(docs, 1)
         return out
+
+    def _answer_bearing(self, ranked, qids: list[str], answers: dict[str, list[str]],
+                        qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+        """{query: its retrieved, unjudged passages that contain one of its answers} for the queries `qids` that
+        have any, the passage bodies fetched ANSWER_CHUNK queries at a time (one corpus lookup each)."""
+        qids = [q for q in qids if answers.get(q)]
+        found = {}
+        for first in range(0, len(qids), ANSWER_CHUNK):
+            chunk = qids[first:first + ANSWER_CHUNK]
+            lists = [ranked[q] for q in chunk]
+            bodies = iter(self._docs([d for docs in lists for d in docs])["text"])
+            for qid, docs in zip(chunk, lists):
+                judged = qrels.get(qid, {})
+                hits = [d for d, body in zip(docs, bodies) if d not in judged and has_answer(body, answers[qid])]
+                if hits:
+                    found[qid] = hits
+        return found
 
 
 def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:
@@ -104,13 +129,8 @@ def load_run_data(
             data.answers = _sample_queries(data.answers, n, rng)
     corpus: datasets.Dataset = loaded[0].corpus
     if corpus_size is not None and corpus_size < len(corpus):
-        judged = {d for data in loaded for j in data.qrels.values() for d in j}
         # (answer-only test queries have no judged passages to keep: their accuracy is over the subset)
-        ids = corpus["_id"]
-        needed = [i for i, d in enumerate(ids) if d in judged]
-        others = [i for i, d in enumerate(ids) if d not in judged]
-        extra = rng.sample(others, max(0, corpus_size - len(needed)))
-        corpus = corpus.select(sorted(needed + extra))  # an index mapping over the same Arrow file, no copy
+        corpus = corpus.select(_corpus_subset(corpus, loaded, corpus_size, rng).tolist())  # an index mapping
         for data in loaded:
             data.corpus = corpus
     logger.info(
@@ -118,6 +138,18 @@ def load_run_data(
         dataset, *(len(d.qrels) if d is not None else 0 for d in every), len(corpus),
     )
     return RunData(*every, answer_positives=answer_positives)
+
+
+def _corpus_subset(corpus: datasets.Dataset, splits: list[RetrievalData], size: int, rng: random.Random) -> np.ndarray:
+    """The sorted corpus rows of a `size`-document subset: every document judged in `splits`, then others drawn
+    with `rng`. Judged ids are matched with Arrow (`is_in` on the id column), so an 8.8M-document corpus
+    becomes two integer arrays, not 8.8M Python strings; the draw is `rng.sample` over the other rows, as
+    before (the same subset for the same seed)."""
+    judged = pa.array(list({d for data in splits for j in data.qrels.values() for d in j}), pa.string())
+    is_judged = pc.is_in(corpus.with_format("arrow")["_id"], value_set=judged).to_numpy(zero_copy_only=False)
+    needed, others = np.flatnonzero(is_judged), np.flatnonzero(~is_judged)
+    extra = others[rng.sample(range(len(others)), max(0, size - len(needed)))]
+    return np.sort(np.concatenate([needed, extra]))
 
 
 @dataclass

@@ -205,3 +205,42 @@ def test_repeated_query_id(toy_beir):
         f.write(json.dumps({"_id": "q2", "text": "another text under the same id"}) + "\n")
     with pytest.raises(ProdStError, match=r"queries\.jsonl: query id 'q2' appears 2 times"):
         load_retrieval_data(toy_beir)
+
+
+def test_split_queries_is_built_once_per_qrels_and_follows_a_new_one(toy_beir):
+    """Issue 18 item 6: the runner asks for `split_queries()` at every mining, rerank and row build; it is read
+    with Arrow once per qrels object and shared, and a split whose qrels are replaced (a recipe's subset) gets
+    the new queries."""
+    data = load_retrieval_data(toy_beir)
+    texts = dict(zip(data.queries["_id"], data.queries["text"]))
+    first = data.split_queries()
+    assert first == {q: texts[q] for q in data.qrels} and list(first) == list(data.qrels)
+    assert data.split_queries() is first
+    data.qrels = dict(list(data.qrels.items())[::-1][:2])
+    assert list(data.split_queries()) == list(data.qrels) and len(data.split_queries()) == 2
+    data.qrels = {"not-a-query": {"d1": 1}}
+    with pytest.raises(KeyError, match="not-a-query"):
+        data.split_queries()
+
+
+def test_corpus_subset_matched_with_arrow_is_the_subset_of_the_per_document_loop():
+    """Issue 18 item 6: the recipe's corpus subset matches judged ids with Arrow instead of a Python pass over
+    every document id; for the same seed it is the same subset (rows and datasets fingerprint, which the run's
+    caches are keyed on) as the loop gave."""
+    import random
+
+    from prod_st.stage_data import _sample_queries, load_run_data
+
+    data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
+    rng = random.Random(3)
+    every = [load_retrieval_data("wordnet-gloss", split) for split in ("train", "dev", "test")]
+    for split, n in zip(every, (30, 5, 5)):
+        split.qrels = _sample_queries(split.qrels, n, rng)
+    judged = {d for split in every for j in split.qrels.values() for d in j}
+    ids = every[0].corpus["_id"]
+    needed = [i for i, d in enumerate(ids) if d in judged]
+    others = [i for i, d in enumerate(ids) if d not in judged]
+    rows = sorted(needed + rng.sample(others, 300 - len(needed)))
+    expected = every[0].corpus.select(rows)
+    assert data.corpus["_id"] == expected["_id"] and len(needed) > 30
+    assert data.corpus._fingerprint == expected._fingerprint

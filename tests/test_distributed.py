@@ -164,6 +164,64 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     assert [r["shard"] for r in ranks] == [[0, 5], [5, 10]] and ranks[0]["gathered"] == [0, 1]
 
 
+def _mapped_files(folder: str) -> list[tuple[int, int]]:
+    """The address ranges of this process's memory-mapped files under `folder` (from /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(folder):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+def _in_files(chunks: list, folder: str) -> list[bool]:
+    """Per chunk: whether every buffer of it (its children's too) lies in a file mapped from `folder`."""
+    ranges = _mapped_files(folder)
+    return [all(any(low <= b.address and b.address + b.size <= high for low, high in ranges)
+                for b in chunk.buffers() if b is not None and b.size) for chunk in chunks]
+
+
+def _cache_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank filling a shared embedding cache with `fill_missing_shared`, and one cache in a folder of its
+    own (as if rank 0's disk were another machine's); what its chunks are backed by, written under `out`."""
+    from prod_st.teachers.cache import EmbeddingCache
+    from prod_st.teachers.sharded import fill_missing_shared
+
+    _as_torchrun_starts(rank, world, port)
+    distributed.init_if_launched()
+    items = {f"t{i}": i for i in range(120)}
+
+    def embed(numbers):
+        return np.stack([np.full(16, n, np.float32) for n in numbers])
+
+    shared, own = EmbeddingCache(Path(out) / "shared"), EmbeddingCache(Path(out) / f"own{rank}")
+    for cache in (shared, own):
+        fill_missing_shared(cache, items, embed, chunk_size=10, length=lambda n: n % 7, progress=False)
+    distributed.leave_group()
+    Path(out, f"cache{rank}.json").write_text(json.dumps({
+        "shared": _in_files(shared._chunks, str(Path(out) / "shared")),
+        "own": _in_files(own._chunks, str(Path(out) / f"own{rank}")),
+        "values": [shared.matrix(list(items)).tolist(), own.matrix(list(items)).tolist()],
+    }))
+
+
+@pytest.mark.slow
+def test_every_rank_maps_the_shards_rank_0_writes(tmp_path):
+    """Issue 18 item 3: a rank other than 0 holds the teacher values it shares as rank 0's memory-mapped
+    shards, not as a copy in its own memory; where it cannot see rank 0's file, it keeps them in memory and
+    the values are the same."""
+    mp.spawn(_cache_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"cache{r}.json").read_text()) for r in (0, 1)]
+    expected = [[float(i)] * 16 for i in range(120)]
+    for r in ranks:
+        assert r["values"] == [expected, expected]
+    assert len(ranks[1]["shared"]) == 6 and all(ranks[1]["shared"])  # 120 / (2 ranks x 10): 6 rounds, 6 shards
+    assert all(ranks[0]["shared"]) and all(ranks[0]["own"])
+    assert len(ranks[1]["own"]) == 6 and not any(ranks[1]["own"])  # no shard in its folder: in memory
+    assert not list((tmp_path / "own1").glob("part-*"))
+
+
 def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir: str) -> None:
     """One rank of `torchrun -m prod_st_cli.main eval MODEL DATA --output ...`."""
     import torch.distributed as dist

@@ -187,3 +187,43 @@ def test_teacher_rankings_put_the_highest_score_first():
     assert got == {"q1": ["d2", "d1", "d3"], "q2": ["d4", "d5"]}
     selection = select_queries(ranked, got, {"q1": {"d2": 1}, "q2": {"d5": 1}}, num_negatives=2)
     assert selection.kept == {"q1": ["d1", "d3"]}  # student rank 2, teacher rank 1: a near miss kept
+
+
+def _random_run(seed: int, queries: int = 300, docs: int = 50, depth: int = 20):
+    """A RankedRun over a corpus of `docs` documents (some rows padded with -1, as when fewer were found), the
+    same run as a dict of id lists, and qrels with grades 0-2, unjudged queries and ids outside the corpus."""
+    import datasets
+    import numpy as np
+
+    from prod_st.doc_ids import DocIds
+    from prod_st.mining import RankedRun
+
+    rng = np.random.default_rng(seed)
+    corpus = datasets.Dataset.from_dict({"_id": [f"d{i}" for i in range(docs)], "title": [""] * docs,
+                                         "text": ["x"] * docs})
+    rows = np.stack([rng.permutation(docs)[:depth] for _ in range(queries)]).astype(np.int32)
+    rows[rng.random(queries) < 0.2, depth // 2:] = -1
+    qids = [f"q{i}" for i in range(queries)]
+    qrels = {q: {f"d{d}": int(rng.integers(0, 3)) for d in rng.choice(docs + 5, rng.integers(1, 4), replace=False)}
+             for i, q in enumerate(qids) if i % 7}
+    run = RankedRun(qids, rows, DocIds(corpus))
+    return run, {q: run[q] for q in qids}, qrels
+
+
+@pytest.mark.parametrize("variant", ["msmarco", "nq"])
+def test_decided_by_student_from_the_run_arrays_matches_the_per_query_rule(variant):
+    """Issue 18 item 6: DPD's ranks come from the RankedRun's arrays (no list of ids per query); the asked
+    queries and the counts of the others are those of the per-query rule on the same run as id lists."""
+    from prod_st.dpd import decided_by_student
+
+    run, lists, qrels = _random_run(3)
+    rule = {"student_min": 2, "student_max": 6, "teacher_max": 1, "variant": variant}
+    asked, selection = decided_by_student(run, qrels, **rule)
+    assert asked == queries_for_teacher(lists, qrels, **rule) and len(asked) > 20
+    expected = select_queries({q: r for q, r in lists.items() if q not in set(asked)}, {}, qrels, **rule)
+    assert selection.counts == expected.counts and not selection.kept
+    assert sum(selection.counts.values()) + len(asked) == len(run)
+    assert decided_by_student(lists, qrels, **rule) == (asked, selection)  # the dict path: the same
+    ranks = run.first_relevant_ranks(qrels)
+    for q, rank in zip(run, ranks.tolist()):
+        assert rank == (first_relevant_rank(lists[q], {d for d, g in qrels.get(q, {}).items() if g > 0}) or 0)

@@ -298,3 +298,28 @@ def test_nq_answer_bearing_passages_are_positives_never_negatives():
 
     plain = load_run_data(str(NQ), splits=("train", "dev", "dev"))
     assert plain.relevance(ranked) is plain.train.qrels  # qrels only, unless the recipe asks for answers
+
+
+def test_answer_matching_is_split_across_ranks_and_fetches_a_chunk_at_once(monkeypatch):
+    """Issue 18 item 6: under torchrun each rank string-matches the passages of its share of the queries (one
+    corpus lookup per chunk of queries, not one per query) and the ranks' matches are gathered: the judgements
+    are those one process finds."""
+    import prod_st.stage_data as stage_data
+    from prod_st.stage_data import load_run_data
+
+    data = load_run_data(str(NQ), splits=("train", "dev", "dev"), answer_positives=True)
+    data.train.answers["train-0"] = ["Moses"]
+    data.train.answers["train-1"] = ["first High Priest"]
+    ranked = {"train-0": ["6537021", "1", "18768923"], "train-1": ["1", "2"], "train-2": ["6537021", "7612354"]}
+    single = data.relevance(ranked)
+    lookups, docs = [], data._docs
+    monkeypatch.setattr(data, "_docs", lambda ids: lookups.append(list(ids)) or docs(ids))
+    shares = []
+    monkeypatch.setattr(stage_data, "all_gather", lambda found: shares.append(found) or [found])
+    for share in ((0, 1), (1, 3)):  # rank 0 of 2, then rank 1
+        monkeypatch.setattr(stage_data, "shard", lambda n, share=share: share)
+        data.relevance(ranked)
+    assert shares == [{"train-0": ["1"]}, {}]  # each rank matched only its own queries ("2" is gold already)
+    assert lookups == [ranked["train-0"], ranked["train-1"] + ranked["train-2"]]
+    monkeypatch.setattr(stage_data, "all_gather", lambda found: shares)
+    assert data.relevance(ranked) == single and single["train-0"] == {"18768923": 1, "18768924": 1, "1": 1}

@@ -67,3 +67,30 @@ def test_every_epoch_draws_afresh_from_the_same_pool():
     assert draws[3] == mining.draw_negatives(pools, window, seed=7, epoch=3)["q1"]  # seeded
     hardest = NegativeWindow(1, 6, 2, "hardest")
     assert {tuple(mining.draw_negatives(pools, hardest, epoch=e)["q1"]) for e in range(5)} == {("d5", "d2")}
+
+
+def test_pool_sizes_from_the_run_arrays_match_the_pools():
+    """Issue 18 item 6: mining's count of short pools reads the RankedRun's arrays; each size is the length of
+    the pool the query's list gives, for windows that start past rank 1 and run past the retrieved ranks."""
+    import numpy as np
+
+    from test_dpd import _random_run
+
+    run, lists, qrels = _random_run(5)
+    for window in (NegativeWindow(1, 20, 15), NegativeWindow(3, 12, 5), NegativeWindow(8, 40, 9)):
+        sizes = mining.negative_pools(run, qrels, window).sizes()
+        assert sizes.tolist() == [len(p) for p in mining.negative_pools(lists, qrels, window).values()]
+        assert np.array_equal(sizes, mining.negative_pools(lists, qrels, window).sizes())
+    assert len(set(sizes.tolist())) > 3
+
+
+def test_doc_ids_find_marks_unknown_ids():
+    import datasets
+
+    from prod_st.doc_ids import DocIds
+
+    ids = DocIds(datasets.Dataset.from_dict({"_id": ["a", "b", "c"]}))
+    assert ids.find(["c", "zz", "a", "b"]).tolist() == [2, -1, 0, 1]
+    assert ids.rows(["b", "a"]).tolist() == [1, 0]
+    with pytest.raises(KeyError, match="zz"):
+        ids.rows(["a", "zz"])

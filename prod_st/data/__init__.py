@@ -13,7 +13,7 @@ only when a split is loaded, so `prod-st validate` stays fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -48,13 +48,29 @@ class RetrievalData:
     queries: datasets.Dataset
     qrels: dict[str, dict[str, int]]
     answers: dict[str, list[str]] | None = None
+    _split: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (order, size, queries)
 
     def split_queries(self) -> dict[str, str]:
         """{query id: text} of the queries judged in this split, in qrels order; without qrels, those with
-        answers, in answers order."""
+        answers, in answers order. Built once per qrels (answers) object, with Arrow (each judged id looked up
+        in the id column, only their texts read), and shared by every caller: read it, do not change it (the
+        runner asks for it at every mining, DPD rerank and row build; at MS MARCO size the queries file holds
+        800k queries)."""
         order = self.qrels if self.qrels or not self.answers else self.answers
-        texts = {qid: text for qid, text in zip(self.queries["_id"], self.queries["text"]) if qid in order}
-        return {qid: texts[qid] for qid in order}
+        if self._split is None or self._split[0] is not order or self._split[1] != len(order):
+            self._split = (order, len(order), self._texts_of(list(order)))
+        return self._split[2]
+
+    def _texts_of(self, qids: list[str]) -> dict[str, str]:
+        """{query id: text} of `qids`, in order, from the queries table (KeyError naming an id it lacks)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = self.queries.with_format("arrow")
+        at = pc.index_in(pa.array(qids, pa.string()), value_set=table["_id"])
+        if at.null_count:
+            raise KeyError(qids[pc.index(at.is_null(), True).as_py()])
+        return dict(zip(qids, table["text"].take(at).to_pylist()))
 
 
 def load_retrieval_data(

@@ -1,6 +1,6 @@
 """Teacher work split across ranks: under torchrun every rank computes an equal share of the uncached items
 (pairs to score, texts to embed), and after each round of chunks all ranks merge the shares into the cache
-(rank 0 writes the shard), so no rank waits while another scores everything."""
+(rank 0 writes the shard, the others map it), so no rank waits while another scores everything."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def fill_missing_shared(
     """`prod_st.teachers.cache.fill_missing`, split across ranks: the uncached keys, longest first, are dealt
     round-robin (every rank gets the same mix of lengths); each round every rank computes up to `chunk_size`
     of its own, and all ranks add every rank's values to the cache (rank 0 writes one shard per round, so a
-    killed run keeps every finished round). Every rank must call it with the same items. Returns the number
+    killed run keeps every finished round; the other ranks map it: `put_shared`). Every rank must call it with the same items. Returns the number
     of items this rank computed."""
     if world_size() == 1:
         return fill_missing(cache, items, compute, chunk_size=chunk_size, length=length, progress=progress, desc=desc)
@@ -47,7 +47,7 @@ def fill_missing_shared(
         keys = mine[i * chunk_size : (i + 1) * chunk_size]
         values = np.asarray(compute([items[k] for k in keys])) if keys else None
         parts = [(k, v) for k, v in all_gather((keys, values)) if k]
-        cache.put_many([key for share, _ in parts for key in share], np.concatenate([v for _, v in parts]))
+        cache.put_shared([key for share, _ in parts for key in share], np.concatenate([v for _, v in parts]))
     barrier()  # rank 0's shards are on disk before any rank reads the cache again
     logger.info("%s: rank %d of %d computed %d of %d new values", desc, rank(), world_size(), len(mine), len(todo))
     return len(mine)
