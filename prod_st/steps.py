@@ -45,10 +45,6 @@ class StepPlan:
         """Rows per optimizer step, over every process."""
         return self.batch_size * self.world_size * self.accumulation
 
-    @property
-    def steps_per_epoch(self) -> float:
-        return global_batches(self.rows, self.batch_size, self.world_size) / self.accumulation
-
     def describe(self) -> str:
         """'global batch 64 = 16 per device x 2 processes x 2 accumulation' (the factors that are not 1)."""
         parts = [f"{self.batch_size} per device"]
