@@ -23,6 +23,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
+from prod_st import locks
 from prod_st.data import document_text
 from prod_st.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.doc_ids import DocIds, doc_ids
@@ -30,7 +31,7 @@ from prod_st.encoding import encode_texts, is_cosine
 from prod_st.errors import ProdStError
 from prod_st.exact_search import EXACT, TorchFlatIndex, uses_torch
 from prod_st.fingerprint import model_fingerprint, text_key
-from prod_st.paths import cache_dir, cache_path
+from prod_st.paths import cache_dir, cache_path, load_cached_array
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def corpus_embeddings(
     blocks = [(start, min(n, start + block_size)) for start in range(0, n, block_size)]
     paths = [folder / f"block-{i:06d}-of-{len(blocks):06d}-{block_size}.npy" for i in range(len(blocks))]
     first, last = shard(len(blocks))
-    todo = [i for i in range(first, last) if not paths[i].exists()]
+    locks.use(folder)  # no other run removes this encoding while this process reads it
+    # (a damaged block, unreadable or of the wrong length, is removed here and encoded again)
+    todo = [i for i in range(first, last) if load_cached_array(paths[i], blocks[i][1] - blocks[i][0]) is None]
     if todo:
         docs = sum(blocks[i][1] - blocks[i][0] for i in todo)
         who = f" (rank {rank()} of {world_size()})" if world_size() > 1 else ""
@@ -118,8 +121,12 @@ def release(key: str) -> None:
     with (at MS MARCO size, 27 GB per checkpoint in float32)."""
     if _last_index.get("memo", ("",))[0] == key:
         _last_index.clear()
+    folder = cache_path("corpus", key)
+    if not is_main():
+        locks.drop(folder)
+    barrier()  # every rank of this run has let go; another run still reading it keeps it
     if is_main():
-        shutil.rmtree(cache_path("corpus", key), ignore_errors=True)
+        locks.remove_unless_used(folder, lambda f: shutil.rmtree(f, ignore_errors=True))
     barrier()
 
 

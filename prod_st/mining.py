@@ -26,7 +26,7 @@ from prod_st.distributed import all_gather, is_main
 from prod_st.doc_ids import DocIds, doc_ids
 from prod_st.corpus_index import TRAIN_SIZE
 from prod_st.evaluation import build_index, search_rows
-from prod_st.paths import cache_dir
+from prod_st.paths import cache_dir, load_cached_array
 from prod_st.fingerprint import model_fingerprint, text_key
 
 logger = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ def retrieve_ranked(
         settings=settings,
     )
     path = cache_dir("runs") / f"{key}.npy"
-    if all(all_gather(path.exists())):  # decided together: every rank reads it, or every rank takes its share
+    cached = load_cached_array(path, rows=len(queries))  # (None when missing, or damaged: then removed)
+    if all(all_gather(cached is not None)):  # decided together: every rank reads it, or every rank takes its share
         logger.info("ranked run for %d queries read from cache", len(queries))
-        return RankedRun(list(queries), np.load(path, mmap_mode="r"), doc_ids(data.corpus))
+        return RankedRun(list(queries), cached, doc_ids(data.corpus))
     index, ids = build_index(model, data.corpus, index_factory=index_factory, batch_size=batch_size, dtype=dtype,
                              index_train_size=index_train_size, search_backend=search_backend, progress=progress)
     _, rows = search_rows(model, index, list(queries.values()), top_k=top_k, batch_size=batch_size,

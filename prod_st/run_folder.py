@@ -30,13 +30,14 @@ import yaml
 
 from prod_st.distributed import world_size
 from prod_st.errors import ProdStError
+from prod_st.locks import RUN_LOCK
 from prod_st.paths import write_text_atomic
 
 logger = logging.getLogger("prod_st.run")
 
 MARKER = ".prod-st-run"
 FINGERPRINT = "FINGERPRINT"  # in a step folder and in teachers/<name>/: the fingerprint it was made under
-OWN_FILES = ("recipe.yaml", "final.json", "report.md", "report.png", "run.log", MARKER)
+OWN_FILES = ("recipe.yaml", "final.json", "report.md", "report.png", "run.log", MARKER, RUN_LOCK)
 OWN_DIRS = ("teachers", "student", "hub-upload")
 STEP_DIR = re.compile(r"^\d{2}-[a-z0-9_-]+$")
 # atomic writes' temp files (.final.json.tmp123, .hub-upload.tmp-xyz): prod-st's too
@@ -181,7 +182,7 @@ def check_folder(folder: Path, recipe_name: str, *, force: bool) -> bool:
         raise ProdStError(f"{folder} holds a run without prod-st's {MARKER} marker (made by an older prod-st?): "
                           "prod-st cannot tell what it may redo there; use another --output, or delete that folder "
                           "yourself to start over")
-    if any(folder.iterdir()):
+    if any(p.name != RUN_LOCK for p in folder.iterdir()):  # (a run killed before its marker leaves only its lock)
         what = "--force deletes only run folders prod-st created" if force else "a run needs a new or empty folder"
         raise ProdStError(f"{folder} is not empty and is not a prod-st run folder (no {MARKER} marker): {what}; "
                           "choose another --output")
@@ -203,8 +204,9 @@ def check_writable(folder: Path) -> None:
 # ---- changes to the folder (rank 0) ----------------------------------------------------------------------
 def clear(folder: Path) -> list[str]:
     """`--force`: remove prod-st's own entries of a run folder (never anything else); return their names. The
-    marker stays (create() rewrites it), so a kill in between still leaves a folder prod-st recognises."""
-    removed = sorted(p.name for p in folder.iterdir() if is_own(p.name) and p.name != MARKER)
+    marker stays (create() rewrites it), so a kill in between still leaves a folder prod-st recognises, and so
+    does the lock file this run holds."""
+    removed = sorted(p.name for p in folder.iterdir() if is_own(p.name) and p.name not in (MARKER, RUN_LOCK))
     for name in removed:
         _remove(folder / name)
     return removed

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from prod_st import __version__, corpus_index, cost, run_folder
+from prod_st import __version__, corpus_index, cost, locks, run_folder
 from prod_st.distributed import all_gather, barrier, is_main, launched_group, world_size
 from prod_st.dpd import decided_by_student, select_queries, teacher_rankings
 from prod_st.errors import ProdStError
@@ -48,7 +48,7 @@ from prod_st.losses import PRODLoss, contrastive_loss, score_scale
 from prod_st.mining import NegativeWindow, mine_pools, retrieve_ranked
 from prod_st.model_card import save_stage_card
 from prod_st.models import build_student, set_lengths
-from prod_st.paths import write_text_atomic
+from prod_st.paths import write_text_atomic, writes_to, writing
 from prod_st.precision import resolve_precision
 from prod_st.resampling import epoch_rows
 from prod_st.run_log import RunLog
@@ -57,7 +57,7 @@ from prod_st.stage_data import TrainingRows, build_rows, labelled_dataset, load_
 from prod_st.steps import plan_steps
 from prod_st.student_training import train_student
 from prod_st.teachers import BiEncoderTeacher
-from prod_st.teachers.cache import remove_embedding_cache
+from prod_st.teachers.cache import release_embedding_cache
 from prod_st.teachers.labels import stage_labels
 from prod_st.teachers.pool import TeacherPool
 from prod_st.teachers.strength import reranker_as, strength_warnings, teacher_gap, teacher_metrics, top_candidates
@@ -115,6 +115,7 @@ class Runner:
         self.force = force
         self.progress = progress  # the trainer's progress bars (off: --no-progress)
         self.stage_start_cache: Path | None = None  # the cache folder release_stage_start removes
+        self.lock: locks.RunLock | None = None  # rank 0's hold on the run folder, for the run's life
 
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
@@ -125,6 +126,8 @@ class Runner:
         if is_main():
             ours = run_folder.check_folder(self.dir, self.recipe.name, force=self.force)
             run_folder.check_writable(self.dir)
+            self.lock = locks.lock_run_folder(self.dir)  # a second run into this folder stops here, in one line
+            writes_to("the run folder", self.dir)  # (a full disk's error names it)
             if ours and self.force:
                 removed = run_folder.clear(self.dir)
                 logger.info("--force: removed the earlier run (%s) from %s", ", ".join(removed), self.dir)
@@ -145,6 +148,8 @@ class Runner:
                 return self._run(log)
             finally:
                 log.close()
+                if self.lock is not None:
+                    self.lock.release()
 
     def _run(self, log: RunLog) -> dict:
         started = time.perf_counter()
@@ -235,7 +240,8 @@ class Runner:
         """Save the stage's student and metrics, release what only its start needed, then mark it DONE.
         `start`: the folder of the student the stage started from and that student's corpus cache key."""
         if is_main():
-            student.save(str(folder / "student"))
+            with writing(folder / "student"):
+                student.save(str(folder / "student"))
             save_stage_card(student, folder, record.name, self.recipe.data.dataset)
         write_json(folder / "metrics.json", record.__dict__)
         self.release_stage_start(start, student)  # before DONE: a stage killed before it resumes with its caches
@@ -252,8 +258,7 @@ class Runner:
         and its cached corpus encoding (kept for the untrained student, and when the stage left the student as
         it was: the test searches with the untrained student and the last one only)."""
         folder, self.stage_start_cache = self.stage_start_cache, None
-        if folder is not None and is_main() and folder not in self.teachers.cache_folders():
-            remove_embedding_cache(folder)
+        if folder is not None and folder not in self.teachers.cache_folders() and release_embedding_cache(folder):
             logger.info("pruned the stage-start student's cached embeddings (%s)", folder.name[:12])
         if start is not None and start[0].name != "00-init":
             if start[1] != self.corpus_key(student):
@@ -375,7 +380,8 @@ class Runner:
         cost.announce(f"{record.name}: train", steps * plan.global_batch, f"rows read ({steps:,} steps, "
                       f"{plan.describe()})",
                       cost.training_bytes(student) + (cost.model_bytes(frozen) if frozen is not None else 0))
-        with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"):
+        with step(f"{record.name}: train ({rows} queries, {steps} steps)", record.seconds, "train"), \
+                writing(folder / "checkpoints"):
             return train_student(
                 student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs,
                 max_steps=steps, batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio,

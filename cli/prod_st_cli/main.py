@@ -4,7 +4,9 @@ every error a user can cause into one `error:` line on stderr.
 Exit codes: 0 done; 2 a usage error (a bad option or argument, a recipe that does not validate, a model, dataset
 folder or file that does not exist, a run folder prod-st must not use); 3 a data error (a data file that exists
 but cannot be used: malformed or non-UTF-8 lines, an empty file, repeated ids, judgements naming missing ids);
-130 interrupted (Ctrl-C; finished steps are kept). Anything else is a bug, with its traceback."""
+4 a full disk (the file being written and the space left are named; nothing half-written is kept, and the same
+command resumes once there is space); 130 interrupted (Ctrl-C; finished steps are kept). Anything else is a bug,
+with its traceback."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from prod_st import __version__
-from prod_st.errors import DataError, ProdStError
+from prod_st.errors import ProdStError
 
-USAGE_ERROR, DATA_ERROR, INTERRUPTED_CODE = 2, 3, 130
+USAGE_ERROR, DATA_ERROR, DISK_FULL, INTERRUPTED_CODE = 2, 3, 4, 130
 INTERRUPTED = "interrupted: finished steps are kept; run the same command again to resume"
 
 
@@ -409,7 +411,7 @@ def student_command(
 
 def main() -> None:
     """Console-script entry. A usage error (a bad option value, a missing argument) and a ProdStError are each one
-    `error:` line on stderr and exit 2, a DataError exit 3; Ctrl-C says how to resume and exits 130. (Click runs
+    `error:` line on stderr and exit 2, a DataError exit 3, a full disk exit 4; Ctrl-C says how to resume and exits 130. (Click runs
     in non-standalone mode so that its usage errors reach this handler instead of being printed as a multi-line
     panel.)"""
     try:  # Typer >= 0.20 vendors its own click
@@ -429,11 +431,18 @@ def main() -> None:
         sys.exit(USAGE_ERROR)
     except ProdStError as e:
         err_console.print(error_line(str(e)), highlight=False, soft_wrap=True)
-        sys.exit(DATA_ERROR if isinstance(e, DataError) else USAGE_ERROR)
+        sys.exit(e.exit_code)
     except (Interrupted, KeyboardInterrupt):
         # On a line of its own: Ctrl-C can land mid-line (a terminal's "^C", a progress bar, a log line).
         err_console.print(f"\n{INTERRUPTED}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(INTERRUPTED_CODE)
+    except Exception as e:  # a full disk, however the library that hit it words it (safetensors, torch, pyarrow)
+        from prod_st.paths import disk_full_error
+
+        if (full := disk_full_error(e)) is None:
+            raise
+        err_console.print(error_line(str(full)), highlight=False, soft_wrap=True)
+        sys.exit(full.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
+from datasets.io.generator import GeneratorDatasetInputStream
 
 from prod_st.data.layout import find_file, find_split_files  # noqa: F401  (the loaders import them from here)
 from prod_st.errors import DataError, ProdStError
-from prod_st.paths import cache_dir
+from prod_st.paths import cache_dir, discard_damaged
 
 CORPUS_FEATURES = datasets.Features(
     {"_id": datasets.Value("string"), "title": datasets.Value("string"), "text": datasets.Value("string")}
@@ -84,14 +86,17 @@ def read_table(
         generator = _jsonl_rows if ".jsonl" in path.name else tsv_id_text_rows  # .tsv/.txt: `id<TAB>text`
     if features is None:
         features = CORPUS_FEATURES if kind == "corpus" else QUERY_FEATURES
+    arguments = dict(
+        generator=_rows_or_error, features=features, cache_dir=str(cache_dir("arrow")),
+        gen_kwargs={"rows": generator, "path": str(path), "kind": kind, "size": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns, **options},
+    )
     try:
-        table = datasets.Dataset.from_generator(
-            _rows_or_error,
-            features=features,
-            gen_kwargs={"rows": generator, "path": str(path), "kind": kind, "size": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns, **options},
-            cache_dir=str(cache_dir("arrow")),
-        )
+        try:
+            table = datasets.Dataset.from_generator(**arguments)
+        except (pa.ArrowException, OSError) as e:  # its cached Arrow copy is damaged: made again from the file
+            discard_damaged(Path(GeneratorDatasetInputStream(**arguments).builder.cache_dir), e)
+            table = datasets.Dataset.from_generator(**arguments)
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, ProdStError):  # a row generator's complaint about the file's contents
             raise DataError(str(e.__cause__)) from None

@@ -29,7 +29,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from prod_st.distributed import all_gather, is_distributed, is_main
+from prod_st import locks
+from prod_st.distributed import all_gather, barrier, is_distributed, is_main
+from prod_st.paths import discard_damaged
 from prod_st.progress import enabled
 
 logger = logging.getLogger(__name__)
@@ -55,16 +57,26 @@ def _digest_column(table: pa.Table) -> np.ndarray:
 
 
 def _read_shard(path: Path) -> pa.Table | None:
-    """A shard memory-mapped (Arrow) or read (older parquet); None when it was removed meanwhile."""
+    """A shard memory-mapped (Arrow) or read (older parquet); None when it was removed meanwhile, or is damaged
+    (not an Arrow file, truncated, columns that do not fit: then it is removed, and its values are computed
+    again when asked for)."""
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
-        source = pa.memory_map(str(path))
-        try:
-            return ipc.open_file(source).read_all()  # buffers point into the mapping, which outlives the file
-        finally:
-            source.close()
+            table = pq.read_table(path)
+        else:
+            source = pa.memory_map(str(path))
+            try:
+                table = ipc.open_file(source).read_all()  # buffers point into the mapping, which outlives the file
+            finally:
+                source.close()
+        table.validate()  # lengths and buffer sizes agree (cheap: no pass over the values)
+        if "key" not in table.column_names:
+            raise ValueError("no key column")
+        return table
     except FileNotFoundError:
+        return None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        discard_damaged(path, e)
         return None
 
 
@@ -235,9 +247,14 @@ class ScoreCache(_ShardedCache[float]):
 
 
 class EmbeddingCache(_ShardedCache[np.ndarray]):
-    """key -> float32 vector (a text's embedding), stored as a fixed-size-list column."""
+    """key -> float32 vector (a text's embedding), stored as a fixed-size-list column. A process that opens one
+    holds it (`locks.use`): `release_embedding_cache` by another run leaves it alone."""
 
     value_column = "vector"
+
+    def __init__(self, folder: str | Path) -> None:
+        locks.use(Path(folder))
+        super().__init__(folder)
 
     def _value_array(self, values: Sequence[np.ndarray]) -> pa.Array:
         matrix = np.asarray(values, dtype=np.float32)
@@ -289,12 +306,23 @@ def fill_missing(
     return len(todo)
 
 
-def remove_embedding_cache(folder: Path) -> None:
-    """Delete a bi-encoder's cache folder's embedding shards (only the files this module writes: whole shards
-    and half-written temp shards), then its `embeddings/` and the folder if nothing else is left in them."""
+def release_embedding_cache(folder: Path) -> bool:
+    """Delete a bi-encoder's cache folder's embeddings (a collective: every rank calls it) unless another run is
+    reading them: the shards and half-written temp shards (only the files this module writes), then
+    `embeddings/` and the folder if nothing else is left in them. Returns whether they were deleted."""
     shards = folder / "embeddings"
-    for path in [p for pattern in SHARD_PATTERNS for p in shards.glob(pattern)] + list(shards.glob(".part-*.tmp")):
+    if not is_main():
+        locks.drop(shards)
+    barrier()  # every rank of this run has let go
+    removed = is_main() and locks.remove_unless_used(shards, _remove_shards)
+    barrier()
+    return removed
+
+
+def _remove_shards(shards: Path) -> None:
+    patterns = (*SHARD_PATTERNS, ".part-*.tmp", locks.IN_USE)
+    for path in [p for pattern in patterns for p in shards.glob(pattern)]:
         path.unlink(missing_ok=True)
-    for empty in (shards, folder):
+    for empty in (shards, shards.parent):
         if empty.is_dir() and not any(empty.iterdir()):
             empty.rmdir()

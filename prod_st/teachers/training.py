@@ -11,6 +11,7 @@ never train twice. The model is saved to a temp folder and renamed into place be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import datasets
 import transformers
+from safetensors import SafetensorError
 from sentence_transformers import (
     CrossEncoder,
     CrossEncoderTrainer,
@@ -35,12 +37,14 @@ from sentence_transformers.cross_encoder.losses import (
     MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss,
 )
 
-from prod_st.distributed import barrier, is_main, world_size
+from prod_st import locks
+from prod_st.distributed import all_gather, barrier, is_main, world_size
 from prod_st.encoding import is_cosine, training_roles
 from prod_st.errors import ProdStError
 from prod_st.fingerprint import model_fingerprint, text_key
 from prod_st.losses.contrastive import contrastive_loss, score_scale
 from prod_st.models import load_model
+from prod_st.paths import writing
 from prod_st.precision import precision_flags, resolve_precision
 from prod_st.resampling import EpochBlockBatchSampler
 from prod_st.steps import plan_steps
@@ -110,12 +114,44 @@ def _cached_training(
     final = trained / key
     if (final / "DONE").exists():
         logger.info("%s teacher: cached at %s, no training", kind, final)
-        return load(final)
-    workdir = trained / f".{key}.work-{os.getpid()}"
-    started = time.time()
-    train(base, workdir / "trainer")
+        if (model := _load_or_discard(final, load)) is not None:
+            return model
+    # Two runs that share the cache train it once: the second waits for the first, then loads its model (under
+    # torchrun rank 0 waits and the other ranks wait for rank 0).
+    waiting = f"{kind} teacher: another run is training it ({final}); waiting for it"
+    with locks.exclusive(trained / f".{key}.lock", waiting) if is_main() else contextlib.nullcontext():
+        done = all(all_gather((final / "DONE").exists()))
+        if not done:
+            _train_into(kind, base, rows, settings, train, trained, final)
+    return load(final)
+
+
+def _load_or_discard(final: Path, load: Callable[[Path], M]) -> M | None:
+    """The trained teacher in `final`, or None when its files cannot be read (then the entry is removed, on
+    rank 0, and the teacher is trained again)."""
+    try:
+        model = load(final)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        model = None
+        why = " ".join(str(e).split())[:200]
+        logger.warning("damaged cached teacher %s (%s): removed, it will be trained again", final, why)
+    if all(all_gather(model is not None)):  # every rank has tried before rank 0 removes it
+        return model
     if is_main():
-        base.save(str(workdir / "model"))
+        shutil.rmtree(final, ignore_errors=True)
+    barrier()
+    return None
+
+
+def _train_into(kind: str, base, rows, settings: dict, train: Callable, trained: Path, final: Path) -> None:
+    """Train `base` in a temp folder and move the model to `final` with its DONE marker (rank 0 saves)."""
+    workdir = trained / f".{final.name}.work-{os.getpid()}"
+    started = time.time()
+    with writing(workdir):
+        train(base, workdir / "trainer")
+        if is_main():
+            base.save(str(workdir / "model"))
+    if is_main():
         if final.exists():  # a half-finished earlier save (renamed, no DONE): not trusted
             shutil.rmtree(final)
         os.replace(workdir / "model", final)
@@ -125,7 +161,6 @@ def _cached_training(
         shutil.rmtree(workdir, ignore_errors=True)
         logger.info("%s teacher: trained in %.0f s, saved to %s", kind, time.time() - started, final)
     barrier()
-    return load(final)
 
 
 def _common_args(
