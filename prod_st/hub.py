@@ -84,3 +84,38 @@ def is_network_error(exc: BaseException) -> bool:
     names = {c.__module__.split(".")[0] + "." + c.__name__ for c in type(exc).__mro__}
     return bool(names & {"httpx.TransportError", "httpx2.TransportError", "requests.ConnectionError",
                          "requests.Timeout", "urllib3.HTTPError"})
+
+
+HUB = "https://huggingface.co"
+
+
+def hub_api(token: str | None = None):
+    """An HfApi with `token` (or the saved one); a one-line ProdStError, before any work, when there is none."""
+    import huggingface_hub
+
+    if not token and not huggingface_hub.get_token():
+        raise ProdStError(f"no Hugging Face token: {LOGIN}")
+    return huggingface_hub.HfApi(token=token)
+
+
+def upload_folder(folder, repo_id: str, *, api, repo_type: str, private: bool = False, exist_ok: bool = False,
+                  message: str) -> str:
+    """Create the Hub repository `repo_id` (`repo_type`: model or dataset) and upload `folder` to it in one
+    commit with `api` (an HfApi, `hub_api()`); return its URL. Every failure is one ProdStError line
+    (`hub_error`), saying what to do: --dry-run when offline, --exist-ok when the repository was created before
+    the upload failed."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    url = f"{str(getattr(api, 'endpoint', HUB) or HUB).rstrip('/')}/{prefix}{repo_id}"
+    created, step = False, "creating the repository"
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type)
+        created, step = True, "the upload"
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=message)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        error = str(hub_error(e, f"pushing to {repo_id} ({step})", repo_id=repo_id))
+        if OFFLINE in error:
+            error += "; --dry-run writes the upload folder without the Hub"
+        if created and not exist_ok:
+            error += f"; the repository {repo_id} was created: rerun with --exist-ok"
+        raise ProdStError(error) from None
+    return str(repo_url) if isinstance(repo_url, str) and repo_url.startswith("http") else url

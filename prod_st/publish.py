@@ -19,14 +19,13 @@ import tempfile
 from pathlib import Path
 
 from prod_st.errors import ProdStError
-from prod_st.hub import OFFLINE, check_repo_id, hub_error
+from prod_st.hub import HUB, check_repo_id, hub_api, upload_folder
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_upload_folder", "push_run", "validate_repo_id"]
 
 UPLOAD_DIR = "hub-upload"  # the dry run's default folder, inside the run folder
-HUB = "https://huggingface.co"
 validate_repo_id = check_repo_id
 
 
@@ -150,32 +149,13 @@ def push_run(
     if dry_run:
         out = Path(dry_run_dir).expanduser() if dry_run_dir is not None else run / UPLOAD_DIR
         return build_upload_folder(run, out, repo_id=repo_id) if _is_main() else out
-    url = f"{HUB}/{repo_id}"
     if not _is_main():
-        return url
-    if api is None:
-        import huggingface_hub
-
-        if not token and not huggingface_hub.get_token():
-            raise ProdStError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
-        api = huggingface_hub.HfApi(token=token)
-        url = f"{str(getattr(api, 'endpoint', HUB) or HUB).rstrip('/')}/{repo_id}"
+        return f"{HUB}/{repo_id}"
     message = commit_message or f"Upload the PROD student of run {run.name} (prod-st)"
+    api = api if api is not None else hub_api(token)  # (no token: refused before the folder is built)
     with tempfile.TemporaryDirectory(prefix="prod-st-upload-") as tmp:
         folder = build_upload_folder(run, Path(tmp) / "upload", repo_id=repo_id)
-        created, step = False, "creating the repository"
-        try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=exist_ok, repo_type="model")
-            created, step = True, "the upload"
-            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
-        except Exception as e:  # noqa: BLE001 - every failure becomes one line
-            error = str(hub_error(e, f"pushing to {repo_id} ({step})", repo_id=repo_id))
-            if OFFLINE in error:
-                error += "; --dry-run writes the upload folder without the Hub"
-            if created and not exist_ok:
-                error += f"; the repository {repo_id} was created: rerun with --exist-ok"
-            raise ProdStError(error) from None
-    if isinstance(repo_url, str) and repo_url.startswith("http"):
-        url = str(repo_url)
+        url = upload_folder(folder, repo_id, api=api, repo_type="model", private=private, exist_ok=exist_ok,
+                            message=message)
     logger.info("pushed %s to %s", run, url)
     return url

@@ -4,8 +4,9 @@ Run folder (what resume reads; prod_st.run_folder owns its rules):
     <run>/.prod-st-run        prod-st's marker: only a folder with it is resumed, or cleared by --force
     <run>/recipe.yaml         the resolved recipe; a recipe of another name refuses to run here
     <run>/00-init/            the untrained student (first k layers) and its dev metrics
-    <run>/NN-<stage>/         FINGERPRINT, negatives.json, train_data/ (rows + teacher labels), checkpoints/,
-                              student/, metrics.json, DONE
+    <run>/NN-<stage>/         FINGERPRINT, negatives.json, train_data/ (rows + teacher labels), row_ids.arrow
+                              (those rows as query / corpus ids: prod-st export), checkpoints/, student/,
+                              metrics.json, DONE
     <run>/teachers/<name>/    a teacher trained in the run (model/) and its dev metrics
     <run>/student/            the final student, a SentenceTransformer folder
     <run>/final.json          test metrics; <run>/report.md, report.png
@@ -53,7 +54,8 @@ from prod_st.precision import resolve_precision
 from prod_st.resampling import epoch_rows
 from prod_st.run_log import RunLog
 from prod_st.retrieval_evaluator import RetrievalEvaluator
-from prod_st.stage_data import TrainingRows, build_rows, labelled_dataset, load_run_data
+from prod_st.doc_ids import doc_ids
+from prod_st.stage_data import ROW_IDS, TrainingRows, build_rows, labelled_dataset, load_run_data, write_row_ids
 from prod_st.steps import plan_steps
 from prod_st.student_training import train_student
 from prod_st.teachers import BiEncoderTeacher
@@ -331,6 +333,7 @@ class Runner:
             with step(f"{stage.name}: teacher scores ({stage.teacher})", record.seconds, "score"):
                 labels = self.labels(stage.teacher, rows, stage.candidates, student, stage.loss)
                 dataset = labelled_dataset(folder / "train_data", rows, labels)
+            self.keep_row_ids(folder, rows, stage.teacher, stage.candidates)
             loss = self.prod_loss(student, stage.candidates, stage.loss)
         record.train = self.train(student, dataset, loss, folder, stage, record, no_duplicates=in_batch,
                                   block_size=len(rows.queries) // reads)
@@ -422,6 +425,17 @@ class Runner:
         )
         return labels
 
+    def keep_row_ids(self, folder: Path, rows: TrainingRows, teacher: str, candidates: str) -> None:
+        """What `prod-st export` needs beside train_data: the rows' query and corpus ids, and what the label
+        column holds (the teacher, its kind, the scale its scores were multiplied by, the candidate mode).
+        Written after train_data; read by nothing in the run, so no fingerprint depends on it."""
+        if is_main():
+            write_row_ids(folder / ROW_IDS, rows, doc_ids(self.data.corpus), {
+                "teacher": teacher, "kind": self.recipe.teachers[teacher].kind,
+                "scale": float(self.teachers.scale(teacher)), "candidates": candidates,
+            })
+        barrier()
+
     # ---- teacher checks: is the teacher stronger than the student it teaches? -------------------------
     def check_teacher(
         self, name: str, student, previous_folder: Path, record: StageRecord, records, temperature: float
@@ -510,6 +524,7 @@ class Runner:
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
             labels = self.labels(spec.teacher, rows, "list", student, spec.loss)
             dataset = labelled_dataset(folder / "train_data", rows, labels)
+        self.keep_row_ids(folder, rows, spec.teacher, "list")
         loss = self.prod_loss(student, "list", spec.loss)
         record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from prod_st.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
+ROW_IDS = "row_ids.arrow"  # a stage folder's rows as ids (query id, corpus ids) + what the labels are: prod-st export
 TEXT_ROWS = 8192  # rows written per batch when they carry no labels (the warm-up)
 ANSWER_CHUNK = 1024  # training queries whose retrieved passages are fetched together for answer matching
 FILLER = ""  # text of a missing negative: its teacher score is -inf, so it is masked out of every softmax
@@ -262,6 +265,31 @@ class TrainingRows:
         for j in range(self.count):
             columns[f"negative_{j + 1}"] = [negs[j] for negs in negatives]
         return columns
+
+
+def write_row_ids(path: Path, rows: TrainingRows, doc_ids, metadata: dict) -> None:
+    """`rows` as ids, row for row with the stage's train_data: `query_id` and `corpus_ids` (the positive's, then
+    the negatives', null for a filler), TEXT_ROWS rows at a time into an Arrow IPC file renamed into place when
+    complete; `metadata` (what the label column holds: teacher, its score scale, candidates) goes into the
+    schema's metadata under b"prod_st". `doc_ids`: corpus rows -> ids (`prod_st.doc_ids.DocIds`). Only what
+    `prod-st export` reads: nothing in a run depends on it."""
+    schema = pa.schema([("query_id", pa.string()), ("corpus_ids", pa.list_(pa.string(), 1 + rows.count))],
+                       metadata={b"prod_st": json.dumps(metadata).encode()})
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)  # renamed into place when whole
+    try:
+        with os.fdopen(fd, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for start in range(0, len(rows), TEXT_ROWS):
+                stop = min(start + TEXT_ROWS, len(rows))
+                refs = np.concatenate([rows.positive_rows[start:stop, None], rows.negative_rows[start:stop]], axis=1)
+                ids = pa.array(doc_ids.take(np.maximum(refs, 0).reshape(-1)), pa.string())
+                ids = pc.if_else(pa.array(refs.reshape(-1) >= 0), ids, pa.scalar(None, pa.string()))
+                writer.write_table(pa.table([pa.array(rows.query_ids[start:stop], pa.string()),
+                                             pa.FixedSizeListArray.from_arrays(ids, 1 + rows.count)], schema=schema))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarray] | None) -> datasets.Dataset:

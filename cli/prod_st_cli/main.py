@@ -394,6 +394,56 @@ def push_command(
     say(f"upload folder written to {where}" if dry_run else f"pushed to {where}")
 
 
+class ExportFormat(str, Enum):
+    """`export --format`: the text layout, the id layout, or both."""
+
+    both = "both"
+    text = "text"
+    ids = "ids"
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>); its finished stages are exported.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset in: new or empty.")],
+    stage: Annotated[Optional[list[str]], typer.Option(
+        "--stage", help="A stage to export (03-ce or ce; repeatable). Default: every distill stage and DPD round.",
+    )] = None,
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", help="text: query, positive, negative_1..k, score; ids: query_id, corpus_ids, scores + corpus "
+                         "and queries; both.",
+    )] = ExportFormat.both,
+    push: Annotated[bool, typer.Option("--push", help="Upload OUT as a Hub dataset (needs --repo-id).")] = False,
+    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="USER/NAME of the Hub dataset.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create a private dataset repository.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --push: only write OUT, the folder that would be "
+                                                            "uploaded.")] = False,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Push a new commit to an existing repository.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write the teacher scores of a run's stages (hard negatives + the teacher's scores, positive first) as a
+    `datasets` dataset with its card, in the layouts sentence-transformers, Tevatron and FlagEmbedding read;
+    `--push` uploads it to the Hub."""
+    from prod_st.export import FORMATS, export_run, folder_size, push_export
+    from prod_st.hub import check_repo_id, hub_api
+
+    if (push or dry_run) and not repo_id:
+        raise ProdStError("--push and --dry-run need --repo-id USER/NAME")
+    if (private or exist_ok) and not (push or dry_run):
+        raise ProdStError("--private and --exist-ok go with --push")
+    if repo_id:
+        repo_id = check_repo_id(repo_id)
+    api = hub_api() if push and not dry_run else None  # no token: refused before the export
+    formats = FORMATS if format == ExportFormat.both else (format.value,)
+    stages = export_run(run_dir, out, stages=stage, formats=formats, repo_id=repo_id, progress=not no_progress)
+    for s in stages:
+        say(f"{s.folder}: {s.rows:,} rows ({', '.join(s.configs)})")
+    say(f"dataset written to {out} ({folder_size(out) / 1e6:.1f} MB)")
+    if push and not dry_run:
+        say(f"pushed to {push_export(out, repo_id, private=private, exist_ok=exist_ok, api=api)}")
+
+
 @app.command("student")
 def student_command(
     base: Annotated[str, typer.Argument(help="Encoder to cut: folder, Hub id or packaged name.")],
