@@ -34,7 +34,7 @@ say "## 2. every cached Arrow file and array damaged, then a run on that cache"
 n=0
 while IFS= read -r f; do printf 'garbage!%.0s' {1..64} | dd of="$f" conv=notrunc status=none; n=$((n+1)); done \
   < <(find "$PROD_ST_CACHE" -type f \( -name '*.arrow' -o -name '*.npy' \))
-$PRODST run $RECIPE --output "$WORK/run2" --no-progress >"$WORK/d.log" 2>&1
+$PRODST run $RECIPE $LONG --output "$WORK/run2" --no-progress >"$WORK/d.log" 2>&1
 code=$?
 say "damaged $n files; run: exit $code, $(grep -c 'damaged cache entry' "$WORK/d.log") 'damaged cache entry' warnings"
 say "test nDCG@10: first $(python3 -c "import json,sys;print(round(json.load(open(sys.argv[1]))['test']['student']['nDCG@10'],4))" "$WORK/run/final.json")," \

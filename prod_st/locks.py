@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 RUN_LOCK = ".prod-st-lock"  # in a run folder
 IN_USE = ".in-use"  # in a cache entry folder
-_held: dict[Path, int] = {}  # cache entry folder -> the fd of this process's shared lock on it
+_held: dict[Path, int] = {}
+_run_locks: dict[Path, "RunLock"] = {}  # the run folders this process holds  # cache entry folder -> the fd of this process's shared lock on it
 
 
 # ---- the run folder ------------------------------------------------------------------------------------------
@@ -52,6 +53,9 @@ def lock_run_folder(folder: Path, what: str = "run") -> RunLock:
     """Hold the run folder `folder` (it exists) for this process until `release()` or its end; one line and exit
     2 when another process holds it."""
     path = folder / RUN_LOCK
+    held = _run_locks.get(path.resolve())
+    if held is not None and held.fd >= 0:
+        return held  # this process holds it already (runs one after another in one process): never a conflict
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -64,7 +68,8 @@ def lock_run_folder(folder: Path, what: str = "run") -> RunLock:
              "command": what}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(stamp) + "\n").encode(), 0)
-    return RunLock(path, fd)
+    _run_locks[path.resolve()] = lock = RunLock(path, fd)
+    return lock
 
 
 def _holder(fd: int) -> str:

@@ -91,8 +91,10 @@ def test_the_run_lock_is_held_for_the_runs_life_and_released_at_its_end(tmp_path
     real = Runner.run_steps
 
     def check_busy(self, started):
-        with pytest.raises(Exception, match="is in use by another prod-st command"):
-            locks.lock_run_folder(self.dir)  # (another open file: the lock conflicts as another process's would)
+        code = f"from prod_st import locks; from pathlib import Path; locks.lock_run_folder(Path({str(self.dir)!r}))"
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert other.returncode != 0 and "is in use by another prod-st command" in other.stderr
         seen.append(True)
         return real(self, started)
 
