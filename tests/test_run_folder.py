@@ -149,7 +149,7 @@ def test_force_removes_only_prod_st_entries(tmp_path):
     Runner(recipe(), run, force=True).prepare_folder()
     left = sorted(p.name for p in run.iterdir())
     # prod-st's own entries are gone (the marker, recipe.yaml and teacher folders are made again at once)
-    assert left == sorted([run_folder.MARKER, "recipe.yaml", "teachers", "notes.txt", "01-my-notes.txt",
+    assert left == sorted([run_folder.MARKER, run_folder.RUN_LOCK, "recipe.yaml", "teachers", "notes.txt", "01-my-notes.txt",
                            "data.csv", "my-data"])
     assert sorted(p.name for p in (run / "teachers").iterdir()) == ["bi", "ce"]
     for name in ("bi", "ce"):  # only their fingerprint, nothing of the earlier run
