@@ -2,7 +2,7 @@
 stage of ROWS training rows x (1 + NEGATIVES) candidates, written by the runner's own writers
 (`TrainingRows.to_dataset` with a label column shaped as a ce stage with PROD's regulariser: (2, 1 + k) float32 per
 row, and `write_row_ids`), over wordnet-gloss's real texts and ids; then `prod-st export` of that stage in a
-child process (both layouts, corpus and queries), its wall time and peak RSS (ru_maxrss), next to U (bench's
+child process (both layouts, corpus and queries), its wall time and peak RSS (VmHWM), next to U (bench's
 reference unit: plain CrossEncoder.predict on 2,000 pairs, `bench/ablation.py`) measured in the same run.
 
     python bench/export_scale.py --rows 32000 --negatives 4        # the stage of bench/scale.py's largest run
@@ -69,13 +69,44 @@ def build_run(folder: Path, rows: int, negatives: int, seed: int = 0) -> None:
     (stage / "DONE").write_text("")
 
 
-def child(run: str, out: str) -> None:
-    from prod_st.export import export_run, folder_size
+def status_mb(field: str) -> float:
+    """A /proc/self/status field in MB: VmHWM is this process's peak RSS (unlike ru_maxrss, which Linux carries
+    over fork and exec from the parent, it starts afresh), RssAnon its own memory now (RSS counts the pages of
+    memory-mapped files too: here the stage's Arrow files, which the kernel can drop and reread)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
+def peak_rss_mb() -> float:
+    return status_mb("VmHWM")
+
+
+def child(run: str, out: str) -> None:
+    import datasets  # noqa: F401  (what export imports, loaded before the baseline is read)
+
+    from prod_st.export import export_run, folder_size
+    from prod_st.export_card import render  # noqa: F401
+
+    import threading
+
+    baseline, anon, done = peak_rss_mb(), [status_mb("RssAnon")], threading.Event()
+
+    def sample() -> None:  # the peak of own memory, every 20 ms
+        while not done.wait(0.02):
+            anon.append(max(anon[-1], status_mb("RssAnon")))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     stages = export_run(run, out, progress=False)
+    done.set()
+    sampler.join()
     print(json.dumps({"seconds": round(time.perf_counter() - start, 1),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "peak_rss_mb": round(peak_rss_mb()),
+                      "rss_after_imports_mb": round(baseline), "anon_before_mb": round(anon[0]),
+                      "peak_anon_mb": round(max(anon)),
                       "rows": stages[0].rows, "pairs": stages[0].pairs, "text_rows": stages[0].text_rows,
                       "out_mb": round(folder_size(Path(out)) / 1e6, 1)}))
 
