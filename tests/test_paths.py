@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from prod_st.errors import ProdStError
+from prod_st.errors import DiskFullError, ProdStError
 from prod_st.paths import cache_dir, check_output_file, check_output_folder, write_folder_atomic, write_text_atomic
 
 
@@ -67,7 +67,14 @@ def test_write_text_atomic_replaces_or_keeps_the_old_file(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(ProdStError, match=r"cannot write .*m\.json: No space left on device"):
+    with pytest.raises(DiskFullError, match=r"no space left on the device writing .*m\.json \(.* free"):
+        write_text_atomic(target, "three\n")
+
+    def denied(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(ProdStError, match=r"cannot write .*m\.json: Permission denied"):
         write_text_atomic(target, "three\n")
     assert target.read_text() == "two\n" and [p.name for p in target.parent.iterdir()] == ["m.json"]
 
