@@ -115,7 +115,8 @@ class Data(_Model):
     dev_queries: Optional[PosInt] = None
     test_queries: Optional[PosInt] = None
     corpus_size: Optional[PosInt] = Field(
-        None, description="seeded random documents + every document judged for the used queries (None = all)"
+        None, description="the evaluation slice: every document judged for the dev/test queries + seeded random ones "
+        "up to this size; the training queries' judged documents are added to it (None = all)"
     )
     relevance_level: PosInt = Field(1, description="qrels grades >= this are relevant (TREC DL: 2)")
     positives: Literal["qrels", "answers"] = Field(
@@ -317,13 +318,24 @@ class DPD(_Model):
     teacher: NonEmptyStr
     rerank_depth: PosInt = Field(50, description="the student's top-k reranked by the teacher")
     rule: DPDRule = Field(default_factory=DPDRule)
-    num_negatives: PosInt = Field(15, description="the student's hardest negatives, in rank order")
+    num_negatives: PosInt = Field(15, description="negatives per kept query, from its near-miss pool (the student's "
+                                  "top rerank_depth without the relevant documents)")
+    negatives: Literal["sample", "hardest"] = Field(
+        "sample", description="sample: num_negatives drawn afresh from the pool every epoch, as PROD's release "
+        "reads them; hardest: the pool's first num_negatives in rank order, the same every epoch (before issue 20)"
+    )
     loss: Loss = Field(default_factory=lambda: Loss(reg_weight=PROD_REG_WEIGHT), description="reg_weight left out: 1.0")
     lr: PosFloat = 1.0e-5
     epochs: PosFloat = 1.0
     max_steps: Optional[PosInt] = Field(None, description="overrides epochs")
     batch_size: PosInt = 64
     warmup_ratio: WarmupRatio = 0.1
+
+    @model_serializer(mode="wrap")
+    def _omit_default_negatives(self, handler):
+        """`negatives` is written only when not at its default: recipes dump as before it existed (the DPD step's
+        fingerprint counts it: `prod_st.run_folder.plan`)."""
+        return omit_at_default(handler(self), self, "negatives")
 
     @model_validator(mode="after")
     def _depth(self) -> DPD:

@@ -81,6 +81,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ---- the run's description: data, teachers, schedule (report.md and the model card) -----------------------
+def _dpd_negatives_text(dpd: dict) -> str:
+    """DPD's negatives in the schedule table: drawn afresh every epoch from the student's top rerank_depth (the
+    default since issue 20; a dump leaves it out), or its hardest in rank order."""
+    if dpd.get("negatives", "sample") == "hardest":
+        return f"{dpd.get('num_negatives')} hardest of the student"
+    return f"{dpd.get('num_negatives')} from ranks 1-{dpd.get('rerank_depth')} of the student (sample)"
+
+
 def _loss_text(loss: dict | None, kind: str) -> str:
     if kind == "warmup":
         return "hard loss only (contrastive, in-batch + hard negatives)"
@@ -137,7 +145,7 @@ def _schedule(recipe: dict, h: str) -> list[str]:
     rounds = int(dpd.get("rounds") or 1) if dpd else 0
     for r in range(1, rounds + 1):
         rows.append([str(len(stages) + r), f"dpd-{r}", "dpd", _cell(dpd.get("teacher")), "list",
-                     f"{dpd.get('num_negatives')} hardest of the student", _cell(_loss_text(dpd.get("loss"), "dpd")),
+                     _dpd_negatives_text(dpd), _cell(_loss_text(dpd.get("loss"), "dpd")),
                      str(dpd.get("lr")), _length_text(dpd), str(dpd.get("batch_size"))])
     lines += [f"{h} Schedule", ""] + _table(
         ["#", "stage", "kind", "teacher", "candidates", "negatives", "loss", "lr", "length", "batch"], rows)

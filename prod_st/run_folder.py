@@ -90,6 +90,7 @@ def plan(recipe) -> Plan:
     reaches every later step; a teacher's contains the student it was built with when it mines its training
     negatives with the student."""
     r = recipe.model_dump(mode="json")
+    r["data"] = data_key(r["data"])
     dev_eval = {k: v for k, v in r["eval"].items() if k not in DEV_EVAL_IGNORED}
     teacher_base = _hash(r["seed"], r["data"], dev_eval)
     teachers: dict[str, str] = {}
@@ -119,13 +120,23 @@ def plan(recipe) -> Plan:
         uses = {t: teacher(t, previous) for t in used if t in r["teachers"]}
         previous = steps[f"{i:02d}-{stage.name}"] = _hash("stage", previous, spec, uses, *trainer)
     if recipe.dpd is not None:
-        spec = {k: v for k, v in r["dpd"].items() if k != "rounds"}  # more rounds keep the earlier ones
+        spec = {k: v for k, v in r["dpd"].items() if k not in ("rounds", "negatives")}  # more rounds keep the earlier
+        if recipe.dpd.negatives == "sample":  # drawn afresh every epoch since issue 20 (hardest: as before)
+            spec["negatives"] = "sample"
         for round_no in range(1, recipe.dpd.rounds + 1):
             uses = {recipe.dpd.teacher: teacher(recipe.dpd.teacher, previous)}
             previous = steps[f"{len(steps):02d}-dpd-{round_no}"] = _hash("dpd", previous, spec, uses, *trainer)
     final_eval = {k: v for k, v in r["eval"].items() if k not in ("metric", "batch_size", "search")}
     final = _hash("final", previous, final_eval)
     return Plan(steps, teachers, final, _hash("publish", final, r["publish"]) if r["publish"] else None)
+
+
+def data_key(data: dict) -> dict:
+    """The recipe's data block as fingerprints count it: with a seeded subset (of queries or corpus), also how the
+    subsets are drawn, since issue 20 one RNG per subset (the data of such a run changed; a run on whole splits
+    keeps its fingerprints)."""
+    subsets = ("train_queries", "dev_queries", "test_queries", "corpus_size")
+    return data | {"subsets": "per-split"} if any(data.get(k) is not None for k in subsets) else data
 
 
 def recipe_changes(old, new, path: str = "") -> list[str]:

@@ -506,12 +506,13 @@ class Runner:
         cost.announce(f"{name}: teacher rerank of the {len(asked)} of {len(ranked)} queries the rule asks it about",
                       int((ranked.rows[ranked.positions(asked)] >= 0).sum()), "pairs",
                       cost.run_bytes(min(len(asked), RERANK_CHUNK), spec.rerank_depth) * 2)
+        pool = spec.rerank_depth if spec.negatives == "sample" else spec.num_negatives  # what a kept query keeps
         with step(f"{name}: teacher reranks them", record.seconds, "score"):
             for first in range(0, len(asked), RERANK_CHUNK):  # memory holds one chunk's ranked lists
                 chunk = {q: ranked[q] for q in asked[first:first + RERANK_CHUNK]}
                 scores = teacher.score([queries[q] for q in chunk], self.data.doc_texts_per_query(chunk.values()))
                 selection.update(select_queries(chunk, teacher_rankings(chunk, scores), qrels,
-                                                num_negatives=spec.num_negatives, **rule))
+                                                num_negatives=pool, **rule))
         record.selection = dict(selection.counts)
         write_json(folder / "selection.json", {"counts": selection.counts, "kept": selection.kept})
         logger.info("%s: kept %d of %d training queries %s", name, len(selection.kept), len(ranked), selection.counts)
@@ -520,16 +521,37 @@ class Runner:
             record.student_dev = records[-1].student_dev
             write_json(folder / "dev_run.json", self.dev_run(previous_folder))
             return self.finish_stage(folder, student, record, start)
-        rows = build_rows(self.data, selection.kept, spec.num_negatives, qrels=qrels)
+        rows, block_size = self.dpd_rows(selection.kept, qrels, index, folder)
         with step(f"{name}: teacher scores", record.seconds, "score_rows"):
             labels = self.labels(spec.teacher, rows, "list", student, spec.loss)
             dataset = labelled_dataset(folder / "train_data", rows, labels)
         self.keep_row_ids(folder, rows, spec.teacher, "list")
         loss = self.prod_loss(student, "list", spec.loss)
-        record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False)
+        record.train = self.train(student, dataset, loss, folder, spec, record, no_duplicates=False,
+                                  block_size=block_size)
         record.student_dev = self.evaluate_dev(student, folder, record.seconds)
         record.gap_after, _ = self.measure_gap(spec.teacher, folder, spec.loss.temperature, student)
         return self.finish_stage(folder, student, record, start)
+
+    def dpd_rows(self, pools: dict[str, list[str]], qrels, index: int, folder: Path) -> tuple[TrainingRows, int | None]:
+        """DPD's training rows from the kept queries' near-miss pools, and the block size training reads them in.
+        `negatives: sample` (PROD's release): `num_negatives` drawn afresh from the pool for every epoch training
+        will read, as the stages do (`epoch_rows`); `hardest`: the pool's first `num_negatives`, one block read
+        repeatedly (block size None: the whole dataset, as before issue 20)."""
+        spec = self.recipe.dpd
+        if spec.negatives == "hardest":
+            return build_rows(self.data, pools, spec.num_negatives, qrels=qrels), None
+        window = NegativeWindow(1, spec.rerank_depth, spec.num_negatives, "sample")
+        rows, plan = epoch_rows(
+            self.data, pools, qrels, window, seed=self.recipe.seed + index, epochs=spec.epochs,
+            batch_size=spec.batch_size, accumulation=self.recipe.training.gradient_accumulation_steps,
+            max_steps=spec.max_steps, drop_incomplete=False, what=f"dpd {folder.name!r}",
+        )
+        reads = len(rows.queries) // plan.rows if plan is not None else 1
+        write_json(folder / "negatives.json", {"epochs": reads, "queries": len(pools)})
+        logger.info("%s: %d queries, negatives drawn afresh from their near-miss pools for each of %d epochs",
+                    folder.name, len(rows.queries) // reads, reads)
+        return rows, len(rows.queries) // reads
 
     # ---- final test evaluation -----------------------------------------------------------------------
     def finish(self, records: list[StageRecord], seconds: float) -> dict:

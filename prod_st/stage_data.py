@@ -102,6 +102,15 @@ class RunData:
         return found
 
 
+SPLIT_NAMES = ("train", "dev", "test")  # the subsets' names, as their RNGs are named (whatever the split files)
+
+
+def split_rng(seed: int, name: str) -> random.Random:
+    """The RNG of one subset (`name`: train, dev, test, corpus): seeded with the data seed and the subset's name
+    alone, so no subset moves when another one's size changes."""
+    return random.Random(f"{seed}/{name}")
+
+
 def _sample_queries(qrels: dict, n: int | None, rng: random.Random) -> dict:
     if n is None or n >= len(qrels):
         return qrels
@@ -119,21 +128,24 @@ def load_run_data(
     answer_positives: bool = False,
 ) -> RunData:
     """Load the three splits (a None split is skipped: it stays None), keep a seeded subset of each split's
-    queries, and (with `corpus_size`) a seeded subset of the corpus that always contains every document judged
-    for the kept queries."""
-    rng = random.Random(seed)
+    queries, and (with `corpus_size`) a seeded subset of the corpus (`_corpus_subset`). Each subset has its own
+    RNG (`split_rng`: the seed and the subset's name), so the dev and test queries and the evaluation slice of
+    the corpus depend on `seed` and their own sizes only, not on the training size."""
     every = [None if split is None else load_retrieval_data(dataset, split) for split in splits]
     loaded = [data for data in every if data is not None]
-    for data, n in zip(every, sizes):
+    for data, n, name in zip(every, sizes, SPLIT_NAMES):
         if data is None:
             continue
-        data.qrels = _sample_queries(data.qrels, n, rng)
+        data.qrels = _sample_queries(data.qrels, n, split_rng(seed, name))
         if data.answers and not data.qrels:  # question answering test split (DPR NQ): answers, no qrels
-            data.answers = _sample_queries(data.answers, n, rng)
+            data.answers = _sample_queries(data.answers, n, split_rng(seed, name))
     corpus: datasets.Dataset = loaded[0].corpus
     if corpus_size is not None and corpus_size < len(corpus):
         # (answer-only test queries have no judged passages to keep: their accuracy is over the subset)
-        corpus = corpus.select(_corpus_subset(corpus, loaded, corpus_size, rng).tolist())  # an index mapping
+        train, evaluated = every[0], [data for data in every[1:] if data is not None]
+        rows = _corpus_subset(corpus, evaluated, [train] if train is not None else [], corpus_size,
+                              split_rng(seed, "corpus"))
+        corpus = corpus.select(rows.tolist())  # an index mapping
         for data in loaded:
             data.corpus = corpus
     logger.info(
@@ -143,16 +155,29 @@ def load_run_data(
     return RunData(*every, answer_positives=answer_positives)
 
 
-def _corpus_subset(corpus: datasets.Dataset, splits: list[RetrievalData], size: int, rng: random.Random) -> np.ndarray:
-    """The sorted corpus rows of a `size`-document subset: every document judged in `splits`, then others drawn
-    with `rng`. Judged ids are matched with Arrow (`is_in` on the id column), so an 8.8M-document corpus
-    becomes two integer arrays, not 8.8M Python strings; the draw is `rng.sample` over the other rows, as
-    before (the same subset for the same seed)."""
+def _judged_rows(corpus: datasets.Dataset, splits: list[RetrievalData]) -> np.ndarray:
+    """Boolean mask over the corpus rows: judged in one of `splits`. Ids are matched with Arrow (`is_in` on the id
+    column), so an 8.8M-document corpus becomes a boolean array, not 8.8M Python strings."""
     judged = pa.array(list({d for data in splits for j in data.qrels.values() for d in j}), pa.string())
-    is_judged = pc.is_in(corpus.with_format("arrow")["_id"], value_set=judged).to_numpy(zero_copy_only=False)
-    needed, others = np.flatnonzero(is_judged), np.flatnonzero(~is_judged)
-    extra = others[rng.sample(range(len(others)), max(0, size - len(needed)))]
-    return np.sort(np.concatenate([needed, extra]))
+    return pc.is_in(corpus.with_format("arrow")["_id"], value_set=judged).to_numpy(zero_copy_only=False)
+
+
+def _corpus_subset(corpus: datasets.Dataset, evaluated: list[RetrievalData], train: list[RetrievalData], size: int,
+                   rng: random.Random) -> np.ndarray:
+    """The sorted corpus rows of the run's corpus: the evaluation slice, `size` documents (every document judged
+    in `evaluated`, the dev and test splits, then a fill drawn with `rng` from the others), plus every document
+    judged in `train` that the slice lacks. The slice depends on the seed, the evaluation queries and `size`
+    only; the training size adds its judged documents on top (also searched by dev and test: the one residual
+    dependence). The fill is a numpy draw seeded from `rng` over the row numbers (no Python object per row)."""
+    needed = _judged_rows(corpus, evaluated)
+    others = np.flatnonzero(~needed)
+    fill = np.random.default_rng(rng.getrandbits(128)).choice(len(others), max(0, size - int(needed.sum())),
+                                                              replace=False)
+    in_slice = needed
+    in_slice[others[fill]] = True
+    if train:
+        in_slice |= _judged_rows(corpus, train)
+    return np.flatnonzero(in_slice)
 
 
 @dataclass

@@ -224,23 +224,52 @@ def test_split_queries_is_built_once_per_qrels_and_follows_a_new_one(toy_beir):
 
 
 def test_corpus_subset_matched_with_arrow_is_the_subset_of_the_per_document_loop():
-    """Issue 18 item 6: the recipe's corpus subset matches judged ids with Arrow instead of a Python pass over
-    every document id; for the same seed it is the same subset (rows and datasets fingerprint, which the run's
-    caches are keyed on) as the loop gave."""
-    import random
+    """Issue 18 item 6, re-drawn in issue 20: the recipe's corpus subset matches judged ids with Arrow instead of a
+    Python pass over every document id, and is what a per-document loop over the same draws gives: every dev and
+    test judged document, the seeded fill, every training judged document (rows and datasets fingerprint, which
+    the run's caches are keyed on)."""
+    import numpy as np
 
-    from prod_st.stage_data import _sample_queries, load_run_data
+    from prod_st.stage_data import _sample_queries, load_run_data, split_rng
 
     data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
-    rng = random.Random(3)
     every = [load_retrieval_data("wordnet-gloss", split) for split in ("train", "dev", "test")]
-    for split, n in zip(every, (30, 5, 5)):
-        split.qrels = _sample_queries(split.qrels, n, rng)
-    judged = {d for split in every for j in split.qrels.values() for d in j}
+    for split, n, name in zip(every, (30, 5, 5), ("train", "dev", "test")):
+        split.qrels = _sample_queries(split.qrels, n, split_rng(3, name))
+    evaluated = {d for split in every[1:] for j in split.qrels.values() for d in j}
+    trained = {d for j in every[0].qrels.values() for d in j}
     ids = every[0].corpus["_id"]
-    needed = [i for i, d in enumerate(ids) if d in judged]
-    others = [i for i, d in enumerate(ids) if d not in judged]
-    rows = sorted(needed + rng.sample(others, 300 - len(needed)))
+    needed = [i for i, d in enumerate(ids) if d in evaluated]
+    others = [i for i, d in enumerate(ids) if d not in evaluated]
+    drawn = np.random.default_rng(split_rng(3, "corpus").getrandbits(128)).choice(len(others), 300 - len(needed),
+                                                                                   replace=False)
+    rows = sorted({*needed, *(others[i] for i in drawn), *(i for i, d in enumerate(ids) if d in trained)})
     expected = every[0].corpus.select(rows)
-    assert data.corpus["_id"] == expected["_id"] and len(needed) > 30
+    assert data.corpus["_id"] == expected["_id"] and len(needed) >= 10 and len(rows) > 300
     assert data.corpus._fingerprint == expected._fingerprint
+
+
+def test_dev_test_and_corpus_slice_do_not_move_with_the_training_size():
+    """Issue 20 item 1: each subset has its own RNG (seed + name). Another training size leaves the dev and test
+    queries and the evaluation slice of the corpus (dev/test judged documents + the seeded fill) as they were;
+    the run's corpus is that slice plus the training judged documents it lacks. Another seed moves them all."""
+    from prod_st.stage_data import load_run_data
+
+    def load(train, seed=3, splits=("train", "dev", "test")):
+        return load_run_data("wordnet-gloss", splits=splits, sizes=(train, 20, 20), corpus_size=400, seed=seed)
+
+    small, large = load(30), load(240)
+    alone = load(None, splits=(None, "dev", "test"))  # no training split: the evaluation slice alone
+    assert len(large.train.qrels) == 240 and len(small.train.qrels) == 30
+    for split in ("dev", "test"):
+        ids = [sorted(getattr(data, split).qrels) for data in (small, large, alone)]
+        assert ids[0] == ids[1] == ids[2]
+    evaluation_slice = set(alone.corpus["_id"])
+    assert len(evaluation_slice) == 400
+    for data in (small, large):
+        trained = {d for judged in data.train.qrels.values() for d in judged}
+        corpus = set(data.corpus["_id"])
+        assert evaluation_slice <= corpus and corpus - evaluation_slice <= trained and trained <= corpus
+    other = load(30, seed=4)
+    assert sorted(other.dev.qrels) != sorted(small.dev.qrels) and sorted(other.test.qrels) != sorted(small.test.qrels)
+    assert not set(load(None, seed=4, splits=(None, "dev", "test")).corpus["_id"]) == evaluation_slice

@@ -227,3 +227,39 @@ def test_decided_by_student_from_the_run_arrays_matches_the_per_query_rule(varia
     ranks = run.first_relevant_ranks(qrels)
     for q, rank in zip(run, ranks.tolist()):
         assert rank == (first_relevant_rank(lists[q], {d for d, g in qrels.get(q, {}).items() if g > 0}) or 0)
+
+
+@pytest.mark.parametrize("negatives", ["sample", "hardest"])
+def test_dpd_negatives_are_drawn_afresh_from_the_near_miss_pool_every_epoch(tmp_path, negatives):
+    """Issue 20 item 4: PROD's release keeps each kept query's near-miss pool and draws its negatives afresh every
+    time it is read. `negatives: sample` lays out one block per epoch training reads, each a new seeded draw of
+    num_negatives from the pool; `hardest` (the behaviour before issue 20) is the pool's first num_negatives, one
+    block read repeatedly."""
+    import random
+    from types import SimpleNamespace
+
+    from prod_st.recipe import DPD
+    from prod_st.runner import Runner
+    from prod_st.stage_data import load_run_data
+
+    data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
+    judged = {d for j in data.train.qrels.values() for d in j}
+    unjudged, rng = [d for d in data.corpus["_id"] if d not in judged], random.Random(0)
+    pools = {q: rng.sample(unjudged, 14) for q in data.train.qrels}
+    spec = DPD(teacher="ce", rerank_depth=15, num_negatives=4, epochs=100.0, max_steps=12, batch_size=8,
+               negatives=negatives)
+    runner = SimpleNamespace(data=data, recipe=SimpleNamespace(dpd=spec, seed=3, training=SimpleNamespace(
+        gradient_accumulation_steps=1)))
+    rows, block = Runner.dpd_rows(runner, pools, data.train.qrels, 5, tmp_path)
+    texts = dict(zip(data.corpus["_id"], data.texts_at(range(len(data.corpus)))))
+    first = {q: {texts[d] for d in pool[:4]} for q, pool in pools.items()}
+    if negatives == "hardest":
+        assert block is None and len(rows) == 30
+        assert all(set(negs) == first[q] for q, negs in zip(rows.query_ids, rows.texts()[2]))
+        return
+    assert block == 30 and len(rows) == 3 * 30  # 4 batches of 8 an epoch: 12 steps read 3 epochs
+    drawn = rows.texts()[2]
+    for q, negs in zip(rows.query_ids, drawn):
+        assert len(set(negs)) == 4 and set(negs) <= {texts[d] for d in pools[q]}
+    assert sum(set(negs) != first[q] for q, negs in zip(rows.query_ids, drawn)) > 60  # not the hardest 4
+    assert any(set(drawn[i]) != set(drawn[i + 30]) for i in range(30))  # every epoch draws afresh

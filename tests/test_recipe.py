@@ -499,6 +499,9 @@ STEPS_BEFORE_TRAINING = {
     "02-bi": "77e2abf67757c3e3f0747cb886906772", "03-ce": "6a643ab87fcdc1ad6f769650c4fb2e26",
     "04-dpd-1": "d523557a035eeb390f9a6a711a1e5061",
 }
+# issue 20: DPD's negatives are drawn afresh from the near-miss pool every epoch (`dpd.negatives: sample`, the
+# default): the DPD step trains on other rows, so it (and the final evaluation) is redone; `hardest` keeps them
+STEPS_SINCE_ISSUE_20 = STEPS_BEFORE_TRAINING | {"04-dpd-1": "0e77f71f59154700bb2f5ca0c9d622e5"}
 
 
 def test_default_training_block_changes_no_fingerprint():
@@ -509,16 +512,18 @@ def test_default_training_block_changes_no_fingerprint():
     for data in (MINIMAL, recipe_dict(training={}), recipe_dict(training=defaults)):
         recipe = parse_recipe(data)
         assert recipe.fingerprint() == FINGERPRINT_BEFORE_TRAINING
-        assert plan(recipe).steps == STEPS_BEFORE_TRAINING and plan(recipe).final == "e7391d25a04e00924e632ed352d8f39e"
+        assert plan(recipe).steps == STEPS_SINCE_ISSUE_20 and plan(recipe).final == "6b4babe13f4854c990149ca86d6542c6"
         assert "training" not in recipe.resolved_yaml()
+        hardest = parse_recipe(data | {"dpd": {"teacher": "ce", "negatives": "hardest"}})
+        assert plan(hardest).steps == STEPS_BEFORE_TRAINING and plan(hardest).final == "e7391d25a04e00924e632ed352d8f39e"
 
     speed_only = parse_recipe(recipe_dict(training={"dataloader_num_workers": 4, "report_to": "tensorboard"}))
-    assert plan(speed_only).steps == STEPS_BEFORE_TRAINING  # recorded in recipe.yaml, no step redone
+    assert plan(speed_only).steps == STEPS_SINCE_ISSUE_20  # recorded in recipe.yaml, no step redone
     assert "dataloader_num_workers: 4" in speed_only.resolved_yaml()
     for change in ({"precision": "bf16"}, {"gradient_accumulation_steps": 2}):
         steps = plan(parse_recipe(recipe_dict(training=change))).steps
-        assert steps["00-init"] == STEPS_BEFORE_TRAINING["00-init"]  # the untrained student is not trained
-        assert all(steps[k] != v for k, v in STEPS_BEFORE_TRAINING.items() if k != "00-init")
+        assert steps["00-init"] == STEPS_SINCE_ISSUE_20["00-init"]  # the untrained student is not trained
+        assert all(steps[k] != v for k, v in STEPS_SINCE_ISSUE_20.items() if k != "00-init")
 
 
 def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
@@ -528,9 +533,9 @@ def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
         return recipe_dict(eval=MINIMAL.get("eval", {}) | {"corpus_dtype": dtype})
 
     full, half = parse_recipe(with_dtype("float32")), parse_recipe(with_dtype("float16"))
-    assert plan(full).steps == STEPS_BEFORE_TRAINING and "corpus_dtype" not in full.resolved_yaml()  # the default
+    assert plan(full).steps == STEPS_SINCE_ISSUE_20 and "corpus_dtype" not in full.resolved_yaml()  # the default
     assert half.eval.corpus_dtype == "float16" and "corpus_dtype: float16" in half.resolved_yaml()
-    assert all(v != STEPS_BEFORE_TRAINING[k] for k, v in plan(half).steps.items())  # dev evaluation and mining read it
+    assert all(v != STEPS_SINCE_ISSUE_20[k] for k, v in plan(half).steps.items())  # dev evaluation and mining read it
     assert "eval.corpus_dtype: Input should be 'float32' or 'float16'" in error_of(tmp_path, with_dtype("int8"))
 
 
@@ -543,7 +548,7 @@ def test_search_and_index_train_size_keep_fingerprints_at_their_defaults(tmp_pat
         return parse_recipe(recipe_dict(eval=MINIMAL.get("eval", {}) | fields))
 
     default = with_eval()
-    assert plan(default).steps == STEPS_BEFORE_TRAINING
+    assert plan(default).steps == STEPS_SINCE_ISSUE_20
     assert default.eval.search == "auto" and default.eval.index_train_size == 32768
     assert "search" not in default.resolved_yaml() and "index_train_size" not in default.resolved_yaml()
     for backend in ("torch", "faiss"):
@@ -618,3 +623,18 @@ def test_ensemble_teacher(tmp_path):
     data["stages"][2]["candidates"] = "in_batch"
     data["stages"][2]["teacher"] = "ens"
     assert "in_batch needs a bi-encoder teacher, 'ens' is a ensemble" in error_of(tmp_path, data)
+
+
+def test_drawn_subsets_change_every_fingerprint_whole_splits_none():
+    """Issue 20 item 1: the seeded subsets are drawn one RNG per subset, so a recipe that draws one (of queries or
+    corpus) trains and evaluates on other data than before: every step is redone. Whole splits are the same
+    data: a recipe drawing no subset keeps its fingerprints."""
+    from prod_st.run_folder import plan
+
+    assert plan(parse_recipe(MINIMAL)).steps == STEPS_SINCE_ISSUE_20
+    init_before = {"train_queries": "b1aec262af1b3d05c05f7625d31a0683", "test_queries": "9ee1d5d641393e919fcf7be1669dc9b0",
+                   "corpus_size": "5c95f380c9ba1ae5cf19a965385b1a1b"}  # 00-init under the one-RNG draw
+    for field, value in (("train_queries", 800), ("test_queries", 400), ("corpus_size", 4000)):
+        assert plan(parse_recipe(recipe_dict(data={"dataset": "wordnet-gloss", field: value}))).steps["00-init"] not in (
+            init_before[field], STEPS_SINCE_ISSUE_20["00-init"])
+    assert "subsets" not in parse_recipe(recipe_dict(data={"dataset": "wordnet-gloss", "corpus_size": 9})).resolved_yaml()
