@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from prod_st.fingerprint import model_fingerprint
+from prod_st.util.fingerprint import model_fingerprint
 
 
 def main(recipe_path: str, out: str) -> None:

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 def _rank(rank: int, world: int, port: int, old: bool) -> None:
     import torch.distributed as dist
 
-    from prod_st import distributed
+    from prod_st.util import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if old:

@@ -31,10 +31,10 @@ def build_run(folder: Path, rows: int, negatives: int, seed: int = 0) -> None:
     import numpy as np
 
     from prod_st.data import load_retrieval_data
-    from prod_st.doc_ids import doc_ids
+    from prod_st.data.doc_ids import doc_ids
     from prod_st.recipe import load_recipe
-    from prod_st.run_folder import create
-    from prod_st.stage_data import ROW_IDS, TrainingRows, labelled_dataset, write_row_ids
+    from prod_st.run.run_folder import create
+    from prod_st.training.stage_data import ROW_IDS, TrainingRows, labelled_dataset, write_row_ids
 
     data = load_retrieval_data("wordnet-gloss", "train")
     corpus, queries = data.corpus, data.split_queries()
@@ -86,8 +86,8 @@ def peak_rss_mb() -> float:
 def child(run: str, out: str) -> None:
     import datasets  # noqa: F401  (what export imports, loaded before the baseline is read)
 
-    from prod_st.export import export_run, folder_size
-    from prod_st.export_card import render  # noqa: F401
+    from prod_st.publish.export import export_run, folder_size
+    from prod_st.publish.export_card import render  # noqa: F401
 
     import threading
 

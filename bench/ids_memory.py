@@ -3,9 +3,9 @@
     python bench/ids_memory.py [--docs 1000000] [--queries 20000] [--depth 200]
 
 1. doc id <-> row: a `{doc id: row}` dict plus the list of ids (what `RunData` and `corpus_index` held before)
-   vs `prod_st.doc_ids.DocIds` (one Arrow string array + sorted hashes).
+   vs `prod_st.data.doc_ids.DocIds` (one Arrow string array + sorted hashes).
 2. a ranked run (mining, DPD): `{query id: [doc id, ...]}` as read back from the JSON cache before vs a
-   `prod_st.mining.RankedRun` (a (queries, depth) int32 array of rows).
+   `prod_st.retrieval.mining.RankedRun` (a (queries, depth) int32 array of rows).
 3. a stage's training rows (--queries rows, a positive and 15 negatives each, drawn from --docs documents of
    --doc-chars characters): lists of document texts before vs `TrainingRows`' int64 corpus rows (the query
    ids and texts, the same both ways, are not counted).
@@ -40,8 +40,8 @@ def held(build):
 
 
 def main() -> None:
-    from prod_st.doc_ids import DocIds
-    from prod_st.mining import RankedRun
+    from prod_st.data.doc_ids import DocIds
+    from prod_st.retrieval.mining import RankedRun
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1_000_000)

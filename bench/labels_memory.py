@@ -38,7 +38,7 @@ def peak_mb() -> float:
 
 
 def make_rows(rows_n: int):
-    from prod_st.stage_data import TrainingRows
+    from prod_st.training.stage_data import TrainingRows
 
     queries = [f"query {i}" for i in range(rows_n)]
     positives, negatives = [f"positive {i}" for i in range(rows_n)], [[f"negative {i}"] for i in range(rows_n)]
@@ -50,7 +50,7 @@ def fill(rows_n: int, dim: int, model: str, work: Path) -> None:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from prod_st.fingerprint import text_key
+    from prod_st.util.fingerprint import text_key
     from prod_st.teachers import BiEncoderTeacher
 
     teacher = BiEncoderTeacher(SentenceTransformer(model), cache_root=work / "teachers", name="bi")
@@ -89,7 +89,7 @@ def measure(rows_n: int, model: str, work: Path) -> dict:
     start = time.perf_counter()
     (work / "stage").mkdir()
     try:  # prod-st since the runner's steps moved into their modules
-        from prod_st.stage_data import labelled_dataset
+        from prod_st.training.stage_data import labelled_dataset
         from prod_st.teachers.labels import stage_labels
     except ImportError:  # earlier prod-st: the runner's own methods
         labels = runner.labels("bi", rows, "in_batch", None, None)
@@ -119,7 +119,7 @@ def main() -> None:
             print(json.dumps(measure(int(rows_n), model, Path(work))))
         return
     sys.path[:0] = [str(ROOT), str(ROOT / "cli")]
-    from prod_st.models import resolve_model_path
+    from prod_st.util.models import resolve_model_path
 
     model = resolve_model_path("all-MiniLM-L6-v2")  # only its fingerprint and tokenizer are used: nothing encodes
     env = os.environ | {"PYTHONPATH": f"{args.code}:{args.code / 'cli'}", "HF_HUB_OFFLINE": "1"}

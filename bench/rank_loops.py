@@ -20,9 +20,9 @@ import datasets
 import numpy as np
 
 from prod_st.data import RetrievalData
-from prod_st.doc_ids import DocIds
-from prod_st.dpd import decided_by_student
-from prod_st.mining import NegativeWindow, RankedRun, negative_pools
+from prod_st.data.doc_ids import DocIds
+from prod_st.training.dpd import decided_by_student
+from prod_st.retrieval.mining import NegativeWindow, RankedRun, negative_pools
 
 
 class Lists(Mapping):

@@ -68,7 +68,7 @@ def mining(data, student, window, count: int, seed: int) -> dict:
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
-    from prod_st.mining import NegativeWindow, draw_negatives, mine_pools
+    from prod_st.retrieval.mining import NegativeWindow, draw_negatives, mine_pools
 
     def prod(strategy: str):
         w = NegativeWindow(window[0], window[1], count, strategy)
@@ -215,14 +215,14 @@ class StepTimes:
 
 
 def training(student, rows, scores, batch_size: int, steps: int, warmup: int, rounds: int) -> dict:
-    import prod_st.student_training as st_training
+    import prod_st.training.student_training as st_training
     from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
 
-    from prod_st.losses import PRODLoss
+    from prod_st.training.losses import PRODLoss
     from prod_st.teachers.base import scores_to_labels
     from prod_st.teachers.bi_encoder import BiEncoderTeacher
-    from prod_st.losses.contrastive import score_scale
+    from prod_st.training.losses.contrastive import score_scale
 
     width = 1 + rows.count
     teacher = scores_to_labels(scores, width)
@@ -310,9 +310,9 @@ def main() -> None:
 
     from ablation import reference_unit
 
-    from prod_st.mining import draw_negatives
-    from prod_st.models import build_student
-    from prod_st.stage_data import build_rows, load_run_data
+    from prod_st.retrieval.mining import draw_negatives
+    from prod_st.util.models import build_student
+    from prod_st.training.stage_data import build_rows, load_run_data
 
     started = time.perf_counter()
     print(f"clock {args.clock}; torch threads {torch.get_num_threads()}; cache {os.environ['PROD_ST_CACHE']} (fresh)", flush=True)
@@ -324,12 +324,12 @@ def main() -> None:
 
     print("3. mining ...", flush=True)
     mine = mining(data, student, window, args.negatives, seed)
-    from prod_st.mining import NegativeWindow, negative_pools
+    from prod_st.retrieval.mining import NegativeWindow, negative_pools
 
     w = NegativeWindow(window[0], window[1], args.negatives, "sample")
     rows = [build_rows(data, mine["_negatives"], args.negatives, qrels=mine["_qrels"])]
     if args.epochs > 1:  # the runner's later epochs: fresh draws from the same pools
-        from prod_st.mining import retrieve_ranked
+        from prod_st.retrieval.mining import retrieve_ranked
 
         ranked = retrieve_ranked(student, data.train, data.train.split_queries(), top_k=window[1],  # cached
                                  index_factory="Flat", batch_size=64, progress=False)

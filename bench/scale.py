@@ -157,7 +157,7 @@ def build_models(folder: Path) -> dict[str, str]:
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
-    from prod_st.models import resolve_model_path
+    from prod_st.util.models import resolve_model_path
 
     paths = {name: folder / name for name in ("student", "bi", "ce")}
     if all((p / "DONE").exists() for p in paths.values()):

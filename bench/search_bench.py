@@ -1,5 +1,5 @@
 """Exact corpus search: faiss Flat (what CPU runs use) against torch's block-wise matmul + topk
-(`prod_st.exact_search.TorchFlatIndex`, what `eval.search: auto` uses on a GPU), on random unit vectors laid out
+(`prod_st.retrieval.exact_search.TorchFlatIndex`, what `eval.search: auto` uses on a GPU), on random unit vectors laid out
 as the corpus cache lays them out (memory-mapped .npy blocks of 32,768 rows). Prints one JSON line: the cost of
 each in us per query per million documents, and how far they agree (the share of each query's top-k rows found
 by both, the largest score difference).
@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 import torch
 
-from prod_st.corpus_index import BLOCK_SIZE
-from prod_st.exact_search import TorchFlatIndex
+from prod_st.retrieval.corpus_index import BLOCK_SIZE
+from prod_st.retrieval.exact_search import TorchFlatIndex
 
 
 def blocks_on_disk(folder: Path, docs: int, dim: int, dtype: str, seed: int = 0) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """The PROD schedule: recipe -> stages (mine -> score -> [DPD filter] -> train -> evaluate) -> report.
 
-Run folder (what resume reads; prod_st.run_folder owns its rules):
+Run folder (what resume reads; prod_st.run.run_folder owns its rules):
     <run>/.prod-st-run        prod-st's marker: only a folder with it is resumed, or cleared by --force
     <run>/recipe.yaml         the resolved recipe; a recipe of another name refuses to run here
     <run>/00-init/            the untrained student (first k layers) and its dev metrics
@@ -40,24 +40,27 @@ from pathlib import Path
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from prod_st import __version__, corpus_index, cost, locks, run_folder
-from prod_st.distributed import all_gather, barrier, is_main, launched_group, world_size
-from prod_st.dpd import decided_by_student, select_queries, teacher_rankings
-from prod_st.errors import ProdStError
-from prod_st.evaluation import evaluate_beir, evaluate_model
-from prod_st.losses import PRODLoss, contrastive_loss, score_scale
-from prod_st.mining import NegativeWindow, mine_pools, retrieve_ranked
-from prod_st.model_card import save_stage_card
-from prod_st.models import build_student, set_lengths
-from prod_st.paths import write_text_atomic, writes_to, writing
-from prod_st.precision import resolve_precision
-from prod_st.resampling import epoch_rows
-from prod_st.run_log import RunLog
-from prod_st.retrieval_evaluator import RetrievalEvaluator
-from prod_st.doc_ids import doc_ids
-from prod_st.stage_data import ROW_IDS, TrainingRows, build_rows, labelled_dataset, load_run_data, write_row_ids
-from prod_st.steps import plan_steps
-from prod_st.student_training import train_student
+from prod_st import __version__
+from prod_st.retrieval import corpus_index
+from prod_st.util import cost, locks
+from prod_st.run import run_folder
+from prod_st.util.distributed import all_gather, barrier, is_main, launched_group, world_size
+from prod_st.training.dpd import decided_by_student, select_queries, teacher_rankings
+from prod_st.util.errors import ProdStError
+from prod_st.retrieval.evaluation import evaluate_beir, evaluate_model
+from prod_st.training.losses import PRODLoss, contrastive_loss, score_scale
+from prod_st.retrieval.mining import NegativeWindow, mine_pools, retrieve_ranked
+from prod_st.run.model_card import save_stage_card
+from prod_st.util.models import build_student, set_lengths
+from prod_st.util.paths import write_text_atomic, writes_to, writing
+from prod_st.util.precision import resolve_precision
+from prod_st.training.resampling import epoch_rows
+from prod_st.run.run_log import RunLog
+from prod_st.retrieval.retrieval_evaluator import RetrievalEvaluator
+from prod_st.data.doc_ids import doc_ids
+from prod_st.training.stage_data import ROW_IDS, TrainingRows, build_rows, labelled_dataset, load_run_data, write_row_ids
+from prod_st.training.steps import plan_steps
+from prod_st.training.student_training import train_student
 from prod_st.teachers import BiEncoderTeacher
 from prod_st.teachers.cache import release_embedding_cache
 from prod_st.teachers.labels import stage_labels
@@ -122,7 +125,7 @@ class Runner:
     # ---- run folder ----------------------------------------------------------------------------------
     def prepare_folder(self) -> None:
         """Before any work: refuse a folder prod-st must not use (one line), make it a run folder of this
-        recipe, and remove what a changed recipe invalidates (see prod_st.run_folder). `--force` first removes
+        recipe, and remove what a changed recipe invalidates (see prod_st.run.run_folder). `--force` first removes
         the earlier run's own files, and only from a folder prod-st created."""
         self.plan = run_folder.plan(self.recipe)
         if is_main():
@@ -168,16 +171,16 @@ class Runner:
             final = self.run_steps(started)
         else:
             logger.info("run already finished: %s", self.dir)
-        from prod_st.report import write_report
+        from prod_st.run.report import write_report
 
         write_report(self.dir)
         if is_main() and (self.dir / "student" / "modules.json").is_file():
-            from prod_st.model_card import write_card
+            from prod_st.run.model_card import write_card
 
             write_card(self.dir, self.dir / "student")  # the card `prod-st push` publishes
         barrier()
         if r.publish is not None and run_folder.marker(self.dir).get("published") != self.plan.publish:
-            from prod_st.publish import push_run
+            from prod_st.publish.push import push_run
 
             p = r.publish
             where = push_run(self.dir, p.repo_id, private=p.private, exist_ok=p.exist_ok, dry_run=p.dry_run)
@@ -372,7 +375,7 @@ class Runner:
     def train(self, student, dataset, loss, folder: Path, spec, record: StageRecord, *, no_duplicates: bool,
               block_size: int | None = None) -> dict:
         """Train with the stage's (or DPD's) optimisation settings; checkpoints under <stage>/checkpoints.
-        `block_size`: the dataset holds consecutive epochs of that many rows (`prod_st.resampling`)."""
+        `block_size`: the dataset holds consecutive epochs of that many rows (`prod_st.training.resampling`)."""
         rows = block_size or len(dataset)
         training = self.recipe.training
         plan = plan_steps(rows, spec.batch_size, epochs=spec.epochs, max_steps=spec.max_steps,
@@ -586,7 +589,7 @@ class Runner:
                 beir = evaluate_beir(self.load_student(last), list(e.beir), **kwargs | {"relevance_level": 1})
         payload = {
             "recipe": self.recipe.name,
-            "fingerprint": self.plan.final,  # what prod_st.run_folder compares on a rerun
+            "fingerprint": self.plan.final,  # what prod_st.run.run_folder compares on a rerun
             "beir": beir,
             "test": tested | {"teachers": teachers},
             "num_test_queries": final.num_queries,
@@ -600,7 +603,7 @@ class Runner:
 
 
 def _fmt(metrics: dict) -> str:
-    from prod_st.report import metric_columns
+    from prod_st.run.report import metric_columns
 
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in metric_columns([metrics]) if k in metrics)
 

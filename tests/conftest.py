@@ -23,7 +23,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from prod_st.models import resolve_model_path
+    from prod_st.util.models import resolve_model_path
 
     return resolve_model_path("all-MiniLM-L6-v2")
 

@@ -35,8 +35,8 @@ def test_eval_prints_table_and_writes_json(monkeypatch, capsys, toy_beir, tmp_pa
 def test_eval_search_backend_and_index_train_size_reach_the_search(monkeypatch, capsys, toy_beir, tmp_path):
     """`--search torch` (exact search with torch, here on the CPU) gives faiss's metrics; `--index-train-size`
     is the trained index's sample (and is recorded in the JSON when not the default)."""
-    import prod_st.corpus_index as ci
-    from prod_st.exact_search import TorchFlatIndex
+    import prod_st.retrieval.corpus_index as ci
+    from prod_st.retrieval.exact_search import TorchFlatIndex
 
     metrics = {}
     for backend in ("faiss", "torch"):
@@ -122,9 +122,9 @@ def test_eval_counts_below_one_are_usage_errors(monkeypatch, capsys, toy_beir, o
 
 
 def test_eval_output_is_checked_before_the_work(monkeypatch, capsys, toy_beir, tmp_path):
-    import prod_st.models
+    import prod_st.util.models
 
-    monkeypatch.setattr(prod_st.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(prod_st.util.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     (tmp_path / "a-file").write_text("")
     for output, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "m.json", "a-file is a file")):
         code, _, err = run_cli(monkeypatch, capsys, "eval", "all-MiniLM-L6-v2", str(toy_beir), "--output", str(output))
@@ -178,20 +178,20 @@ def test_eval_beir_without_names_is_refused(monkeypatch, capsys, beir):
 
 def test_student_refuses_a_folder_with_files(monkeypatch, capsys, tiny_model_dir, tmp_path):
     """Only a new or empty folder: not someone's files, not an existing model (BASE itself, say)."""
-    import prod_st.models
+    import prod_st.util.models
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     (tmp_path / "a-file").write_text("")
-    load = prod_st.models.load_model
-    monkeypatch.setattr(prod_st.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    load = prod_st.util.models.load_model
+    monkeypatch.setattr(prod_st.util.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     for out, message in ((mine, "exists and is not empty"), (Path(tiny_model_dir), "exists and is not empty"),
                          (tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "s", "a-file is a file")):
         code, _, err = run_cli(monkeypatch, capsys, "student", tiny_model_dir, str(out), "--layers", "1")
         assert code == 2 and message in err and "Traceback" not in err
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
-    monkeypatch.setattr(prod_st.models, "load_model", load)
+    monkeypatch.setattr(prod_st.util.models, "load_model", load)
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run_cli(monkeypatch, capsys, "student", tiny_model_dir, str(empty), "--layers", "1")
@@ -207,7 +207,7 @@ NQ = __import__("conftest").FIXTURES / "dpr-nq"
 
 def finished_run(run_dir, recipe, final: dict, dev: dict) -> None:
     """A run folder as a finished `prod-st run` of `recipe` leaves it (fingerprints, records, final.json)."""
-    from prod_st import run_folder
+    from prod_st.run import run_folder
     from prod_st.runner import Runner
 
     Runner(recipe, run_dir).prepare_folder()
@@ -231,9 +231,9 @@ def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, 
     from sentence_transformers import SentenceTransformer
 
     from prod_st.data import load_retrieval_data
-    from prod_st.evaluation import evaluate_model
+    from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.recipe import load_recipe
-    from prod_st.report import load_records, render_prod_section
+    from prod_st.run.report import load_records, render_prod_section
     from test_runner import tiny_recipe
 
     metrics = evaluate_model(SentenceTransformer(tiny_model_dir), load_retrieval_data(NQ, "test"), top_k=100).metrics

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-import prod_st.corpus_index as ci
+import prod_st.retrieval.corpus_index as ci
 from prod_st.data import load_retrieval_data
-from prod_st.errors import ProdStError
-from prod_st.evaluation import evaluate_model
+from prod_st.util.errors import ProdStError
+from prod_st.retrieval.evaluation import evaluate_model
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_faiss_threads_under_a_launcher_are_the_ranks_share_of_the_cores(monkeyp
             faiss.omp_set_num_threads(1)
             monkeypatch.setattr(ci, "_faiss_threads", [])
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-            with caplog.at_level(logging.INFO, logger="prod_st.corpus_index"):
+            with caplog.at_level(logging.INFO, logger="prod_st.retrieval.corpus_index"):
                 assert ci.set_faiss_threads() == want == faiss.omp_get_max_threads()
             assert f"faiss searches with {want} threads ({cores} cores, {local} local ranks)" in caplog.text
         faiss.omp_set_num_threads(3)

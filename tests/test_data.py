@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES, TOY_QRELS, write_beir
 from prod_st.data import load_retrieval_data
 from prod_st.data.beir_files import read_qrels, read_table
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 DL19 = FIXTURES / "trec-dl19"
 
@@ -230,7 +230,7 @@ def test_corpus_subset_matched_with_arrow_is_the_subset_of_the_per_document_loop
     the run's caches are keyed on)."""
     import numpy as np
 
-    from prod_st.stage_data import _sample_queries, load_run_data, split_rng
+    from prod_st.training.stage_data import _sample_queries, load_run_data, split_rng
 
     data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
     every = [load_retrieval_data("wordnet-gloss", split) for split in ("train", "dev", "test")]
@@ -253,7 +253,7 @@ def test_dev_test_and_corpus_slice_do_not_move_with_the_training_size():
     """Issue 20 item 1: each subset has its own RNG (seed + name). Another training size leaves the dev and test
     queries and the evaluation slice of the corpus (dev/test judged documents + the seeded fill) as they were;
     the run's corpus is that slice plus the training judged documents it lacks. Another seed moves them all."""
-    from prod_st.stage_data import load_run_data
+    from prod_st.training.stage_data import load_run_data
 
     def load(train, seed=3, splits=("train", "dev", "test")):
         return load_run_data("wordnet-gloss", splits=splits, sizes=(train, 20, 20), corpus_size=400, seed=seed)

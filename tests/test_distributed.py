@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from prod_st import distributed
+from prod_st.util import distributed
 from prod_st.recipe import load_recipe
 
 
@@ -43,11 +43,11 @@ def _ranks(rank: int, world: int, port: int, out: str, model_dir: str, beir: str
 
 
 def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
-    import prod_st.corpus_index as ci
-    import prod_st.evaluation as evaluation
+    import prod_st.retrieval.corpus_index as ci
+    import prod_st.retrieval.evaluation as evaluation
     from prod_st.data import load_retrieval_data
-    from prod_st.evaluation import evaluate_model
-    from prod_st.models import load_model
+    from prod_st.retrieval.evaluation import evaluate_model
+    from prod_st.util.models import load_model
     from prod_st.teachers.cache import ScoreCache
     from prod_st.teachers.sharded import fill_missing_shared
 
@@ -129,7 +129,7 @@ def test_init_if_launched_joins_the_group_the_launcher_set_up_and_leave_group_en
 
 @pytest.mark.slow
 def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, toy_beir, monkeypatch):
-    import prod_st.corpus_index as ci
+    import prod_st.retrieval.corpus_index as ci
 
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
@@ -153,7 +153,7 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     # in it, and the ranks' top-k are merged: the same run and metrics on every rank as in one process
     assert ranks[0]["indexed"] + ranks[1]["indexed"] == single["indexed"] == sum(map(len, single["blocks"]))
     assert 0 < ranks[0]["indexed"] < single["indexed"]
-    # the same with torch's exact search (prod_st.exact_search) in place of faiss, merged the same way
+    # the same with torch's exact search (prod_st.retrieval.exact_search) in place of faiss, merged the same way
     for r in [*ranks, single]:
         for run in (r["run"], r["torch run"]):
             assert run.keys() == single["run"].keys()
@@ -226,7 +226,7 @@ def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir:
     """One rank of `torchrun -m prod_st_cli.main eval MODEL DATA --output ...`."""
     import torch.distributed as dist
 
-    import prod_st.corpus_index as ci
+    import prod_st.retrieval.corpus_index as ci
     from prod_st_cli.main import app
 
     _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
@@ -240,8 +240,8 @@ def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp
     """`prod-st eval` launched on two ranks: both join the group and take half of the corpus and of the queries;
     rank 0 writes the metrics of every query, the same as one process's."""
     from prod_st.data import load_retrieval_data
-    from prod_st.evaluation import evaluate_model
-    from prod_st.models import load_model
+    from prod_st.retrieval.evaluation import evaluate_model
+    from prod_st.util.models import load_model
 
     mp.spawn(_eval_rank, args=(2, _free_port(), str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), top_k=3, progress=False)
@@ -255,9 +255,9 @@ def _train_rank(rank: int, world: int, port: int, out: str, model_dir: str) -> N
     """One rank training the student, as a stage does under torchrun on CPUs."""
     import datasets
 
-    from prod_st.fingerprint import model_fingerprint
-    from prod_st.models import load_model
-    from prod_st.student_training import train_student
+    from prod_st.util.fingerprint import model_fingerprint
+    from prod_st.util.models import load_model
+    from prod_st.training.student_training import train_student
 
     _as_torchrun_starts(rank, world, port)
     distributed.init_if_launched()
@@ -290,7 +290,7 @@ def _gathered_loss_rank(rank: int, world: int, port: int, out: str) -> None:
     """One rank's loss and embedding gradients on its slice of a fixed global batch, candidates gathered."""
     import torch
 
-    from prod_st.losses import PRODLoss
+    from prod_st.training.losses import PRODLoss
 
     _as_torchrun_starts(rank, world, port)
     distributed.init_if_launched()
@@ -332,7 +332,7 @@ def test_one_gathered_step_is_the_one_process_step_over_the_global_batch(tmp_pat
     rank x batch_size of the gathered candidates."""
     import torch
 
-    from prod_st.losses import PRODLoss
+    from prod_st.training.losses import PRODLoss
 
     mp.spawn(_gathered_loss_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"loss{r}.json").read_text()) for r in (0, 1)]
@@ -377,7 +377,7 @@ def test_two_ranks_run_a_recipe_from_an_empty_cache_as_one_process_would(tmp_pat
     import datasets
     import yaml
 
-    from prod_st.steps import plan_steps
+    from prod_st.training.steps import plan_steps
 
     negatives = {"miner": "student", "start": 1, "end": 20, "count": 1, "strategy": "sample"}
     recipe = {

@@ -1,5 +1,5 @@
-"""Doc ids <-> corpus rows without a Python object per document (`prod_st.doc_ids`), and retrieval runs held
-as arrays of rows (`prod_st.mining.RankedRun`)."""
+"""Doc ids <-> corpus rows without a Python object per document (`prod_st.data.doc_ids`), and retrieval runs held
+as arrays of rows (`prod_st.retrieval.mining.RankedRun`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import datasets
 import numpy as np
 import pytest
 
-from prod_st import doc_ids as doc_ids_module
-from prod_st.doc_ids import DocIds
-from prod_st.mining import RankedRun
+from prod_st.data import doc_ids as doc_ids_module
+from prod_st.data.doc_ids import DocIds
+from prod_st.retrieval.mining import RankedRun
 
 
 def corpus(ids: list[str]) -> datasets.Dataset:

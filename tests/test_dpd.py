@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prod_st.dpd import (
+from prod_st.training.dpd import (
     DPDSelection,
     drop_reason,
     first_relevant_rank,
@@ -195,8 +195,8 @@ def _random_run(seed: int, queries: int = 300, docs: int = 50, depth: int = 20):
     import datasets
     import numpy as np
 
-    from prod_st.doc_ids import DocIds
-    from prod_st.mining import RankedRun
+    from prod_st.data.doc_ids import DocIds
+    from prod_st.retrieval.mining import RankedRun
 
     rng = np.random.default_rng(seed)
     corpus = datasets.Dataset.from_dict({"_id": [f"d{i}" for i in range(docs)], "title": [""] * docs,
@@ -214,7 +214,7 @@ def _random_run(seed: int, queries: int = 300, docs: int = 50, depth: int = 20):
 def test_decided_by_student_from_the_run_arrays_matches_the_per_query_rule(variant):
     """Issue 18 item 6: DPD's ranks come from the RankedRun's arrays (no list of ids per query); the asked
     queries and the counts of the others are those of the per-query rule on the same run as id lists."""
-    from prod_st.dpd import decided_by_student
+    from prod_st.training.dpd import decided_by_student
 
     run, lists, qrels = _random_run(3)
     rule = {"student_min": 2, "student_max": 6, "teacher_max": 1, "variant": variant}
@@ -240,7 +240,7 @@ def test_dpd_negatives_are_drawn_afresh_from_the_near_miss_pool_every_epoch(tmp_
 
     from prod_st.recipe import DPD
     from prod_st.runner import Runner
-    from prod_st.stage_data import load_run_data
+    from prod_st.training.stage_data import load_run_data
 
     data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
     judged = {d for j in data.train.qrels.values() for d in j}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from prod_st.encoding import encode_texts, training_roles
+from prod_st.retrieval.encoding import encode_texts, training_roles
 
 COLUMNS = ["query", "positive", "negative_1", "label"]
 
@@ -38,8 +38,8 @@ def test_router_models_get_a_route_per_column(tiny_model_dir):
 def test_student_training_passes_the_prompts_to_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     import datasets
 
-    import prod_st.student_training as student_training
-    from prod_st.losses import contrastive_loss
+    import prod_st.training.student_training as student_training
+    from prod_st.training.losses import contrastive_loss
 
     seen = []
     real = student_training.SentenceTransformerTrainingArguments
@@ -73,7 +73,7 @@ def _spy_widths(model) -> list[tuple[str | None, int]]:
 
 
 def test_queries_reach_the_tokenizer_cut_at_max_query_length_when_encoding(tiny_model_dir):
-    from prod_st.models import set_lengths
+    from prod_st.util.models import set_lengths
 
     model = SentenceTransformer(tiny_model_dir)
     set_lengths(model, 8, 32)
@@ -86,9 +86,9 @@ def test_queries_reach_the_tokenizer_cut_at_max_query_length_when_encoding(tiny_
 def test_queries_reach_the_tokenizer_cut_at_max_query_length_in_training(tiny_model_dir, tmp_path):
     import datasets
 
-    from prod_st.losses import contrastive_loss
-    from prod_st.models import set_lengths
-    from prod_st.student_training import train_student
+    from prod_st.training.losses import contrastive_loss
+    from prod_st.util.models import set_lengths
+    from prod_st.training.student_training import train_student
 
     model = SentenceTransformer(tiny_model_dir)
     set_lengths(model, 8, 32)
@@ -104,8 +104,8 @@ def test_queries_reach_the_tokenizer_cut_at_max_query_length_in_training(tiny_mo
 
 
 def test_query_length_is_saved_and_changes_the_model_fingerprint(tiny_model_dir, tmp_path):
-    from prod_st.fingerprint import model_fingerprint
-    from prod_st.models import set_lengths
+    from prod_st.util.fingerprint import model_fingerprint
+    from prod_st.util.models import set_lengths
 
     model = SentenceTransformer(tiny_model_dir)
     before = model_fingerprint(model)

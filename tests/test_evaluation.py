@@ -7,9 +7,9 @@ import math
 import pytest
 
 from prod_st.data import load_retrieval_data
-from prod_st.errors import ProdStError
-from prod_st.evaluation import compute_metrics, evaluate_model
-from prod_st.models import load_model
+from prod_st.util.errors import ProdStError
+from prod_st.retrieval.evaluation import compute_metrics, evaluate_model
+from prod_st.util.models import load_model
 
 # q1: relevant d1 (grade 1) and d3 (grade 2); the run ranks d2, d1, d4, d3.
 # q2: relevant d9; the run ranks it 12th (outside the top 10).
@@ -95,7 +95,7 @@ def test_question_answering_split_reports_answer_accuracy():
 @pytest.mark.parametrize("option", [{"top_k": 0}, {"batch_size": 0}, {"relevance_level": 0}, {"max_queries": 0},
                                     {"max_queries": -1}, {"top_k": 2.5}, {"batch_size": True}])
 def test_counts_below_one_are_refused_before_any_work(toy_beir, option, monkeypatch):
-    from prod_st import evaluation
+    from prod_st.retrieval import evaluation
 
     monkeypatch.setattr(evaluation, "build_index", lambda *a, **k: pytest.fail("encoded before checking"))
     name, value = next(iter(option.items()))
@@ -137,7 +137,7 @@ def test_faiss_training_failure_is_one_line(toy_beir, tiny_model_dir):
 # ---- BEIR: sets loaded first, evaluated one by one ----
 
 def test_beir_sets_are_all_loaded_before_any_evaluation(toy_beir, tmp_path):
-    from prod_st.evaluation import evaluate_beir, load_beir_sets
+    from prod_st.retrieval.evaluation import evaluate_beir, load_beir_sets
 
     with pytest.raises(ProdStError, match="no BEIR set given"):
         load_beir_sets([])
@@ -149,7 +149,7 @@ def test_beir_sets_are_all_loaded_before_any_evaluation(toy_beir, tmp_path):
 
 def test_iter_beir_yields_each_set_before_a_later_one_fails(toy_beir, tmp_path, tiny_model_dir):
     from conftest import TOY_CORPUS, TOY_QUERIES, write_beir
-    from prod_st.evaluation import iter_beir, load_beir_sets
+    from prod_st.retrieval.evaluation import iter_beir, load_beir_sets
 
     small = write_beir(tmp_path / "small", dict(list(TOY_CORPUS.items())[:3]), TOY_QUERIES, {"q1": {"d1": 1}})
     sets = load_beir_sets([str(toy_beir), str(small)])

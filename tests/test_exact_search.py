@@ -1,4 +1,4 @@
-"""Exact search with torch (prod_st.exact_search), the GPU path, run here on the CPU: the same top-k rows and
+"""Exact search with torch (prod_st.retrieval.exact_search), the GPU path, run here on the CPU: the same top-k rows and
 scores as faiss Flat / SQfp16 over the cached corpus blocks, through every entry point."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import prod_st.corpus_index as ci
-import prod_st.exact_search as es
+import prod_st.retrieval.corpus_index as ci
+import prod_st.retrieval.exact_search as es
 from prod_st.data import load_retrieval_data
-from prod_st.errors import ProdStError
-from prod_st.evaluation import evaluate_model
-from prod_st.models import load_model
+from prod_st.util.errors import ProdStError
+from prod_st.retrieval.evaluation import evaluate_model
+from prod_st.util.models import load_model
 
 
 @pytest.fixture(autouse=True)

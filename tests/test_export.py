@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from prod_st.export import export_run, push_export, teacher_scores
-from prod_st.stage_data import ROW_IDS
+from prod_st.publish.export import export_run, push_export, teacher_scores
+from prod_st.training.stage_data import ROW_IDS
 from test_publish import FakeHubApi, http_error
 from test_runner import tiny_recipe
 
@@ -196,7 +196,7 @@ def test_one_stage_one_format_by_stage_name(run_dir, tmp_path, monkeypatch, caps
 
 
 def test_dry_run_writes_the_upload_folder_and_push_uploads_it(run_dir, tmp_path, monkeypatch, capsys):
-    import prod_st.hub as hub
+    import prod_st.util.hub as hub
 
     monkeypatch.setattr(hub, "hub_api", lambda *a, **k: pytest.fail("--dry-run must not touch the Hub"))
     code, _, out = run_cli(monkeypatch, capsys, str(run_dir), str(tmp_path / "up"), "--push", "--dry-run",

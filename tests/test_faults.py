@@ -21,11 +21,11 @@ import pytest
 from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
-import prod_st.corpus_index as corpus_index
+import prod_st.retrieval.corpus_index as corpus_index
 import prod_st.teachers.training as teacher_training
-from prod_st import locks
-from prod_st.errors import DiskFullError
-from prod_st.paths import disk_full_error, load_cached_array, write_text_atomic
+from prod_st.util import locks
+from prod_st.util.errors import DiskFullError
+from prod_st.util.paths import disk_full_error, load_cached_array, write_text_atomic
 from prod_st.teachers.cache import EmbeddingCache, ScoreCache, release_embedding_cache
 from test_runner import run_cli, tiny_recipe, write
 
@@ -38,7 +38,7 @@ def hold(what: str, folder: Path, *, create: bool = True) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from prod_st import locks
+        from prod_st.util import locks
         folder = Path({str(folder)!r})
         if {what!r} == "run":
             folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def test_the_run_lock_is_held_for_the_runs_life_and_released_at_its_end(tmp_path
 
 
 def test_force_and_a_folder_left_with_only_a_lock_file(tmp_path):
-    from prod_st import run_folder
+    from prod_st.run import run_folder
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -166,7 +166,7 @@ def test_a_teacher_two_runs_want_is_trained_once(tmp_path, monkeypatch):
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from prod_st import locks
+        from prod_st.util import locks
         trained = Path({str(trained)!r})
         with locks.exclusive(trained / ".{key}.lock", "waiting"):
             print("held", flush=True)

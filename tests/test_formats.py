@@ -11,11 +11,11 @@ import unicodedata
 import pytest
 
 from conftest import FIXTURES
-from prod_st.answer_match import RE_TOKEN, has_answer, tokens, top_k_accuracy
+from prod_st.data.answer_match import RE_TOKEN, has_answer, tokens, top_k_accuracy
 from prod_st.data import detect_format, document_text, load_retrieval_data
 from prod_st.data import dpr
 from prod_st.data.beir_files import read_qrels
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 DOC = FIXTURES / "msmarco-doc"
 PASSAGE = FIXTURES / "msmarco-passage"
@@ -279,9 +279,9 @@ def test_nq_answer_bearing_passages_are_positives_never_negatives():
     """PROD and DPR on NQ: with `data.positives: answers`, a retrieved passage that contains an answer string is
     relevant: it is never mined as a negative, counts for DPD's ranks, and is the positive of a query that has no
     gold passage; a gold passage stays the positive when there is one."""
-    from prod_st.dpd import first_relevant_rank
-    from prod_st.mining import NegativeWindow, negative_pools
-    from prod_st.stage_data import build_rows, load_run_data
+    from prod_st.training.dpd import first_relevant_rank
+    from prod_st.retrieval.mining import NegativeWindow, negative_pools
+    from prod_st.training.stage_data import build_rows, load_run_data
 
     data = load_run_data(str(NQ), splits=("train", "dev", "dev"), answer_positives=True)
     data.train.answers["train-0"] = ["Moses"]  # passage 1 mentions Moses; the gold ones (1876892x) do not
@@ -304,8 +304,8 @@ def test_answer_matching_is_split_across_ranks_and_fetches_a_chunk_at_once(monke
     """Issue 18 item 6: under torchrun each rank string-matches the passages of its share of the queries (one
     corpus lookup per chunk of queries, not one per query) and the ranks' matches are gathered: the judgements
     are those one process finds."""
-    import prod_st.stage_data as stage_data
-    from prod_st.stage_data import load_run_data
+    import prod_st.training.stage_data as stage_data
+    from prod_st.training.stage_data import load_run_data
 
     data = load_run_data(str(NQ), splits=("train", "dev", "dev"), answer_positives=True)
     data.train.answers["train-0"] = ["Moses"]

@@ -1,4 +1,4 @@
-"""The Hub layer (prod_st.hub): ids checked by huggingface_hub's validate_repo_id, its typed errors as one line,
+"""The Hub layer (prod_st.util.hub): ids checked by huggingface_hub's validate_repo_id, its typed errors as one line,
 and model loading through huggingface_hub's own cache under HF_HUB_OFFLINE. Nothing here reaches the network."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import httpx2  # noqa: E402
 import pytest  # noqa: E402
 from huggingface_hub import errors  # noqa: E402
 
-import prod_st.models  # noqa: E402
-from prod_st.errors import ProdStError  # noqa: E402
-from prod_st.hub import check_repo_id, hub_error  # noqa: E402
-from prod_st.models import load_model  # noqa: E402
+import prod_st.util.models  # noqa: E402
+from prod_st.util.errors import ProdStError  # noqa: E402
+from prod_st.util.hub import check_repo_id, hub_error  # noqa: E402
+from prod_st.util.models import load_model  # noqa: E402
 
 
 def response(status: int) -> httpx2.Response:
@@ -70,7 +70,7 @@ def test_load_model_maps_the_hub_error_in_the_chain(monkeypatch):
     def missing(*args, **kwargs):
         raise wrapped(errors.GatedRepoError("403 Client Error: gated", response=response(403)))
 
-    monkeypatch.setattr(prod_st.models, "SentenceTransformer", missing)
+    monkeypatch.setattr(prod_st.util.models, "SentenceTransformer", missing)
     with pytest.raises(ProdStError, match=r"unknown model 'org/gated-model'.*org/gated-model is gated"):
         load_model("org/gated-model")
 

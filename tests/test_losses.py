@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prod_st.losses import PRODLoss, prod_distill_loss
+from prod_st.training.losses import PRODLoss, prod_distill_loss
 
 INF = math.inf
 

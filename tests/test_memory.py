@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import prod_st.teachers.labels as labels_module
-from prod_st import cost
-from prod_st.losses import score_scale
+from prod_st.util import cost
+from prod_st.training.losses import score_scale
 from prod_st.runner import Runner
-from prod_st.stage_data import FILLER, TrainingRows, labelled_dataset
+from prod_st.training.stage_data import FILLER, TrainingRows, labelled_dataset
 from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
 
 
@@ -158,7 +158,7 @@ def test_labels_column_is_written_batch_by_batch(tmp_path):
 def test_warmup_rows_are_written_a_batch_at_a_time(tmp_path, monkeypatch):
     """The warm-up's rows carry no labels: written TEXT_ROWS rows at a time (the whole stage's texts are never
     one set of Python lists), memory-mapped, and equal to the in-memory dataset of the same rows."""
-    import prod_st.stage_data as stage_data
+    import prod_st.training.stage_data as stage_data
 
     rows = small_rows()
     fetched, texts_at = [], rows.doc_texts

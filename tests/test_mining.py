@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import prod_st.mining as mining
+import prod_st.retrieval.mining as mining
 from prod_st.data import load_retrieval_data
-from prod_st.mining import NegativeWindow, mine_negatives, pick_negatives
-from prod_st.models import load_model
+from prod_st.retrieval.mining import NegativeWindow, mine_negatives, pick_negatives
+from prod_st.util.models import load_model
 
 RANKED = {"q1": ["d5", "d1", "d2", "d3", "d4", "d6"], "q2": ["d2", "d3"]}
 QRELS = {"q1": {"d1": 1, "d6": 0}, "q2": {"d2": 2}}
@@ -87,7 +87,7 @@ def test_pool_sizes_from_the_run_arrays_match_the_pools():
 def test_doc_ids_find_marks_unknown_ids():
     import datasets
 
-    from prod_st.doc_ids import DocIds
+    from prod_st.data.doc_ids import DocIds
 
     ids = DocIds(datasets.Dataset.from_dict({"_id": ["a", "b", "c"]}))
     assert ids.find(["c", "zz", "a", "b"]).tolist() == [2, -1, 0, 1]

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from prod_st.data import load_retrieval_data
-from prod_st.errors import ProdStError
-from prod_st.evaluation import evaluate_model
-from prod_st.models import load_model
-from prod_st.retrieval_evaluator import RetrievalEvaluator
+from prod_st.util.errors import ProdStError
+from prod_st.retrieval.evaluation import evaluate_model
+from prod_st.util.models import load_model
+from prod_st.retrieval.retrieval_evaluator import RetrievalEvaluator
 
 
 def test_evaluator_gives_evaluate_models_metrics_and_records_them(tiny_model_dir, toy_beir):
@@ -44,7 +44,7 @@ def test_the_trainer_logs_dev_metrics_through_the_evaluator(tmp_path, tiny_model
     import datasets
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from prod_st.losses import contrastive_loss
+    from prod_st.training.losses import contrastive_loss
 
     model = load_model(tiny_model_dir)
     rows = datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(8)], "positive": [f"p{i}" for i in range(8)]})
@@ -62,7 +62,7 @@ def test_the_trainer_logs_dev_metrics_through_the_evaluator(tmp_path, tiny_model
 
 def test_report_without_matplotlib_is_its_tables(tmp_path, monkeypatch):
     """matplotlib is the `plot` extra: without it report.md is written (no image link) and no report.png."""
-    from prod_st.report import write_report
+    from prod_st.run.report import write_report
 
     run = tmp_path / "run"
     (run / "00-init").mkdir(parents=True)

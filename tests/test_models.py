@@ -6,8 +6,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st.errors import ProdStError
-from prod_st.models import build_student, load_model, resolve_model_path
+from prod_st.util.errors import ProdStError
+from prod_st.util.models import build_student, load_model, resolve_model_path
 
 
 def test_packaged_minilm_resolves_to_a_local_folder(minilm_path):
@@ -73,7 +73,7 @@ def test_dot_similarity_drops_normalisation():
 def test_config_kwargs_student_equals_the_cut_model(tiny_model_dir, minilm_path, k, caplog):
     """`config_kwargs={"num_hidden_layers": k}` loads exactly the weights that cutting the full model keeps:
     same parameters, same embeddings; and build_student takes that path (no full load)."""
-    import prod_st.models as models
+    import prod_st.util.models as models
 
     texts = ["the cat purred on my lap", "a bank of the river"]
     for base in (tiny_model_dir, minilm_path):
@@ -93,7 +93,7 @@ def test_config_kwargs_student_equals_the_cut_model(tiny_model_dir, minilm_path,
 def test_build_student_falls_back_to_cutting(tiny_model_dir, monkeypatch):
     """When config_kwargs cannot give the first k layers (here: it reports nothing usable), the full model is
     loaded and cut, with the same result."""
-    import prod_st.models as models
+    import prod_st.util.models as models
 
     direct = build_student(tiny_model_dir, 1)
     monkeypatch.setattr(models, "_load_first_layers", lambda *a, **k: None)
@@ -104,7 +104,7 @@ def test_build_student_falls_back_to_cutting(tiny_model_dir, monkeypatch):
 
 
 def test_config_kwargs_deeper_than_the_model_is_refused(tiny_model_dir):
-    import prod_st.models as models
+    import prod_st.util.models as models
 
     assert models._load_first_layers(tiny_model_dir, 3) is None  # layer 3 would be randomly initialised
     with pytest.raises(ProdStError, match="between 1 and 2"):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from prod_st.errors import DiskFullError, ProdStError
-from prod_st.paths import cache_dir, check_output_file, check_output_folder, write_folder_atomic, write_text_atomic
+from prod_st.util.errors import DiskFullError, ProdStError
+from prod_st.util.paths import cache_dir, check_output_file, check_output_folder, write_folder_atomic, write_text_atomic
 
 
 def test_cache_under_a_file_is_one_line(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Checks before a run (prod_st.preflight): what a valid recipe names on disk, found in a second, without
+"""Checks before a run (prod_st.run.preflight): what a valid recipe names on disk, found in a second, without
 loading weights. Model folders here are fakes (modules.json + config.json): preflight only reads those."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from prod_st.errors import ProdStError
-from prod_st.model_paths import resolve_model_path
-from prod_st.preflight import check_recipe, preflight
+from prod_st.util.errors import ProdStError
+from prod_st.util.model_paths import resolve_model_path
+from prod_st.run.preflight import check_recipe, preflight
 from prod_st.recipe import load_recipe, parse_recipe
 
 
@@ -300,7 +300,7 @@ def test_preflight_imports_no_torch():
     """`prod-st validate` stays fast: the CLI, the schema and these checks import neither torch nor
     sentence-transformers."""
     code = (
-        "import sys; from prod_st_cli import main; from prod_st.preflight import check_recipe; "
+        "import sys; from prod_st_cli import main; from prod_st.run.preflight import check_recipe; "
         "from prod_st.recipe import load_recipe; "
         f"assert check_recipe(load_recipe({str(Path(__file__).parents[1] / 'recipes' / 'quickstart.yaml')!r})) == []; "
         "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "

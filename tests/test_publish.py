@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled  # noqa: E402
 
-from prod_st import publish  # noqa: E402
-from prod_st.errors import ProdStError  # noqa: E402
-from prod_st.publish import build_upload_folder, push_run  # noqa: E402
+from prod_st.publish.push import push as publish
+from prod_st.util.errors import ProdStError  # noqa: E402
+from prod_st.publish.push import build_upload_folder, push_run  # noqa: E402
 from prod_st.recipe import load_recipe  # noqa: E402
 
 REPO = "someone/prod-tiny-student"
@@ -203,11 +203,11 @@ def test_dry_run_writes_the_exact_upload_folder(finished_run, tiny_model_dir):
 
 
 def test_push_publishes_the_card_the_run_wrote_without_loading_the_model(finished_run, monkeypatch):
-    """The run writes student/README.md (prod_st.model_card) at its end; push copies it, puts the repository id in
+    """The run writes student/README.md (prod_st.run.model_card) at its end; push copies it, puts the repository id in
     place of sentence-transformers' placeholder, and loads no model."""
     import sentence_transformers
 
-    from prod_st.model_card import MODEL_ID_PLACEHOLDER, write_card
+    from prod_st.run.model_card import MODEL_ID_PLACEHOLDER, write_card
 
     write_card(finished_run, finished_run / "student")
     written = (finished_run / "student" / "README.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 from prod_st.recipe import Recipe, embedded_recipes, load_recipe, parse_recipe
 
 MINIMAL = {
@@ -505,7 +505,7 @@ STEPS_SINCE_ISSUE_20 = STEPS_BEFORE_TRAINING | {"04-dpd-1": "0e77f71f59154700bb2
 
 
 def test_default_training_block_changes_no_fingerprint():
-    from prod_st.run_folder import plan
+    from prod_st.run.run_folder import plan
 
     defaults = {"precision": "fp32", "gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
                 "report_to": "none"}
@@ -527,7 +527,7 @@ def test_default_training_block_changes_no_fingerprint():
 
 
 def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
-    from prod_st.run_folder import plan
+    from prod_st.run.run_folder import plan
 
     def with_dtype(dtype: str) -> dict:
         return recipe_dict(eval=MINIMAL.get("eval", {}) | {"corpus_dtype": dtype})
@@ -542,7 +542,7 @@ def test_corpus_dtype_is_validated_and_changes_what_it_changes(tmp_path):
 def test_search_and_index_train_size_keep_fingerprints_at_their_defaults(tmp_path):
     """`eval.search` changes how fast, not what, the search finds: no step is redone for it. `eval.index_train_size`
     changes what a trained index finds: every step that searches is redone; neither is written at its default."""
-    from prod_st.run_folder import plan
+    from prod_st.run.run_folder import plan
 
     def with_eval(**fields) -> Recipe:
         return parse_recipe(recipe_dict(eval=MINIMAL.get("eval", {}) | fields))
@@ -577,7 +577,7 @@ def test_training_block_is_validated(tmp_path):
 
 
 def test_preflight_checks_precision_and_loggers(monkeypatch):
-    import prod_st.preflight as preflight
+    import prod_st.run.preflight as preflight
 
     monkeypatch.setattr(preflight, "gpu_visible", lambda: False)
     fp16 = parse_recipe(recipe_dict(training={"precision": "fp16"}))
@@ -629,7 +629,7 @@ def test_drawn_subsets_change_every_fingerprint_whole_splits_none():
     """Issue 20 item 1: the seeded subsets are drawn one RNG per subset, so a recipe that draws one (of queries or
     corpus) trains and evaluates on other data than before: every step is redone. Whole splits are the same
     data: a recipe drawing no subset keeps its fingerprints."""
-    from prod_st.run_folder import plan
+    from prod_st.run.run_folder import plan
 
     assert plan(parse_recipe(MINIMAL)).steps == STEPS_SINCE_ISSUE_20
     init_before = {"train_queries": "b1aec262af1b3d05c05f7625d31a0683", "test_queries": "9ee1d5d641393e919fcf7be1669dc9b0",

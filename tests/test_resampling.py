@@ -5,9 +5,9 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from prod_st.errors import ProdStError
-from prod_st.resampling import EpochBlockBatchSampler
-from prod_st.steps import plan_steps
+from prod_st.util.errors import ProdStError
+from prod_st.training.resampling import EpochBlockBatchSampler
+from prod_st.training.steps import plan_steps
 
 
 def test_steps_and_epochs_read():
@@ -85,9 +85,9 @@ def test_epochs_drawn_a_chunk_of_queries_at_a_time_equal_one_draw(monkeypatch):
     data set); the draws are seeded per query, so the rows are what one draw over every query gives."""
     import random
 
-    import prod_st.resampling as resampling
-    from prod_st.mining import NegativeWindow, negative_pools
-    from prod_st.stage_data import load_run_data
+    import prod_st.training.resampling as resampling
+    from prod_st.retrieval.mining import NegativeWindow, negative_pools
+    from prod_st.training.stage_data import load_run_data
 
     data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
     corpus_ids, rng = data.corpus["_id"], random.Random(0)

@@ -1,4 +1,4 @@
-"""The run folder's rules (prod_st.run_folder), without training anything: which folders prod-st may use and
+"""The run folder's rules (prod_st.run.run_folder), without training anything: which folders prod-st may use and
 clear, the step fingerprints, and what a changed recipe or a damaged file invalidates."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prod_st import run_folder
-from prod_st.errors import ProdStError
+from prod_st.run import run_folder
+from prod_st.util.errors import ProdStError
 from prod_st.recipe import parse_recipe
 from prod_st.runner import Runner
 from test_runner import tiny_recipe

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import prod_st.corpus_index as corpus_index
+import prod_st.retrieval.corpus_index as corpus_index
 import prod_st.runner as runner_module
 import prod_st.teachers.strength as teacher_strength
-import prod_st.student_training as train_student_module
+import prod_st.training.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
 from prod_st_cli.main import main
@@ -126,11 +126,11 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert "| 3 | ce | ce |" in report and "## Test" in report and (run_dir / "report.png").stat().st_size > 1000
 
     # A rerun finds final.json and does no work at all: no model is trained or evaluated.
-    import prod_st.evaluation
+    import prod_st.retrieval.evaluation
 
     real_evaluate = runner_module.evaluate_model
     monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
-    monkeypatch.setattr(prod_st.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(prod_st.retrieval.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(teacher_strength, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     assert Runner(load_recipe(recipe_file), run_dir).run() == final
@@ -140,7 +140,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     import prod_st.teachers.pool as teacher_pool
 
     monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
-    monkeypatch.setattr(prod_st.evaluation, "evaluate_model", real_evaluate)
+    monkeypatch.setattr(prod_st.retrieval.evaluation, "evaluate_model", real_evaluate)
     monkeypatch.setattr(teacher_strength, "evaluate_model", real_evaluate)
     for trainer in ("train_bi_encoder", "train_cross_encoder"):
         monkeypatch.setattr(teacher_pool, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
@@ -182,7 +182,7 @@ def check_training_data(run_dir: Path) -> None:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from prod_st.fingerprint import model_fingerprint
+    from prod_st.util.fingerprint import model_fingerprint
 
     warmup = datasets.load_from_disk(str(run_dir / "01-warmup" / "train_data"))
     epochs = json.loads((run_dir / "01-warmup" / "negatives.json").read_text())["epochs"]
@@ -246,7 +246,7 @@ def test_evaluate_only_recipe_tests_another_runs_student(monkeypatch, capsys, tm
     from sentence_transformers import SentenceTransformer
 
     from prod_st.data import load_retrieval_data
-    from prod_st.evaluation import evaluate_model
+    from prod_st.retrieval.evaluation import evaluate_model
 
     previous = tmp_path / "runs" / "prev"  # a finished run: its recipe and its final student
     previous.mkdir(parents=True)
@@ -288,7 +288,7 @@ def _training_setup(tmp_path, tiny_model_dir):
     import datasets
     from sentence_transformers import SentenceTransformer
 
-    from prod_st.losses import contrastive_loss
+    from prod_st.training.losses import contrastive_loss
 
     data = datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(16)], "positive": [f"p{i}" for i in range(16)]})
     model = SentenceTransformer(tiny_model_dir)
@@ -305,7 +305,7 @@ def _training_setup(tmp_path, tiny_model_dir):
 
 def test_checkpoint_resume_inside_a_stage(tmp_path, tiny_model_dir):
     """A stage killed after a checkpoint restarts from it, not from step 0."""
-    from prod_st.student_training import COMPLETE, train_student
+    from prod_st.training.student_training import COMPLETE, train_student
 
     model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
     loss, calls = counted_loss()
@@ -325,7 +325,7 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path, tiny_model_di
     from it (4 steps to go, not 2, not 6) and removes the half-written folder."""
     from transformers import Trainer
 
-    from prod_st.student_training import COMPLETE, train_student
+    from prod_st.training.student_training import COMPLETE, train_student
 
     model, data, kwargs, counted_loss = _training_setup(tmp_path, tiny_model_dir)
     real_save_rng_state = Trainer._save_rng_state
@@ -400,7 +400,7 @@ def test_validate_command(monkeypatch, capsys):
 def test_fillers_are_never_scored_and_become_minus_inf():
     """A query with fewer negatives than the stage asks for: its filler columns are not sent to the teacher
     and carry -inf (masked out of every softmax)."""
-    from prod_st.stage_data import FILLER, TrainingRows
+    from prod_st.training.stage_data import FILLER, TrainingRows
     from prod_st.teachers import scores_to_labels
 
     rows = TrainingRows.from_texts(["q1", "q2"], ["a", "b"], ["pa", "pb"], [["n1", "n2"], ["m1", FILLER]])
@@ -418,7 +418,7 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
     import torch
 
     from prod_st.recipe import Training
-    from prod_st.student_training import train_student, trainer_settings
+    from prod_st.training.student_training import train_student, trainer_settings
 
     cpu = {} if torch.cuda.is_available() else {"use_cpu": True}  # without a GPU: every rank seen under torchrun
     assert trainer_settings(None) == {"report_to": "none", "bf16": False, "fp16": False} | cpu
@@ -440,7 +440,7 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
     import torch
 
-    from prod_st import precision
+    from prod_st.util import precision
     from prod_st.recipe import Training
 
     with_amx, without = tmp_path / "amx", tmp_path / "plain"
@@ -461,8 +461,8 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeyp
 
 
 def test_fp16_training_on_cpu_is_a_one_line_error():
-    from prod_st.errors import ProdStError
-    from prod_st.precision import precision_flags
+    from prod_st.util.errors import ProdStError
+    from prod_st.util.precision import precision_flags
 
     with pytest.raises(ProdStError, match="fp16 needs a CUDA GPU"):
         precision_flags("fp16")
@@ -484,7 +484,7 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     }
     path = write(tmp_path / "eval-only.yaml", recipe)
     run_dir = tmp_path / "run"
-    from prod_st import progress
+    from prod_st.util import progress
 
     monkeypatch.setattr(progress, "ENABLED", True)  # (restored after the test: --no-progress is process-wide)
     for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from prod_st.losses import score_scale
+from prod_st.training.losses import score_scale
 from prod_st.teachers.strength import gap, strength_warnings
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 from prod_st.teachers import (
     BiEncoderTeacher,
     CrossEncoderTeacher,

@@ -24,7 +24,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from prod_st import __version__
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 USAGE_ERROR, DATA_ERROR, DISK_FULL, INTERRUPTED_CODE = 2, 3, 4, 130
 INTERRUPTED = "interrupted: finished steps are kept; run the same command again to resume"
@@ -86,7 +86,7 @@ def error_line(message: str) -> Text:
 
 def _set_verbose(verbose: bool) -> bool:
     """`-v`: debug logging (rank 0 only), wherever it is given: before the command or after it."""
-    from prod_st.distributed import rank
+    from prod_st.util.distributed import rank
 
     if verbose and rank() == 0:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -114,7 +114,7 @@ def _setup(
         "--version", help="Print prod-st's version and exit.", callback=_print_version, is_eager=True
     )] = False,
 ) -> None:
-    from prod_st.distributed import rank
+    from prod_st.util.distributed import rank
 
     quiet = rank() != 0  # under torchrun, one log for the run: rank 0's (other ranks report warnings only)
     logging.basicConfig(
@@ -173,10 +173,10 @@ def run_command(
 ) -> None:
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes; every log line is
     appended to <run>/run.log."""
-    from prod_st.preflight import preflight
+    from prod_st.run.preflight import preflight
     from prod_st.recipe import load_recipe
 
-    from prod_st.distributed import is_main
+    from prod_st.util.distributed import is_main
 
     loaded = load_recipe(recipe, overrides or ())
     preflight(loaded, recipe)  # models, data folders and split files: before any work (and before torch loads)
@@ -206,7 +206,7 @@ def _disable_progress_bars() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from prod_st import progress
+    from prod_st.util import progress
 
     progress.ENABLED = False
 
@@ -214,7 +214,7 @@ def _disable_progress_bars() -> None:
 def print_test_table(title: str, final: dict, metric: str) -> None:
     """final.json's test table: the metrics that exist (Acc@k only on answer-only data such as DPR's NQ test),
     headed by the recipe's eval.metric."""
-    from prod_st.report import final_test_rows, metric_columns
+    from prod_st.run.report import final_test_rows, metric_columns
 
     rows = final_test_rows(final)
     columns = metric_columns([m for _, m in rows], metric)
@@ -244,7 +244,7 @@ def validate_command(
     """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
     folders and split files; Hub ids only when they are in the local Hub cache; a missing dataset folder is
     reported with where its data comes from). Imports no torch: it takes a fraction of a second."""
-    from prod_st.preflight import preflight
+    from prod_st.run.preflight import preflight
     from prod_st.recipe import load_recipe
 
     for recipe in recipes:
@@ -277,11 +277,11 @@ def eval_command(
     zero-shot on the --beir sets. Under torchrun every rank encodes and searches its share; rank 0 prints and
     writes."""
     from prod_st.data import load_retrieval_data
-    from prod_st.distributed import is_main, launched_group
-    from prod_st.errors import ProdStError
-    from prod_st.evaluation import evaluate_model
-    from prod_st.models import load_model
-    from prod_st.paths import check_output_file
+    from prod_st.util.distributed import is_main, launched_group
+    from prod_st.util.errors import ProdStError
+    from prod_st.retrieval.evaluation import evaluate_model
+    from prod_st.util.models import load_model
+    from prod_st.util.paths import check_output_file
     from prod_st.recipe import EXACT_INDEXES
 
     if (data is None) == (beir is None):
@@ -325,8 +325,8 @@ def eval_command(
 def eval_beir(model: str, names: list[str], split: str, output: Optional[Path], kwargs: dict) -> None:
     """`eval --beir`: every set is loaded before the model (a bad set fails at once), then evaluated in turn.
     When one fails (or Ctrl-C), the sets that finished are still printed and written, then the error is raised."""
-    from prod_st.evaluation import beir_average, iter_beir, load_beir_sets
-    from prod_st.models import load_model
+    from prod_st.retrieval.evaluation import beir_average, iter_beir, load_beir_sets
+    from prod_st.util.models import load_model
 
     sets = load_beir_sets(names, split)
     encoder = load_model(model)
@@ -355,8 +355,8 @@ def eval_beir(model: str, names: list[str], split: str, output: Optional[Path], 
 
 def write_json_output(output: Path, payload: dict) -> None:
     """`payload` as JSON into `output` (by rank 0 only, under torchrun)."""
-    from prod_st.distributed import is_main
-    from prod_st.paths import write_text_atomic
+    from prod_st.util.distributed import is_main
+    from prod_st.util.paths import write_text_atomic
 
     if not is_main():
         return
@@ -365,7 +365,7 @@ def write_json_output(output: Path, payload: dict) -> None:
 
 
 def print_beir_table(title: str, results: dict) -> None:
-    from prod_st.report import metric_columns
+    from prod_st.run.report import metric_columns
 
     columns = metric_columns(list(results.values()))
     table = Table(title=Text(title))
@@ -388,7 +388,7 @@ def push_command(
     verbose: Verbose = False,
 ) -> None:
     """Publish the run's student with a model card (schedule, metrics per stage and on BEIR, PROD citation)."""
-    from prod_st.publish import push_run
+    from prod_st.publish.push import push_run
 
     where = push_run(run_dir, repo_id, private=private, dry_run=dry_run, dry_run_dir=dry_run_dir, exist_ok=exist_ok)
     say(f"upload folder written to {where}" if dry_run else f"pushed to {where}")
@@ -425,8 +425,8 @@ def export_command(
     """Write the teacher scores of a run's stages (hard negatives + the teacher's scores, positive first) as a
     `datasets` dataset with its card, in the layouts sentence-transformers, Tevatron and FlagEmbedding read;
     `--push` uploads it to the Hub."""
-    from prod_st.export import FORMATS, export_run, folder_size, push_export
-    from prod_st.hub import check_repo_id, hub_api
+    from prod_st.publish.export import FORMATS, export_run, folder_size, push_export
+    from prod_st.util.hub import check_repo_id, hub_api
 
     if (push or dry_run) and not repo_id:
         raise ProdStError("--push and --dry-run need --repo-id USER/NAME")
@@ -453,7 +453,7 @@ def student_command(
 ) -> None:
     """Build PROD's student: the first LAYERS layers of BASE, saved as a SentenceTransformer folder (a new or
     empty one: prod-st does not overwrite a folder it did not create)."""
-    from prod_st.models import build_student
+    from prod_st.util.models import build_student
 
     build_student(base, layers, output)
     say(f"student with the first {layers} layers of {base} saved to {output}")
@@ -487,7 +487,7 @@ def main() -> None:
         err_console.print(f"\n{INTERRUPTED}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(INTERRUPTED_CODE)
     except Exception as e:  # a full disk, however the library that hit it words it (safetensors, torch, pyarrow)
-        from prod_st.paths import disk_full_error
+        from prod_st.util.paths import disk_full_error
 
         if (full := disk_full_error(e)) is None:
             raise

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from prod_st.data.layout import beir_split_files, detect_format, split_files
 from prod_st.data.sources import local_source, resolve_source
-from prod_st.errors import DataError
+from prod_st.util.errors import DataError
 
 if TYPE_CHECKING:
     import datasets

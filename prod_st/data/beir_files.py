@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 from datasets.io.generator import GeneratorDatasetInputStream
 
 from prod_st.data.layout import find_file, find_split_files  # noqa: F401  (the loaders import them from here)
-from prod_st.errors import DataError, ProdStError
-from prod_st.paths import cache_dir, discard_damaged
+from prod_st.util.errors import DataError, ProdStError
+from prod_st.util.paths import cache_dir, discard_damaged
 
 CORPUS_FEATURES = datasets.Features(
     {"_id": datasets.Value("string"), "title": datasets.Value("string"), "text": datasets.Value("string")}

@@ -8,7 +8,7 @@
 
 Splits: train / dev from the JSON files (query ids `train-<i>` / `dev-<i>`, i the 0-based position in the file;
 qrels = the positive_ctxs' passage ids, grade 1; questions without positives have answers but no qrels), test
-from the .qa.csv (ids `test-<i>`, answers only, no qrels: evaluate with `prod_st.answer_match.top_k_accuracy`).
+from the .qa.csv (ids `test-<i>`, answers only, no qrels: evaluate with `prod_st.data.answer_match.top_k_accuracy`).
 
 The JSON lists are streamed with ijson (its C backend: as fast as the standard library's decoder here), one
 question at a time, and only the question, answers and positive ids are kept
@@ -30,7 +30,7 @@ import ijson
 
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_table
 from prod_st.data.layout import DPR_PASSAGES as PASSAGES, DPR_SPLITS as SPLITS  # read without datasets
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 QUESTION_FEATURES = datasets.Features({
     "_id": datasets.Value("string"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 # DPR's Natural Questions release (see dpr.py): the passages, and split -> (accepted names of the questions file,)
 DPR_PASSAGES = "psgs_w100.tsv"

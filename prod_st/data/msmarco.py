@@ -36,7 +36,7 @@ from prod_st.data.layout import (  # file names and splits: read without dataset
     MSMARCO_PASSAGE_CORPUS as PASSAGE_CORPUS,
     MSMARCO_PASSAGE_SPLITS as PASSAGE_SPLITS,
 )
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 MAX_BODY_CHARS = 10_000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prod_st.errors import ProdStError
-from prod_st.paths import cache_dir, cache_path
+from prod_st.util.errors import ProdStError
+from prod_st.util.paths import cache_dir, cache_path
 
 EMBEDDED = {"wordnet-gloss": Path(__file__).parent / "wordnet_gloss"}
 

@@ -7,7 +7,7 @@ how strong a teacher is on dev and how far its student is from it."""
 
 from __future__ import annotations
 
-from prod_st.fingerprint import model_fingerprint, text_key
+from prod_st.util.fingerprint import model_fingerprint, text_key
 
 from .base import Teacher, TeacherKind, scores_to_labels
 from .bi_encoder import BiEncoderTeacher

@@ -8,8 +8,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from prod_st.errors import ProdStError
-from prod_st.paths import cache_dir
+from prod_st.util.errors import ProdStError
+from prod_st.util.paths import cache_dir
 
 TeacherKind = Literal["bi-encoder", "cross-encoder", "ensemble"]
 Precision = Literal["fp32", "bf16", "fp16"]

@@ -29,10 +29,10 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from prod_st import locks
-from prod_st.distributed import all_gather, barrier, is_distributed, is_main
-from prod_st.paths import discard_damaged
-from prod_st.progress import enabled
+from prod_st.util import locks
+from prod_st.util.distributed import all_gather, barrier, is_distributed, is_main
+from prod_st.util.paths import discard_damaged
+from prod_st.util.progress import enabled
 
 logger = logging.getLogger(__name__)
 

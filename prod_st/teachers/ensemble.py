@@ -5,7 +5,7 @@ no bigger cross-encoder is at hand, since every member's scores come from that m
 
 from __future__ import annotations
 
-from prod_st.errors import ProdStError
+from prod_st.util.errors import ProdStError
 
 from .base import check_rows
 

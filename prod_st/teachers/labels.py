@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st import cost
-from prod_st.errors import ProdStError
-from prod_st.losses import score_scale
-from prod_st.stage_data import TrainingRows
+from prod_st.util import cost
+from prod_st.util.errors import ProdStError
+from prod_st.training.losses import score_scale
+from prod_st.training.stage_data import TrainingRows
 from prod_st.teachers.base import scores_to_labels
 from prod_st.teachers.bi_encoder import BiEncoderTeacher
 
@@ -35,7 +35,7 @@ def stage_labels(
     LABEL_ROWS rows at a time, and the cache folder of the stage-start student's embeddings when the labels
     use them (list mode with `reg_weight` > 0; no later step reads it: the runner prunes it when the stage
     ends), else None. `name`: the teacher's name in the cost lines. `student_documents` (corpus rows -> the
-    stage-start student's document vectors, e.g. `prod_st.corpus_index.rows_of` over its cached corpus
+    stage-start student's document vectors, e.g. `prod_st.retrieval.corpus_index.rows_of` over its cached corpus
     encoding) replaces encoding the rows' documents again (`rows` must then hold corpus rows)."""
     n, width = len(rows), 1 + rows.count
     if candidates == "in_batch":

@@ -10,8 +10,8 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from prod_st.data import RetrievalData
-from prod_st.evaluation import Run, evaluate_model, score_run
-from prod_st.stage_data import RunData
+from prod_st.retrieval.evaluation import Run, evaluate_model, score_run
+from prod_st.training.stage_data import RunData
 from prod_st.teachers.bi_encoder import BiEncoderTeacher
 
 

@@ -37,17 +37,17 @@ from sentence_transformers.cross_encoder.losses import (
     MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss,
 )
 
-from prod_st import locks
-from prod_st.distributed import all_gather, barrier, is_main, world_size
-from prod_st.encoding import is_cosine, training_roles
-from prod_st.errors import ProdStError
-from prod_st.fingerprint import model_fingerprint, text_key
-from prod_st.losses.contrastive import contrastive_loss, score_scale
-from prod_st.models import load_model
-from prod_st.paths import writing
-from prod_st.precision import precision_flags, resolve_precision
-from prod_st.resampling import EpochBlockBatchSampler
-from prod_st.steps import plan_steps
+from prod_st.util import locks
+from prod_st.util.distributed import all_gather, barrier, is_main, world_size
+from prod_st.retrieval.encoding import is_cosine, training_roles
+from prod_st.util.errors import ProdStError
+from prod_st.util.fingerprint import model_fingerprint, text_key
+from prod_st.training.losses.contrastive import contrastive_loss, score_scale
+from prod_st.util.models import load_model
+from prod_st.util.paths import writing
+from prod_st.util.precision import precision_flags, resolve_precision
+from prod_st.training.resampling import EpochBlockBatchSampler
+from prod_st.training.steps import plan_steps
 from prod_st.teachers.base import teacher_cache_root
 from prod_st.teachers.cross_encoder import load_cross_encoder
 
@@ -167,7 +167,7 @@ def _common_args(
     workdir: Path, rows: int, epochs: float, max_steps: int | None, batch_size: int, lr: float, seed: int,
     warmup_ratio: float, precision: str, *, no_duplicates: bool,
 ) -> dict:
-    """The trainer arguments both teachers share. The steps are given (`prod_st.steps.plan_steps`: every
+    """The trainer arguments both teachers share. The steps are given (`prod_st.training.steps.plan_steps`: every
     process's batches count), and the batches come from `EpochBlockBatchSampler`, so under torchrun every rank
     steps the same number of times on equal shapes (the trainer alone can neither count a sharded epoch nor
     even out its last batch)."""

@@ -1,0 +1,1 @@
+"""Encoding, the corpus index, exact search, hard-negative mining and retrieval evaluation."""
