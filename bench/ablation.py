@@ -123,8 +123,8 @@ def full_corpus_metrics(recipe, folder: Path) -> dict:
         return json.loads(cached.read_text())
     from prod_st.data import load_retrieval_data
     from prod_st.retrieval.evaluation import evaluate_model
-    from prod_st.util.models import load_model
     from prod_st.training.stage_data import load_run_data
+    from prod_st.util.models import load_model
 
     d = recipe.data
     sliced = load_run_data(d.dataset, splits=(None, None, d.test_split), sizes=(None, None, d.test_queries),

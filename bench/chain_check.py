@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
-from prod_st.training.stage_data import load_run_data
 from prod_st.teachers.pool import TeacherPool
+from prod_st.training.stage_data import load_run_data
 
 
 def main() -> None:

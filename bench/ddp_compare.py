@@ -93,11 +93,11 @@ def score_and_evaluate(out: str, ce: str) -> None:
 
     import numpy as np
 
-    from prod_st.util.distributed import is_main, launched_group, world_size
     from prod_st.retrieval.evaluation import evaluate_model
-    from prod_st.util.models import build_student
-    from prod_st.training.stage_data import load_run_data
     from prod_st.teachers import CrossEncoderTeacher
+    from prod_st.training.stage_data import load_run_data
+    from prod_st.util.distributed import is_main, launched_group, world_size
+    from prod_st.util.models import build_student
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with launched_group(5):

@@ -84,12 +84,12 @@ def peak_rss_mb() -> float:
 
 
 def child(run: str, out: str) -> None:
+    import threading
+
     import datasets  # noqa: F401  (what export imports, loaded before the baseline is read)
 
     from prod_st.publish.export import export_run, folder_size
     from prod_st.publish.export_card import render  # noqa: F401
-
-    import threading
 
     baseline, anon, done = peak_rss_mb(), [status_mb("RssAnon")], threading.Event()
 

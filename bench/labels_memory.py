@@ -50,8 +50,8 @@ def fill(rows_n: int, dim: int, model: str, work: Path) -> None:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from prod_st.util.fingerprint import text_key
     from prod_st.teachers import BiEncoderTeacher
+    from prod_st.util.fingerprint import text_key
 
     teacher = BiEncoderTeacher(SentenceTransformer(model), cache_root=work / "teachers", name="bi")
     rows, rng = make_rows(rows_n), np.random.default_rng(0)
@@ -89,8 +89,8 @@ def measure(rows_n: int, model: str, work: Path) -> dict:
     start = time.perf_counter()
     (work / "stage").mkdir()
     try:  # prod-st since the runner's steps moved into their modules
-        from prod_st.training.stage_data import labelled_dataset
         from prod_st.teachers.labels import stage_labels
+        from prod_st.training.stage_data import labelled_dataset
     except ImportError:  # earlier prod-st: the runner's own methods
         labels = runner.labels("bi", rows, "in_batch", None, None)
         if hasattr(runner, "labelled_dataset"):

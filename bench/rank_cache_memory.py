@@ -31,9 +31,9 @@ def anon_mb() -> float:
 def rank_main(rank: int, port: int, folder: str, items: int, dim: int, chunk: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    from prod_st.util import distributed
     from prod_st.teachers.cache import EmbeddingCache
     from prod_st.teachers.sharded import fill_missing_shared
+    from prod_st.util import distributed
 
     distributed.init_if_launched()
     texts = {f"text {i}": i for i in range(items)}

@@ -21,8 +21,8 @@ import numpy as np
 
 from prod_st.data import RetrievalData
 from prod_st.data.doc_ids import DocIds
-from prod_st.training.dpd import decided_by_student
 from prod_st.retrieval.mining import NegativeWindow, RankedRun, negative_pools
+from prod_st.training.dpd import decided_by_student
 
 
 class Lists(Mapping):

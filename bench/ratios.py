@@ -215,13 +215,13 @@ class StepTimes:
 
 
 def training(student, rows, scores, batch_size: int, steps: int, warmup: int, rounds: int) -> dict:
-    import prod_st.training.student_training as st_training
     from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
 
-    from prod_st.training.losses import PRODLoss
+    import prod_st.training.student_training as st_training
     from prod_st.teachers.base import scores_to_labels
     from prod_st.teachers.bi_encoder import BiEncoderTeacher
+    from prod_st.training.losses import PRODLoss
     from prod_st.training.losses.contrastive import score_scale
 
     width = 1 + rows.count
@@ -311,8 +311,8 @@ def main() -> None:
     from ablation import reference_unit
 
     from prod_st.retrieval.mining import draw_negatives
-    from prod_st.util.models import build_student
     from prod_st.training.stage_data import build_rows, load_run_data
+    from prod_st.util.models import build_student
 
     started = time.perf_counter()
     print(f"clock {args.clock}; torch threads {torch.get_num_threads()}; cache {os.environ['PROD_ST_CACHE']} (fresh)", flush=True)

@@ -64,10 +64,11 @@ def child(recipe: str, run_dir: str, result: str) -> None:
 
     import prod_st.runner as runner
     from prod_st.recipe import load_recipe
+    from prod_st.util import cost
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cpu: dict[str, float] = {}  # CPU seconds per step (all threads): the work, whatever the machine's load
-    wall_step = runner.step
+    wall_step = cost.step
 
     @contextmanager
     def step(what, seconds, key):
@@ -80,7 +81,7 @@ def child(recipe: str, run_dir: str, result: str) -> None:
             memory.step = outer
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
-    runner.step = step
+    cost.step = step
     memory = RssPeaks(trace_mb=float(os.environ.get("SCALE_TRACE_MB", 0)) or None)
     start = time.perf_counter()
     final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()

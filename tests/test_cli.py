@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from prod_st_cli.main import main
 
 
@@ -229,12 +228,12 @@ def test_answer_only_test_metrics_in_every_table(monkeypatch, capsys, tmp_path, 
     finished run, report.md and the model card show those, headed by eval.metric (Acc@20), with no KeyError."""
     import yaml
     from sentence_transformers import SentenceTransformer
+    from test_runner import tiny_recipe
 
     from prod_st.data import load_retrieval_data
-    from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.recipe import load_recipe
+    from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.run.report import load_records, render_prod_section
-    from test_runner import tiny_recipe
 
     metrics = evaluate_model(SentenceTransformer(tiny_model_dir), load_retrieval_data(NQ, "test"), top_k=100).metrics
     assert set(metrics) == {"Acc@5", "Acc@20", "Acc@100"}
@@ -273,9 +272,8 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     from pathlib import Path
 
     import yaml
-    from test_runner import tiny_recipe
-
     from prod_st_cli.main import INTERRUPTED
+    from test_runner import tiny_recipe
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir), sort_keys=False))

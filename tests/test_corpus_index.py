@@ -11,8 +11,8 @@ from sentence_transformers import SentenceTransformer
 
 import prod_st.retrieval.corpus_index as ci
 from prod_st.data import load_retrieval_data
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.evaluation import evaluate_model
+from prod_st.util.errors import ProdStError
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES, TOY_QRELS, write_beir
+
 from prod_st.data import load_retrieval_data
 from prod_st.data.beir_files import read_qrels, read_table
 from prod_st.util.errors import ProdStError

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from prod_st.util import distributed
 from prod_st.recipe import load_recipe
+from prod_st.util import distributed
 
 
 def _free_port() -> int:
@@ -47,9 +47,9 @@ def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
     import prod_st.retrieval.evaluation as evaluation
     from prod_st.data import load_retrieval_data
     from prod_st.retrieval.evaluation import evaluate_model
-    from prod_st.util.models import load_model
     from prod_st.teachers.cache import ScoreCache
     from prod_st.teachers.sharded import fill_missing_shared
+    from prod_st.util.models import load_model
 
     computed: list[str] = []
 
@@ -225,9 +225,9 @@ def test_every_rank_maps_the_shards_rank_0_writes(tmp_path):
 def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir: str) -> None:
     """One rank of `torchrun -m prod_st_cli.main eval MODEL DATA --output ...`."""
     import torch.distributed as dist
+    from prod_st_cli.main import app
 
     import prod_st.retrieval.corpus_index as ci
-    from prod_st_cli.main import app
 
     _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     app(["eval", model_dir, beir, "--top-k", "3", "--output", f"{out}/metrics.json"], standalone_mode=False)
@@ -255,9 +255,9 @@ def _train_rank(rank: int, world: int, port: int, out: str, model_dir: str) -> N
     """One rank training the student, as a stage does under torchrun on CPUs."""
     import datasets
 
+    from prod_st.training.student_training import train_student
     from prod_st.util.fingerprint import model_fingerprint
     from prod_st.util.models import load_model
-    from prod_st.training.student_training import train_student
 
     _as_torchrun_starts(rank, world, port)
     distributed.init_if_launched()
@@ -349,8 +349,9 @@ def test_one_gathered_step_is_the_one_process_step_over_the_global_batch(tmp_pat
 
 def _recipe_rank(rank: int, world: int, port: int, out: str, recipe: str) -> None:
     """One rank of `prod-st run RECIPE` under torchrun, from an empty cache; records the steps its trainers took."""
-    import prod_st.runner as runner
     from prod_st_cli.main import app
+
+    import prod_st.training.student_training as runner
 
     _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     trained: dict[str, int] = {}

@@ -236,10 +236,9 @@ def test_dpd_negatives_are_drawn_afresh_from_the_near_miss_pool_every_epoch(tmp_
     num_negatives from the pool; `hardest` (the behaviour before issue 20) is the pool's first num_negatives, one
     block read repeatedly."""
     import random
-    from types import SimpleNamespace
 
     from prod_st.recipe import DPD
-    from prod_st.runner import Runner
+    from prod_st.training.dpd import training_rows
     from prod_st.training.stage_data import load_run_data
 
     data = load_run_data("wordnet-gloss", sizes=(30, 5, 5), corpus_size=300, seed=3)
@@ -248,9 +247,7 @@ def test_dpd_negatives_are_drawn_afresh_from_the_near_miss_pool_every_epoch(tmp_
     pools = {q: rng.sample(unjudged, 14) for q in data.train.qrels}
     spec = DPD(teacher="ce", rerank_depth=15, num_negatives=4, epochs=100.0, max_steps=12, batch_size=8,
                negatives=negatives)
-    runner = SimpleNamespace(data=data, recipe=SimpleNamespace(dpd=spec, seed=3, training=SimpleNamespace(
-        gradient_accumulation_steps=1)))
-    rows, block = Runner.dpd_rows(runner, pools, data.train.qrels, 5, tmp_path)
+    rows, block = training_rows(data, pools, data.train.qrels, spec, seed=3 + 5, accumulation=1, name="05-dpd-1")
     texts = dict(zip(data.corpus["_id"], data.texts_at(range(len(data.corpus)))))
     first = {q: {texts[d] for d in pool[:4]} for q, pool in pools.items()}
     if negatives == "hardest":

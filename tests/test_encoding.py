@@ -87,8 +87,8 @@ def test_queries_reach_the_tokenizer_cut_at_max_query_length_in_training(tiny_mo
     import datasets
 
     from prod_st.training.losses import contrastive_loss
-    from prod_st.util.models import set_lengths
     from prod_st.training.student_training import train_student
+    from prod_st.util.models import set_lengths
 
     model = SentenceTransformer(tiny_model_dir)
     set_lengths(model, 8, 32)

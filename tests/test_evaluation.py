@@ -7,8 +7,8 @@ import math
 import pytest
 
 from prod_st.data import load_retrieval_data
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.evaluation import compute_metrics, evaluate_model
+from prod_st.util.errors import ProdStError
 from prod_st.util.models import load_model
 
 # q1: relevant d1 (grade 1) and d3 (grade 2); the run ranks d2, d1, d4, d3.
@@ -149,6 +149,7 @@ def test_beir_sets_are_all_loaded_before_any_evaluation(toy_beir, tmp_path):
 
 def test_iter_beir_yields_each_set_before_a_later_one_fails(toy_beir, tmp_path, tiny_model_dir):
     from conftest import TOY_CORPUS, TOY_QUERIES, write_beir
+
     from prod_st.retrieval.evaluation import iter_beir, load_beir_sets
 
     small = write_beir(tmp_path / "small", dict(list(TOY_CORPUS.items())[:3]), TOY_QUERIES, {"q1": {"d1": 1}})

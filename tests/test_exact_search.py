@@ -11,8 +11,8 @@ import torch
 import prod_st.retrieval.corpus_index as ci
 import prod_st.retrieval.exact_search as es
 from prod_st.data import load_retrieval_data
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.evaluation import evaluate_model
+from prod_st.util.errors import ProdStError
 from prod_st.util.models import load_model
 
 

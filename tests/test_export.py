@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
+from test_publish import FakeHubApi, http_error
+from test_runner import tiny_recipe
 
 from prod_st.publish.export import export_run, push_export, teacher_scores
 from prod_st.training.stage_data import ROW_IDS
-from test_publish import FakeHubApi, http_error
-from test_runner import tiny_recipe
 
 STAGES = ["02-bi", "03-ce"]  # the tiny run's distill stages (its DPD round keeps no query: nothing to export)
 

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
+from test_runner import run_cli, tiny_recipe, write
 
 import prod_st.retrieval.corpus_index as corpus_index
 import prod_st.teachers.training as teacher_training
+from prod_st.teachers.cache import EmbeddingCache, ScoreCache, release_embedding_cache
 from prod_st.util import locks
 from prod_st.util.errors import DiskFullError
 from prod_st.util.paths import disk_full_error, load_cached_array, write_text_atomic
-from prod_st.teachers.cache import EmbeddingCache, ScoreCache, release_embedding_cache
-from test_runner import run_cli, tiny_recipe, write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_the_run_lock_is_held_for_the_runs_life_and_released_at_its_end(tmp_path
     real = Runner.run_steps
 
     def check_busy(self, started):
-        code = f"from prod_st import locks; from pathlib import Path; locks.lock_run_folder(Path({str(self.dir)!r}))"
+        code = f"from prod_st.util import locks; from pathlib import Path; locks.lock_run_folder(Path({str(self.dir)!r}))"
         env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert other.returncode != 0 and "is in use by another prod-st command" in other.stderr

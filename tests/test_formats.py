@@ -9,11 +9,10 @@ import shutil
 import unicodedata
 
 import pytest
-
 from conftest import FIXTURES
+
+from prod_st.data import detect_format, document_text, dpr, load_retrieval_data
 from prod_st.data.answer_match import RE_TOKEN, has_answer, tokens, top_k_accuracy
-from prod_st.data import detect_format, document_text, load_retrieval_data
-from prod_st.data import dpr
 from prod_st.data.beir_files import read_qrels
 from prod_st.util.errors import ProdStError
 
@@ -279,8 +278,8 @@ def test_nq_answer_bearing_passages_are_positives_never_negatives():
     """PROD and DPR on NQ: with `data.positives: answers`, a retrieved passage that contains an answer string is
     relevant: it is never mined as a negative, counts for DPD's ranks, and is the positive of a query that has no
     gold passage; a gold passage stays the positive when there is one."""
-    from prod_st.training.dpd import first_relevant_rank
     from prod_st.retrieval.mining import NegativeWindow, negative_pools
+    from prod_st.training.dpd import first_relevant_rank
     from prod_st.training.stage_data import build_rows, load_run_data
 
     data = load_run_data(str(NQ), splits=("train", "dev", "dev"), answer_positives=True)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import prod_st.teachers.labels as labels_module
-from prod_st.util import cost
-from prod_st.training.losses import score_scale
 from prod_st.runner import Runner
-from prod_st.training.stage_data import FILLER, TrainingRows, labelled_dataset
 from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
+from prod_st.training.losses import score_scale
+from prod_st.training.stage_data import FILLER, TrainingRows, labelled_dataset
+from prod_st.util import cost
 
 
 def small_rows(filler: bool = True) -> TrainingRows:

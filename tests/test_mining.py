@@ -73,7 +73,6 @@ def test_pool_sizes_from_the_run_arrays_match_the_pools():
     """Issue 18 item 6: mining's count of short pools reads the RankedRun's arrays; each size is the length of
     the pool the query's list gives, for windows that start past rank 1 and run past the retrieved ranks."""
     import numpy as np
-
     from test_dpd import _random_run
 
     run, lists, qrels = _random_run(5)

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from prod_st.data import load_retrieval_data
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.evaluation import evaluate_model
-from prod_st.util.models import load_model
 from prod_st.retrieval.retrieval_evaluator import RetrievalEvaluator
+from prod_st.util.errors import ProdStError
+from prod_st.util.models import load_model
 
 
 def test_evaluator_gives_evaluate_models_metrics_and_records_them(tiny_model_dir, toy_beir):

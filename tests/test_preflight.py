@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from prod_st.recipe import load_recipe, parse_recipe
+from prod_st.run.preflight import check_recipe, preflight
 from prod_st.util.errors import ProdStError
 from prod_st.util.model_paths import resolve_model_path
-from prod_st.run.preflight import check_recipe, preflight
-from prod_st.recipe import load_recipe, parse_recipe
 
 
 def fake_model(folder: Path, layers: int = 2, *, sub: str = "0_Transformer") -> Path:

@@ -18,10 +18,10 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled  # noqa: E402
 
-from prod_st.publish.push import push as publish
-from prod_st.util.errors import ProdStError  # noqa: E402
 from prod_st.publish.push import build_upload_folder, push_run  # noqa: E402
+from prod_st.publish import push as publish  # noqa: E402
 from prod_st.recipe import load_recipe  # noqa: E402
+from prod_st.util.errors import ProdStError  # noqa: E402
 
 REPO = "someone/prod-tiny-student"
 PROD_FILES = {"prod/recipe.yaml", "prod/report.md", "prod/report.png", "prod/final.json"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prod_st.util.errors import ProdStError
 from prod_st.recipe import Recipe, embedded_recipes, load_recipe, parse_recipe
+from prod_st.util.errors import ProdStError
 
 MINIMAL = {
     "name": "mini",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from prod_st.util.errors import ProdStError
 from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
+from prod_st.util.errors import ProdStError
 
 
 def test_steps_and_epochs_read():

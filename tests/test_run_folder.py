@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-from prod_st.run import run_folder
-from prod_st.util.errors import ProdStError
-from prod_st.recipe import parse_recipe
-from prod_st.runner import Runner
 from test_runner import tiny_recipe
+
+from prod_st.recipe import parse_recipe
+from prod_st.run import run_folder
+from prod_st.runner import Runner
+from prod_st.util.errors import ProdStError
 
 STEPS = ["00-init", "01-warmup", "02-bi", "03-ce", "04-dpd-1"]
 

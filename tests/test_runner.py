@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prod_st_cli.main import main
 
 import prod_st.retrieval.corpus_index as corpus_index
-import prod_st.runner as runner_module
+import prod_st.run.final as final_module
 import prod_st.teachers.strength as teacher_strength
 import prod_st.training.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
-from prod_st_cli.main import main
 
 
 def tiny_recipe(model: str) -> dict:
@@ -128,23 +128,23 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     # A rerun finds final.json and does no work at all: no model is trained or evaluated.
     import prod_st.retrieval.evaluation
 
-    real_evaluate = runner_module.evaluate_model
-    monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
+    real_evaluate, real_train = final_module.evaluate_model, train_student_module.train_student
+    monkeypatch.setattr(final_module, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(prod_st.retrieval.evaluation, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr(teacher_strength, "evaluate_model", lambda *a, **k: pytest.fail("re-evaluated"))
-    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
+    monkeypatch.setattr(train_student_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     assert Runner(load_recipe(recipe_file), run_dir).run() == final
 
     # Killed during the final evaluation: the rerun trains nothing (no student, no teacher) and still
     # evaluates both teachers, loaded from the run folder.
     import prod_st.teachers.pool as teacher_pool
 
-    monkeypatch.setattr(runner_module, "evaluate_model", real_evaluate)
+    monkeypatch.setattr(final_module, "evaluate_model", real_evaluate)
     monkeypatch.setattr(prod_st.retrieval.evaluation, "evaluate_model", real_evaluate)
     monkeypatch.setattr(teacher_strength, "evaluate_model", real_evaluate)
     for trainer in ("train_bi_encoder", "train_cross_encoder"):
         monkeypatch.setattr(teacher_pool, trainer, lambda *a, **k: pytest.fail("teacher re-trained"))
-    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
+    monkeypatch.setattr(train_student_module, "train_student", lambda *a, **k: pytest.fail("re-trained"))
     (run_dir / "final.json").unlink()
     again = Runner(load_recipe(recipe_file), run_dir).run()
     assert set(again["test"]["teachers"]) == {"bi", "ce"}
@@ -164,8 +164,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     # A stage changes: it and every later step are redone, earlier ones kept; no teacher is retrained.
     changed["stages"][2]["lr"] = 1e-4
     trained = []
-    real_train = train_student_module.train_student
-    monkeypatch.setattr(runner_module, "train_student",
+    monkeypatch.setattr(train_student_module, "train_student",
                         lambda *a, **k: trained.append(k["workdir"].parent.name) or real_train(*a, **k))
     Runner(load_recipe(write(tmp_path / "changed.yaml", changed)), run_dir).run()
     assert trained[0] == "03-ce" and set(trained) <= {"03-ce", "04-dpd-1"}
@@ -217,7 +216,7 @@ def check_training_data(run_dir: Path) -> None:
 
 def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_train = runner_module.train_student
+    real_train = train_student_module.train_student
     calls = []
 
     def dies_in_ce(*args, **kwargs):
@@ -226,12 +225,12 @@ def test_killed_run_resumes_from_the_last_finished_step(recipe_file, tmp_path, m
             raise KeyboardInterrupt  # the process is killed mid-stage
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "train_student", dies_in_ce)
+    monkeypatch.setattr(train_student_module, "train_student", dies_in_ce)
     with pytest.raises(KeyboardInterrupt):
         Runner(load_recipe(recipe_file), run_dir).run()
     assert (run_dir / "02-bi" / "DONE").exists() and not (run_dir / "03-ce" / "DONE").exists()
 
-    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: calls.append(k["workdir"].parent.name) or real_train(*a, **k))
+    monkeypatch.setattr(train_student_module, "train_student", lambda *a, **k: calls.append(k["workdir"].parent.name) or real_train(*a, **k))
     Runner(load_recipe(recipe_file), run_dir).run()
     # finished stages were not redone; the killed one ran again (DPD trains only if some query passed its rule)
     assert calls[:4] == ["01-warmup", "02-bi", "03-ce", "03-ce"] and set(calls[4:]) <= {"04-dpd-1"}
@@ -262,8 +261,8 @@ def test_evaluate_only_recipe_tests_another_runs_student(monkeypatch, capsys, tm
     path = write(tmp_path / "eval-only.yaml", recipe)
     run_dir = tmp_path / "run"
     calls = []
-    monkeypatch.setattr(runner_module, "evaluate_model", lambda *a, **k: calls.append(1) or evaluate_model(*a, **k))
-    monkeypatch.setattr(runner_module, "train_student", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(final_module, "evaluate_model", lambda *a, **k: calls.append(1) or evaluate_model(*a, **k))
+    monkeypatch.setattr(train_student_module, "train_student", lambda *a, **k: pytest.fail("trained"))
     monkeypatch.setattr(sys, "argv", ["prod-st", "run", str(path), "--output", str(run_dir)])
     with pytest.raises(SystemExit) as info:
         main()
@@ -400,8 +399,8 @@ def test_validate_command(monkeypatch, capsys):
 def test_fillers_are_never_scored_and_become_minus_inf():
     """A query with fewer negatives than the stage asks for: its filler columns are not sent to the teacher
     and carry -inf (masked out of every softmax)."""
-    from prod_st.training.stage_data import FILLER, TrainingRows
     from prod_st.teachers import scores_to_labels
+    from prod_st.training.stage_data import FILLER, TrainingRows
 
     rows = TrainingRows.from_texts(["q1", "q2"], ["a", "b"], ["pa", "pb"], [["n1", "n2"], ["m1", FILLER]])
     assert rows.missing == [[False, False], [False, True]]
@@ -440,8 +439,8 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
     import torch
 
-    from prod_st.util import precision
     from prod_st.recipe import Training
+    from prod_st.util import precision
 
     with_amx, without = tmp_path / "amx", tmp_path / "plain"
     with_amx.write_text("processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile\n")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from prod_st.training.losses import score_scale
 from prod_st.teachers.strength import gap, strength_warnings
+from prod_st.training.losses import score_scale
 
 
 def test_gap_is_the_temperature_kl_and_rank_agreement():

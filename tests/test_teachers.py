@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from prod_st.util.errors import ProdStError
 from prod_st.teachers import (
     BiEncoderTeacher,
     CrossEncoderTeacher,
@@ -24,6 +23,7 @@ from prod_st.teachers import (
     train_cross_encoder,
 )
 from prod_st.teachers import training as training_module
+from prod_st.util.errors import ProdStError
 
 QUERIES = ["I deposited my salary at the bank", "we sat on the river bank", "the cat purred on my lap"]
 CANDIDATES = [
@@ -359,8 +359,8 @@ def test_pool_cache_folders_skip_an_ensemble(tmp_path):
     """Pruning asks the pool which cache folders its teachers use; an ensemble has none of its own."""
     from pathlib import Path
 
-    from prod_st.teachers.pool import TeacherPool
     from prod_st.teachers import EnsembleTeacher
+    from prod_st.teachers.pool import TeacherPool
 
     member = _FixedTeacher("bi", {})
     member.cache_folder = Path(tmp_path / "bi")

@@ -173,9 +173,8 @@ def run_command(
 ) -> None:
     """Run a PROD recipe end to end (default: the offline quickstart). Rerunning resumes; every log line is
     appended to <run>/run.log."""
-    from prod_st.run.preflight import preflight
     from prod_st.recipe import load_recipe
-
+    from prod_st.run.preflight import preflight
     from prod_st.util.distributed import is_main
 
     loaded = load_recipe(recipe, overrides or ())
@@ -244,8 +243,8 @@ def validate_command(
     """Check recipes without running them: the schema, and what they name on disk (models, layer counts, dataset
     folders and split files; Hub ids only when they are in the local Hub cache; a missing dataset folder is
     reported with where its data comes from). Imports no torch: it takes a fraction of a second."""
-    from prod_st.run.preflight import preflight
     from prod_st.recipe import load_recipe
+    from prod_st.run.preflight import preflight
 
     for recipe in recipes:
         loaded = load_recipe(recipe, overrides or ())
@@ -277,12 +276,12 @@ def eval_command(
     zero-shot on the --beir sets. Under torchrun every rank encodes and searches its share; rank 0 prints and
     writes."""
     from prod_st.data import load_retrieval_data
+    from prod_st.recipe import EXACT_INDEXES
+    from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.util.distributed import is_main, launched_group
     from prod_st.util.errors import ProdStError
-    from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.util.models import load_model
     from prod_st.util.paths import check_output_file
-    from prod_st.recipe import EXACT_INDEXES
 
     if (data is None) == (beir is None):
         raise ProdStError("give either DATA or --beir (comma-separated BEIR names or folders), not both")

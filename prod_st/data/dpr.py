@@ -29,7 +29,8 @@ import datasets
 import ijson
 
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_table
-from prod_st.data.layout import DPR_PASSAGES as PASSAGES, DPR_SPLITS as SPLITS  # read without datasets
+from prod_st.data.layout import DPR_PASSAGES as PASSAGES  # read without datasets
+from prod_st.data.layout import DPR_SPLITS as SPLITS
 from prod_st.util.errors import ProdStError
 
 QUESTION_FEATURES = datasets.Features({

@@ -32,8 +32,14 @@ import datasets
 from prod_st.data.beir_files import find_file, find_split_files, open_text, read_qrels, read_table
 from prod_st.data.layout import (  # file names and splits: read without datasets
     MSMARCO_DOC_CORPUS as DOC_CORPUS,
+)
+from prod_st.data.layout import (
     MSMARCO_DOC_SPLITS as DOC_SPLITS,
+)
+from prod_st.data.layout import (
     MSMARCO_PASSAGE_CORPUS as PASSAGE_CORPUS,
+)
+from prod_st.data.layout import (
     MSMARCO_PASSAGE_SPLITS as PASSAGE_SPLITS,
 )
 from prod_st.util.errors import ProdStError

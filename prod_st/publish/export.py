@@ -34,11 +34,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from prod_st.run.run_folder import MARKER, STEP_DIR
+from prod_st.training.stage_data import ROW_IDS
 from prod_st.util.errors import ProdStError
 from prod_st.util.paths import check_output_folder, write_folder_atomic
 from prod_st.util.progress import enabled
-from prod_st.run.run_folder import MARKER, STEP_DIR
-from prod_st.training.stage_data import ROW_IDS
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from prod_st.util.paths import write_text_atomic
 from prod_st.run.report import run_metric
+from prod_st.util.paths import write_text_atomic
 
 
 def scale_text(labels: dict, kind: str | None) -> str:

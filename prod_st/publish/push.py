@@ -37,8 +37,8 @@ def _is_main() -> bool:
 
 # ----------------------------------------------------------------------------------------------- checks
 def _finished_run(run_dir: Path | str) -> Path:
-    from prod_st.util.models import saved_layer_count
     from prod_st.run.report import read_run
+    from prod_st.util.models import saved_layer_count
 
     run = Path(run_dir).expanduser()
     if not run.is_dir():
@@ -159,3 +159,18 @@ def push_run(
                             message=message)
     logger.info("pushed %s to %s", run, url)
     return url
+
+
+def publish_run(run_dir: Path, spec, fingerprint: str) -> None:
+    """A run's `publish:` block (`spec`, or None): push the finished run unless it was already published under
+    the same `fingerprint`, then note it in the run's marker. Every rank calls this."""
+    from prod_st.run import run_folder
+    from prod_st.util.distributed import barrier, is_main
+
+    if spec is None or run_folder.marker(run_dir).get("published") == fingerprint:
+        return
+    where = push_run(run_dir, spec.repo_id, private=spec.private, exist_ok=spec.exist_ok, dry_run=spec.dry_run)
+    if is_main():
+        run_folder.write_marker(run_dir, run_folder.marker(run_dir) | {"published": fingerprint})
+    barrier()
+    logger.info("published: %s", where)

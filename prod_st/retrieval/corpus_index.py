@@ -17,19 +17,20 @@ import logging
 import os
 import shutil
 from collections import Counter
+from functools import partial
 
 import faiss
 import numpy as np
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from prod_st.util import locks
 from prod_st.data import document_text
-from prod_st.util.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.data.doc_ids import DocIds, doc_ids
 from prod_st.retrieval.encoding import encode_texts, is_cosine
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.exact_search import EXACT, TorchFlatIndex, uses_torch
+from prod_st.util import locks
+from prod_st.util.distributed import barrier, is_main, rank, shard, world_size
+from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
 from prod_st.util.paths import cache_dir, cache_path, load_cached_array
 
@@ -249,3 +250,12 @@ def corpus_index(
     ids = doc_ids(corpus)
     _last_index.update(memo=memo, index=index, ids=ids)
     return index, ids
+
+
+def document_lookup(student: SentenceTransformer, corpus, *, progress: bool = True, **search):
+    """Corpus rows -> `student`'s document vectors, read from its cached corpus encoding (built by this stage's
+    mining or the last dev evaluation; encoded again, shared across ranks, only if it was pruned). `search`: the
+    run's corpus search settings (`batch_size`, `dtype` used; the rest ignored)."""
+    blocks = corpus_embeddings(student, corpus, batch_size=search["batch_size"], dtype=search["dtype"],
+                               progress=progress)
+    return partial(rows_of, blocks)

@@ -15,14 +15,14 @@ import pytrec_eval
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from prod_st.data.answer_match import top_k_accuracy
-from prod_st.retrieval.corpus_index import TRAIN_SIZE, corpus_index
 from prod_st.data import RetrievalData, load_retrieval_data
-from prod_st.util.distributed import all_gather, is_main, shard, world_size
+from prod_st.data.answer_match import top_k_accuracy
 from prod_st.data.doc_ids import DocIds, doc_ids
+from prod_st.retrieval.corpus_index import TRAIN_SIZE, corpus_index
 from prod_st.retrieval.encoding import encode_texts
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.exact_search import TorchFlatIndex
+from prod_st.util.distributed import all_gather, is_main, shard, world_size
+from prod_st.util.errors import ProdStError
 from prod_st.util.progress import enabled
 
 logger = logging.getLogger(__name__)

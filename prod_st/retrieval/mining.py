@@ -22,12 +22,12 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from prod_st.data import RetrievalData
-from prod_st.util.distributed import all_gather, is_main
 from prod_st.data.doc_ids import DocIds, doc_ids
 from prod_st.retrieval.corpus_index import TRAIN_SIZE
 from prod_st.retrieval.evaluation import build_index, search_rows
-from prod_st.util.paths import cache_dir, load_cached_array
+from prod_st.util.distributed import all_gather, is_main
 from prod_st.util.fingerprint import model_fingerprint, text_key
+from prod_st.util.paths import cache_dir, load_cached_array
 
 logger = logging.getLogger(__name__)
 Strategy = Literal["sample", "hardest"]

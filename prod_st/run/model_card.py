@@ -93,9 +93,9 @@ def write_card(run: Path, out: Path, *, model_id: str | None = None, language: s
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.model_card import generate_model_card
 
-    from prod_st.util.citation import PROD_BIBTEX
-    from prod_st.run.report import headline_metric, load_records, read_run, render_prod_section
     from prod_st.retrieval.retrieval_evaluator import RetrievalEvaluator
+    from prod_st.run.report import headline_metric, load_records, read_run, render_prod_section
+    from prod_st.util.citation import PROD_BIBTEX
 
     recipe, final = read_run(run)
     records = load_records(run)

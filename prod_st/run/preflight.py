@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from prod_st.recipe import STUDENT, Recipe, data_origin, embedded_recipes
 from prod_st.util.errors import ProdStError
 from prod_st.util.model_paths import PACKAGED, RUN_STUDENT, is_run_folder, layer_count, looks_like_path
-from prod_st.recipe import STUDENT, Recipe, data_origin, embedded_recipes
 
 __all__ = ["check_recipe", "preflight"]
 

@@ -333,3 +333,17 @@ def _log_changes(folder: Path, recipe, result: Reconciled) -> None:
                     "%s; keeping %s", *processes, redo, kept)
     elif result.kept or result.resumed:
         logger.info("resuming the run in %s: redoing %s; keeping %s", folder, redo, kept)
+
+
+def start(folder: Path, recipe, steps: Plan, *, ours: bool, force: bool) -> None:
+    """Rank 0, once `check_folder` passed (`ours`: the folder is an earlier run of this recipe): with `force`,
+    remove the earlier run's own files; make a new run folder where needed; remove what a changed recipe
+    invalidates (`reconcile`), and write the resolved recipe.yaml."""
+    if ours and force:
+        removed = clear(folder)
+        logger.info("--force: removed the earlier run (%s) from %s", ", ".join(removed), folder)
+    if not ours or force:
+        logger.info("new run in %s", folder)
+        create(folder, recipe.name)
+    reconcile(folder, recipe, steps)
+    write_text_atomic(folder / "recipe.yaml", recipe.run_yaml())

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st.util.errors import ProdStError
 from prod_st.retrieval.encoding import Role, encode_texts
-from prod_st.util.models import load_model
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import EmbeddingCache
 from prod_st.teachers.sharded import fill_missing_shared
+from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
+from prod_st.util.models import load_model
 
 
 class BiEncoderTeacher:

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
-from prod_st.util.errors import ProdStError
-from prod_st.util.hub import hub_error
-from prod_st.util.models import resolve_model_path
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import ScoreCache
 from prod_st.teachers.sharded import fill_missing_shared
+from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
+from prod_st.util.hub import hub_error
+from prod_st.util.models import resolve_model_path
 
 
 def load_cross_encoder(

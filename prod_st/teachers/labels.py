@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from prod_st.util import cost
-from prod_st.util.errors import ProdStError
-from prod_st.training.losses import score_scale
-from prod_st.training.stage_data import TrainingRows
 from prod_st.teachers.base import scores_to_labels
 from prod_st.teachers.bi_encoder import BiEncoderTeacher
+from prod_st.training.losses import score_scale
+from prod_st.training.stage_data import TrainingRows
+from prod_st.util import cost
+from prod_st.util.errors import ProdStError
 
 LABEL_ROWS = 8192  # training rows labelled per batch: the most label values in memory at once
 

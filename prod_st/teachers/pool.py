@@ -11,15 +11,15 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 
 from prod_st.retrieval.corpus_index import TRAIN_SIZE
-from prod_st.util.distributed import barrier, is_main
-from prod_st.training.losses import score_scale
 from prod_st.retrieval.mining import NegativeWindow, draw_negatives, mine_pools
-from prod_st.util.models import load_model
-from prod_st.training.stage_data import RunData, build_rows
 from prod_st.teachers.bi_encoder import BiEncoderTeacher
 from prod_st.teachers.cross_encoder import CrossEncoderTeacher
 from prod_st.teachers.ensemble import EnsembleTeacher
 from prod_st.teachers.training import train_bi_encoder, train_cross_encoder
+from prod_st.training.losses import score_scale
+from prod_st.training.stage_data import RunData, build_rows
+from prod_st.util.distributed import barrier, is_main
+from prod_st.util.models import load_model
 
 logger = logging.getLogger(__name__)
 

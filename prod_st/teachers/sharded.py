@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from prod_st.util.distributed import all_gather, barrier, rank, world_size
 from prod_st.teachers.cache import fill_missing
+from prod_st.util.distributed import all_gather, barrier, rank, world_size
 
 logger = logging.getLogger(__name__)
 

@@ -4,15 +4,20 @@ their temperature softmaxes and their rank agreement over those candidates."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import kendalltau
 
 from prod_st.data import RetrievalData
 from prod_st.retrieval.evaluation import Run, evaluate_model, score_run
-from prod_st.training.stage_data import RunData
 from prod_st.teachers.bi_encoder import BiEncoderTeacher
+from prod_st.training.losses import score_scale
+from prod_st.training.stage_data import RunData
+
+logger = logging.getLogger("prod_st.run")
 
 
 def top_candidates(run: Run, depth: int) -> dict[str, list[str]]:
@@ -110,3 +115,46 @@ def strength_warnings(
             "should get stronger"
         )
     return warnings
+
+
+def measure_gap(pool, name: str, student_run: Run, data: RunData, *, student, depth: int, temperature: float,
+                relevance_level: int) -> tuple[dict[str, float], dict[str, float]]:
+    """`teacher_gap` for the pool's teacher `name` (in its logit scale) over `student`'s dev run `student_run`."""
+    return teacher_gap(pool.get(name), student_run, data.dev, data, depth=depth, teacher_scale=pool.scale(name),
+                       student_scale=score_scale(student), temperature=temperature, relevance_level=relevance_level)
+
+
+def check_teacher(pool, name: str, stage: str, *, student, student_run: Run, student_metric: float, earlier: str | None,
+                  data: RunData, depth: int, metric: str, temperature: float, relevance_level: int,
+                  retriever_metrics: Callable[[str], dict]) -> dict:
+    """Before teacher `name` teaches `student` in `stage` (whose dev run is `student_run`, dev `metric` `student_metric`):
+    the gap between them and the teacher's metrics reranking the student's dev top-`depth`; its strength (a
+    bi-encoder as a retriever, `retriever_metrics(name)`, else as that reranker); and `strength_warnings`,
+    comparing with the `earlier` stage's teacher like with like (both reranking this student's dev top-k).
+    Returns the StageRecord fields it fills."""
+    teacher = pool.get(name, student)
+    gap_of = lambda teacher_name: measure_gap(pool, teacher_name, student_run, data, student=student, depth=depth,  # noqa: E731
+                                              temperature=temperature, relevance_level=relevance_level)
+    gap_before, reranking = gap_of(name)
+    if isinstance(teacher, BiEncoderTeacher):
+        strength, measured_as = retriever_metrics(name), "retriever"
+    else:  # a reranker is measured on the candidates the gap was just measured on
+        strength, measured_as = reranking, reranker_as(depth)
+    logger.info("%s: teacher %r dev %s %.4f (as %s) vs student %.4f", stage, name, metric, strength[metric], measured_as,
+                student_metric)
+    previous = (earlier, gap_of(earlier)[1][metric]) if earlier and earlier != name else None
+    warnings = strength_warnings(name, metric, teacher=strength[metric], measured_as=measured_as,
+                                 student=student_metric, reranking=reranking[metric], previous=previous)
+    return dict(gap_before=gap_before, teacher_rerank_dev=reranking, teacher_dev=strength,
+                teacher_measured_as=measured_as, warnings=warnings)
+
+
+def teachers_on_test(pool, names, test: RetrievalData, data: RunData, student_run: Run, *, depth: int,
+                     **search) -> dict[str, dict]:
+    """Each teacher of `names` on the test split, as `teacher_metrics` measures it (built, or loaded from the
+    cache, when a resumed run skipped its stages)."""
+    teachers = {}
+    for name in dict.fromkeys(names):
+        measured_as, metrics = teacher_metrics(pool.get(name), test, data, student_run, depth=depth, **search)
+        teachers[name] = {"as": measured_as, **metrics}
+    return teachers

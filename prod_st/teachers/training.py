@@ -37,19 +37,19 @@ from sentence_transformers.cross_encoder.losses import (
     MultipleNegativesRankingLoss as CEMultipleNegativesRankingLoss,
 )
 
+from prod_st.retrieval.encoding import is_cosine, training_roles
+from prod_st.teachers.base import teacher_cache_root
+from prod_st.teachers.cross_encoder import load_cross_encoder
+from prod_st.training.losses.contrastive import contrastive_loss, score_scale
+from prod_st.training.resampling import EpochBlockBatchSampler
+from prod_st.training.steps import plan_steps
 from prod_st.util import locks
 from prod_st.util.distributed import all_gather, barrier, is_main, world_size
-from prod_st.retrieval.encoding import is_cosine, training_roles
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
-from prod_st.training.losses.contrastive import contrastive_loss, score_scale
 from prod_st.util.models import load_model
 from prod_st.util.paths import writing
 from prod_st.util.precision import precision_flags, resolve_precision
-from prod_st.training.resampling import EpochBlockBatchSampler
-from prod_st.training.steps import plan_steps
-from prod_st.teachers.base import teacher_cache_root
-from prod_st.teachers.cross_encoder import load_cross_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -7,16 +7,25 @@ are kept, with the student's hardest negatives, for a further round of distillat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from prod_st.retrieval.mining import NegativeWindow
+from prod_st.training.resampling import epoch_rows
+from prod_st.training.stage_data import TrainingRows, build_rows
+from prod_st.util import cost
+
 __all__ = ["DPDSelection", "decided_by_student", "drop_reason", "first_relevant_rank", "keep_query",
-           "queries_for_teacher", "select_queries", "student_drop_reason", "teacher_rankings"]
+           "queries_for_teacher", "select_queries", "select_with_teacher", "student_drop_reason", "teacher_rankings",
+           "training_rows"]
 
 Variant = Literal["msmarco", "nq"]
+logger = logging.getLogger("prod_st.run")
+RERANK_CHUNK = 4096  # training queries the teacher reranks at a time: memory holds one chunk's texts and scores
 DROP_REASONS = ("student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels")
 
 
@@ -234,3 +243,42 @@ def select_queries(
         selection.kept[qid] = negatives[:num_negatives]
         selection.counts["kept"] += 1
     return selection
+
+
+def select_with_teacher(ranked, qrels, teacher, data, spec, name: str, seconds: dict) -> DPDSelection:
+    """DPD's selection over the student's `ranked` training run: the queries the student's rank alone decides,
+    then the teacher (`teacher.score(queries, texts)`) reranks the rest, RERANK_CHUNK queries at a time, and
+    `select_queries` decides them. `spec`: the recipe's `dpd:` block. A kept query keeps its near-miss pool (the
+    student's top `rerank_depth` minus positives) with `negatives: sample`, its first `num_negatives` with
+    `hardest`."""
+    rule = spec.rule.model_dump()
+    asked, selection = decided_by_student(ranked, qrels, **rule)
+    cost.announce(f"{name}: teacher rerank of the {len(asked)} of {len(ranked)} queries the rule asks it about",
+                  int((ranked.rows[ranked.positions(asked)] >= 0).sum()), "pairs",
+                  cost.run_bytes(min(len(asked), RERANK_CHUNK), spec.rerank_depth) * 2)
+    pool = spec.rerank_depth if spec.negatives == "sample" else spec.num_negatives
+    queries = data.train.split_queries()
+    with cost.step(f"{name}: teacher reranks them", seconds, "score"):
+        for first in range(0, len(asked), RERANK_CHUNK):  # memory holds one chunk's ranked lists
+            chunk = {q: ranked[q] for q in asked[first:first + RERANK_CHUNK]}
+            scores = teacher.score([queries[q] for q in chunk], data.doc_texts_per_query(chunk.values()))
+            selection.update(select_queries(chunk, teacher_rankings(chunk, scores), qrels, num_negatives=pool, **rule))
+    return selection
+
+
+def training_rows(data, pools: dict[str, list[str]], qrels, spec, *, seed: int, accumulation: int,
+                  name: str) -> tuple[TrainingRows, int | None]:
+    """DPD's training rows from the kept queries' near-miss `pools`, and the block size training reads them in.
+    `negatives: sample` (PROD's release): `num_negatives` drawn afresh from the pool for every epoch training
+    will read, as the stages do (`epoch_rows`); `hardest`: the pool's first `num_negatives`, one block read
+    repeatedly (block size None: the whole dataset, as before issue 20)."""
+    if spec.negatives == "hardest":
+        return build_rows(data, pools, spec.num_negatives, qrels=qrels), None
+    window = NegativeWindow(1, spec.rerank_depth, spec.num_negatives, "sample")
+    rows, plan = epoch_rows(data, pools, qrels, window, seed=seed, epochs=spec.epochs, batch_size=spec.batch_size,
+                            accumulation=accumulation, max_steps=spec.max_steps, drop_incomplete=False,
+                            what=f"dpd {name!r}")
+    reads = len(rows.queries) // plan.rows if plan is not None else 1
+    logger.info("%s: %d queries, negatives drawn afresh from their near-miss pools for each of %d epochs",
+                name, len(rows.queries) // reads, reads)
+    return rows, len(rows.queries) // reads

@@ -12,16 +12,16 @@ would cost. Under torchrun the sampler deals each block in global batches, a sli
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
 from torch.utils.data import RandomSampler
 
-from prod_st.util import distributed
-from prod_st.retrieval.mining import NegativeWindow, draw_negatives
+from prod_st.retrieval.mining import NegativeWindow, draw_negatives, mine_pools
 from prod_st.training.stage_data import RunData, TrainingRows, build_rows
 from prod_st.training.steps import StepPlan, global_batches, plan_steps
+from prod_st.util import cost, distributed
+from prod_st.util.errors import ProdStError
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +158,25 @@ class EpochBlockBatchSampler(DefaultBatchSampler):
         if self.world == 1:
             return sum(len(inner) for inner in self._inner)
         return self.num_blocks * global_batches(self.block_size, self.batch_size, self.world) * self.world
+
+
+def stage_rows(miner, student, data: RunData, stage, seconds: dict, *, seed: int, accumulation: int, in_batch: bool,
+               search: dict) -> tuple[TrainingRows, int, int]:
+    """A stage's training rows: its negative pools mined by `miner()` (the student, or a teacher: built inside the
+    timed step), then fresh negatives drawn for every epoch training will read (PROD resamples each time a query
+    is read): the rows of epoch 0, then epoch 1, ..., the number of epochs, and the number of mined queries.
+    Hardest-first negatives are the same every epoch: one block, read repeatedly. With `in_batch` candidates a
+    query short of negatives is dropped (in-batch columns cannot be masked). `search`: `mine_pools`' settings."""
+    neg = stage.negatives
+    window = NegativeWindow(neg.start, neg.end, neg.count, neg.strategy)
+    cost.search_cost(f"{stage.name}: mine negatives", student, len(data.corpus), len(data.train.qrels), neg.end)
+    with cost.step(f"{stage.name}: mine negatives ({neg.miner}, ranks {neg.start}-{neg.end})", seconds, "mine"):
+        pools, qrels = mine_pools(miner(), data.train, window, relevance=data.relevance, **search)
+    rows, plan = epoch_rows(data, pools, qrels, window, seed=seed, epochs=stage.epochs, batch_size=stage.batch_size,
+                            accumulation=accumulation, max_steps=stage.max_steps, drop_incomplete=in_batch,
+                            what=f"stage {stage.name!r}")
+    if plan is None:
+        raise ProdStError(f"stage {stage.name!r}: no training query has a judged positive and negatives")
+    reads = len(rows.queries) // plan.rows
+    logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name, plan.rows, reads)
+    return rows, reads, len(pools)

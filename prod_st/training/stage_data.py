@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401  (pa.ipc)
 
-from prod_st.data.answer_match import has_answer
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
-from prod_st.util.distributed import all_gather, barrier, is_main, shard
+from prod_st.data.answer_match import has_answer
 from prod_st.data.doc_ids import doc_ids as doc_ids_of
+from prod_st.util.distributed import all_gather, barrier, is_main, shard
 from prod_st.util.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)

@@ -23,12 +23,13 @@ import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from transformers import TrainerCallback
 
-from prod_st.util.distributed import barrier, is_main
-
 from prod_st.retrieval.encoding import training_roles
-from prod_st.util.precision import precision_flags
 from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
+from prod_st.util import cost
+from prod_st.util.distributed import barrier, is_main
+from prod_st.util.paths import writing
+from prod_st.util.precision import precision_flags
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +148,25 @@ def train_student(
         logger.info("resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     return {"steps": result.global_step, "train_loss": result.training_loss}
+
+
+def train_stage(student, dataset, loss, folder: Path, spec, name: str, seconds: dict, *, training, seed: int,
+                no_duplicates: bool, block_size: int | None = None, progress: bool = True, evaluator=None) -> dict:
+    """One stage's (or DPD round's) training with its optimisation settings (`spec`: lr, epochs, max_steps,
+    batch_size, warmup_ratio), checkpoints under `<folder>/checkpoints`: its steps from `plan_steps` (every
+    process's batches), a cost line, then `train_student`. `block_size`: the dataset holds consecutive epochs of
+    that many rows (`prod_st.training.resampling`)."""
+    rows = block_size or len(dataset)
+    plan = plan_steps(rows, spec.batch_size, epochs=spec.epochs, max_steps=spec.max_steps,
+                      accumulation=training.gradient_accumulation_steps, in_batch=no_duplicates,
+                      what=f"stage {name!r}")
+    steps = plan.steps
+    frozen = getattr(loss, "previous_model", None)  # PRODLoss's frozen stage-start student, if online
+    cost.announce(f"{name}: train", steps * plan.global_batch, f"rows read ({steps:,} steps, {plan.describe()})",
+                  cost.training_bytes(student) + (cost.model_bytes(frozen) if frozen is not None else 0))
+    with cost.step(f"{name}: train ({rows} queries, {steps} steps)", seconds, "train"), writing(folder / "checkpoints"):
+        return train_student(
+            student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs, max_steps=steps,
+            batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio, seed=seed, no_duplicates=no_duplicates,
+            block_size=block_size, training=training, progress=progress, evaluator=evaluator,
+        )

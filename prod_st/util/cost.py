@@ -1,13 +1,14 @@
 """What a long step will cost, in the log before it starts: how many items, an estimate of the memory it adds,
 and (for work done batch by batch) an estimate of its time once the first batch is done. Estimates count the
 big arrays a step holds (a faiss index, a batch of labels, a model with its optimizer state), not Python's
-own overhead."""
+own overhead. After the step, `step` logs how long it took."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 logger = logging.getLogger("prod_st.run")
@@ -78,3 +79,13 @@ def timed(what: str, batches: Iterable[T], total: int, batch: int) -> Iterator[T
             logger.info("%s: first %s of %s in %s, est. %s in all", what, f"{batch:,}", f"{total:,}",
                         human_seconds(took), human_seconds(took * total / batch))
         yield item
+
+
+@contextmanager
+def step(what: str, seconds: dict, key: str) -> Iterator[None]:
+    """Log one line per step with its duration, and record the duration under `seconds[key]`. Called as
+    `cost.step(...)` (bench/scale.py wraps it to attribute CPU time and memory to each step)."""
+    start = time.perf_counter()
+    yield
+    seconds[key] = round(time.perf_counter() - start, 1)
+    logger.info("%s: done in %.1fs", what, seconds[key])

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
+from sentence_transformers.util import all_gather, all_gather_with_grad, dot_score, get_rank, similarity_fct_name
 from torch import Tensor, nn
 
-from sentence_transformers.util import all_gather, all_gather_with_grad, dot_score, get_rank, similarity_fct_name
-
-from prod_st.util.citation import PROD_BIBTEX
 from prod_st.retrieval.encoding import similarity_fct as own_similarity
+from prod_st.util.citation import PROD_BIBTEX
 
 from .contrastive import score_scale
 from .prod_distill import prod_distill_loss
@@ -115,6 +115,16 @@ class PRODLoss(nn.Module):
         self.previous_model = previous_model.requires_grad_(False) if previous_model is not None else None
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self._last_components: dict[str, Tensor] = {}
+
+    @classmethod
+    def for_stage(cls, student: nn.Module, candidates: str, spec, *, gather_across_devices: bool = False) -> PRODLoss:
+        """The loss of a stage from its recipe block (`spec`: temperature and the three weights), scoring with the
+        student's own similarity and scale. In-batch mode with a regulariser runs the frozen stage-start student
+        online (a copy of `student` now); list mode gets those scores precomputed in the labels."""
+        previous = copy.deepcopy(student) if spec.reg_weight > 0 and candidates == "in_batch" else None
+        return cls(student, candidate_mode=candidates, temperature=spec.temperature, hard_weight=spec.hard_weight,
+                   kd_weight=spec.kd_weight, reg_weight=spec.reg_weight, previous_model=previous,
+                   gather_across_devices=gather_across_devices)
 
     @property
     def last_components(self) -> dict[str, float]:
