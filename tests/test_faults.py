@@ -311,22 +311,13 @@ def test_disk_full_errors_name_the_path_and_the_space_left(tmp_path):
 def test_an_atomic_write_on_a_full_disk_is_exit_4_and_leaves_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "final.json"
     target.write_text("old")
-    real_fdopen = os.fdopen
+    real_write_text = Path.write_text
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
+    def half_then_full(self, text, *args, **kwargs):  # the temp file gets half the text, then the disk is full
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(Path, "write_text", half_then_full)
     with pytest.raises(DiskFullError, match=f"writing {target}"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["final.json"]

@@ -13,13 +13,13 @@ what to do (prod_st.util.hub maps huggingface_hub's errors). Only rank 0 pushes.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from prod_st.util.errors import ProdStError
 from prod_st.util.hub import HUB, check_repo_id, hub_api, upload_folder
+from prod_st.util.paths import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +112,7 @@ def build_upload_folder(run_dir: Path | str, out_dir: Path | str, *, repo_id: st
     run = _finished_run(run_dir)
     out = Path(out_dir).expanduser()
     _check_out_dir(run, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _fill(run, tmp, repo_id)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_folder_atomic(out, lambda tmp: _fill(run, tmp, repo_id), replace=True)
     logger.info("upload folder for %s written to %s", repo_id, out)
     return out
 

@@ -32,7 +32,7 @@ from prod_st.util import locks
 from prod_st.util.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
-from prod_st.util.paths import cache_dir, cache_path, load_cached_array
+from prod_st.util.paths import atomic_path, cache_dir, cache_path, load_cached_array
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,8 @@ def corpus_embeddings(
                 rows = corpus[start:stop]
                 texts = [document_text(t, x) for t, x in zip(rows["title"], rows["text"])]
                 vectors = encode_texts(model, texts, "document", batch_size).astype(dtype, copy=False)
-                tmp = paths[i].with_name(f".{paths[i].stem}.tmp{os.getpid()}.npy")
-                np.save(tmp, vectors)
-                os.replace(tmp, paths[i])  # atomic: a killed process never leaves half a block
+                with atomic_path(paths[i], ".npy") as tmp:  # a killed process never leaves half a block
+                    np.save(tmp, vectors)
                 encoded_docs[key] += len(texts)
                 bar.update(len(texts))
     else:

@@ -12,7 +12,6 @@ its own few lines around the same faiss search that evaluation uses.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from prod_st.retrieval.corpus_index import TRAIN_SIZE
 from prod_st.retrieval.evaluation import build_index, search_rows
 from prod_st.util.distributed import all_gather, is_main
 from prod_st.util.fingerprint import model_fingerprint, text_key
-from prod_st.util.paths import cache_dir, load_cached_array
+from prod_st.util.paths import atomic_path, cache_dir, load_cached_array
 
 logger = logging.getLogger(__name__)
 Strategy = Literal["sample", "hardest"]
@@ -147,9 +146,8 @@ def retrieve_ranked(
                           progress=progress)
     rows = rows.astype(np.int32)
     if is_main():
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-        np.save(tmp, rows)
-        os.replace(tmp, path)  # atomic: a killed process never leaves a half-written run
+        with atomic_path(path, ".npy") as tmp:  # a killed process never leaves a half-written run
+            np.save(tmp, rows)
     return RankedRun(list(queries), rows, ids)
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from prod_st.util import locks
 from prod_st.util.distributed import all_gather, barrier, is_distributed, is_main
-from prod_st.util.paths import discard_damaged
+from prod_st.util.paths import atomic_path, discard_damaged
 from prod_st.util.progress import enabled
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,8 @@ class _ShardedCache(Generic[V]):
     def _write(self, table: pa.Table) -> str:
         """Write `table` as a new shard (temp file + rename: a killed process leaves no half shard); its name."""
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_counter):06d}.arrow"
-        tmp = self.folder / f".{name}.tmp"
-        with ipc.new_file(str(tmp), table.schema) as writer:
+        with atomic_path(self.folder / name) as tmp, ipc.new_file(str(tmp), table.schema) as writer:
             writer.write_table(table)
-        os.replace(tmp, self.folder / name)
         return name
 
     def put_many(self, keys: Sequence[str], values: Sequence[V]) -> None:
@@ -320,7 +318,7 @@ def release_embedding_cache(folder: Path) -> bool:
 
 
 def _remove_shards(shards: Path) -> None:
-    patterns = (*SHARD_PATTERNS, ".part-*.tmp", locks.IN_USE)
+    patterns = (*SHARD_PATTERNS, ".part-*.tmp*", locks.IN_USE)
     for path in [p for pattern in patterns for p in shards.glob(pattern)]:
         path.unlink(missing_ok=True)
     for empty in (shards, shards.parent):

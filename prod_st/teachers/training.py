@@ -48,7 +48,7 @@ from prod_st.util.distributed import all_gather, barrier, is_main, world_size
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
 from prod_st.util.models import load_model
-from prod_st.util.paths import writing
+from prod_st.util.paths import write_text_atomic, writing
 from prod_st.util.precision import precision_flags, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ def _train_into(kind: str, base, rows, settings: dict, train: Callable, trained:
             shutil.rmtree(final)
         os.replace(workdir / "model", final)
         marker = {"kind": kind, "settings": settings, "rows": len(rows), "seconds": round(time.time() - started, 1)}
-        (final / "DONE.tmp").write_text(json.dumps(marker, indent=1, default=str))
-        os.replace(final / "DONE.tmp", final / "DONE")
+        write_text_atomic(final / "DONE", json.dumps(marker, indent=1, default=str))
         shutil.rmtree(workdir, ignore_errors=True)
         logger.info("%s teacher: trained in %.0f s, saved to %s", kind, time.time() - started, final)
     barrier()

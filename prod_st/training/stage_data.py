@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.data.answer_match import has_answer
 from prod_st.data.doc_ids import doc_ids as doc_ids_of
 from prod_st.util.distributed import all_gather, barrier, is_main, shard
-from prod_st.util.paths import write_folder_atomic
+from prod_st.util.paths import atomic_path, write_folder_atomic
 
 logger = logging.getLogger(__name__)
 DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
@@ -301,20 +299,14 @@ def write_row_ids(path: Path, rows: TrainingRows, doc_ids, metadata: dict) -> No
     schema = pa.schema([("query_id", pa.string()), ("corpus_ids", pa.list_(pa.string(), 1 + rows.count))],
                        metadata={b"prod_st": json.dumps(metadata).encode()})
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)  # renamed into place when whole
-    try:
-        with os.fdopen(fd, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for start in range(0, len(rows), TEXT_ROWS):
-                stop = min(start + TEXT_ROWS, len(rows))
-                refs = np.concatenate([rows.positive_rows[start:stop, None], rows.negative_rows[start:stop]], axis=1)
-                ids = pa.array(doc_ids.take(np.maximum(refs, 0).reshape(-1)), pa.string())
-                ids = pc.if_else(pa.array(refs.reshape(-1) >= 0), ids, pa.scalar(None, pa.string()))
-                writer.write_table(pa.table([pa.array(rows.query_ids[start:stop], pa.string()),
-                                             pa.FixedSizeListArray.from_arrays(ids, 1 + rows.count)], schema=schema))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(rows), TEXT_ROWS):
+            stop = min(start + TEXT_ROWS, len(rows))
+            refs = np.concatenate([rows.positive_rows[start:stop, None], rows.negative_rows[start:stop]], axis=1)
+            ids = pa.array(doc_ids.take(np.maximum(refs, 0).reshape(-1)), pa.string())
+            ids = pc.if_else(pa.array(refs.reshape(-1) >= 0), ids, pa.scalar(None, pa.string()))
+            writer.write_table(pa.table([pa.array(rows.query_ids[start:stop], pa.string()),
+                                         pa.FixedSizeListArray.from_arrays(ids, 1 + rows.count)], schema=schema))
 
 
 def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarray] | None) -> datasets.Dataset:

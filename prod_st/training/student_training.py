@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
 from prod_st.util import cost
 from prod_st.util.distributed import barrier, is_main
-from prod_st.util.paths import writing
+from prod_st.util.paths import write_text_atomic, writing
 from prod_st.util.precision import precision_flags
 
 logger = logging.getLogger(__name__)
@@ -67,9 +66,7 @@ class CompleteCheckpoints(TrainerCallback):
         barrier()  # every rank has written its part (rank 0 the model and optimizer, each rank its RNG state)
         if is_main():
             folder = self.workdir / f"checkpoint-{state.global_step}"
-            tmp = folder / f".{COMPLETE}.tmp"
-            tmp.write_text(f"{state.global_step}\n")
-            os.replace(tmp, folder / COMPLETE)
+            write_text_atomic(folder / COMPLETE, f"{state.global_step}\n")
             prune_checkpoints(self.workdir, keep=folder)
         return control
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
+_temp_names = itertools.count()  # atomic_path's temp names: unique within a process
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 # how libraries that do not raise an OSError word a full disk (safetensors: "No space left on device (os error 28)")
@@ -81,28 +83,35 @@ def check_output_folder(path: Path | str, what: str = "output folder") -> Path:
     return path
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write `text` to a temporary file next to `path` and rename it into place: a failed or killed write never
-    leaves half a file (nor replaces a good one)."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """prod-st's one atomic write: a temporary name next to `path` for the caller to write (`.NAME.tmpPID-N`, see
+    `run_folder.TEMP`; `suffix` ends it, e.g. `.npy`, which np.save would otherwise add), renamed onto `path` when
+    the block ends without an error and removed otherwise: a failed or killed write never leaves half a file (nor
+    replaces a good one). An OSError (a full disk: `DiskFullError`) is one line naming `path`."""
     path = Path(path).expanduser()
-    tmp = None
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{next(_temp_names)}{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)  # .NAME.tmp*: see run_folder.TEMP
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-        tmp = None
     except OSError as e:
         raise cannot_write(path, e) from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
-def write_folder_atomic(path: Path | str, write: Callable[[Path], None]) -> Path:
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_folder_atomic(path: Path | str, write: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Let `write(tmp)` fill a temporary folder next to `path`, then rename it to `path` (absent or an empty
-    folder, see `check_output_folder`): a failed write leaves no half-written folder behind."""
+    folder, see `check_output_folder`; with `replace`, a folder prod-st made, removed only once the new one is
+    complete): a failed write leaves no half-written folder behind."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +120,8 @@ def write_folder_atomic(path: Path | str, write: Callable[[Path], None]) -> Path
         raise ProdStError(f"cannot create {path}: {e.strerror or e}") from None
     try:
         write(tmp)
+        if replace and path.is_dir():
+            shutil.rmtree(path)
         os.replace(tmp, path)  # onto an absent path or an empty folder only: never over someone's files
     except OSError as e:
         raise cannot_write(path, e) from None
