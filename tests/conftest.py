@@ -87,6 +87,22 @@ TOY_QUERIES = {
 TOY_QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d3": 1}, "q4": {"d5": 1}}
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: the rendezvous port of a process group spawned by a test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun_starts(rank: int, world: int, port: int, **env: str) -> None:
+    """Give this process the environment torchrun gives rank `rank` of `world` (for a rank a test spawns with
+    torch.multiprocessing; `distributed.init_if_launched` then joins a gloo group on CPUs)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), **env)
+
+
 @pytest.fixture
 def toy_beir(tmp_path) -> Path:
     """A six-document BEIR folder with four judged test queries."""

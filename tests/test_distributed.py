@@ -4,29 +4,15 @@ and search, and get what one process gets. (The whole schedule under torchrun: b
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
+from conftest import as_torchrun_starts, free_port
 
 from prod_st.recipe import load_recipe
 from prod_st.util import distributed
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_torchrun_starts(rank: int, world: int, port: int, **env: str) -> None:
-    """The environment torchrun gives a rank."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), **env)
 
 
 def _gloo_threads() -> list[str]:
@@ -36,7 +22,7 @@ def _gloo_threads() -> list[str]:
 
 def _ranks(rank: int, world: int, port: int, out: str, model_dir: str, beir: str) -> None:
     """One of `world` processes: the shared steps, each rank's own work written under `out`."""
-    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
+    as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     assert distributed.init_if_launched()
     _steps(rank, out, model_dir, beir)
     distributed.leave_group()
@@ -78,7 +64,8 @@ def _steps(rank: int, out: str, model_dir: str, beir: str) -> None:
 
 def test_single_process_helpers():
     assert distributed.shard(10) == (0, 10) and distributed.all_gather("x") == ["x"]
-    assert load_recipe("quickstart").distributed.timeout_minutes == 180
+    # a recipe that leaves the timeout out gives the group the one init_if_launched defaults to
+    assert load_recipe("quickstart").distributed.timeout_minutes == distributed.DEFAULT_TIMEOUT_MINUTES
 
 
 def test_rank_from_the_launcher_environment_before_any_group(monkeypatch):
@@ -101,7 +88,7 @@ def _launched(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    _as_torchrun_starts(rank, world, port)
+    as_torchrun_starts(rank, world, port)
     before = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
     joined = distributed.init_if_launched(1)
     after = [distributed.rank(), distributed.world_size(), distributed.is_distributed()]
@@ -120,7 +107,7 @@ def test_init_if_launched_joins_the_group_the_launcher_set_up_and_leave_group_en
     """A rank joins the launcher's group, and `leave_group` really frees it: its gloo threads are gone before
     the interpreter shuts down, even though the trainer's imports came after the group (a group torch still
     held let a rank abort on exit in CI: SIGABRT, 'terminate called without an active exception')."""
-    mp.spawn(_launched, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_launched, args=(2, free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
         assert seen == {"before": [rank, 2, False], "after": [rank, 2, True], "joined": True, "gathered": [0, 1],
@@ -137,7 +124,7 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path, tiny_model_dir, t
     monkeypatch.setattr(ci, "encoded_docs", ci.Counter())
     ci._last_index.clear()
     _steps(0, str(one), tiny_model_dir, str(toy_beir))  # one process
-    mp.spawn(_ranks, args=(2, _free_port(), str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
+    mp.spawn(_ranks, args=(2, free_port(), str(two), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -188,7 +175,7 @@ def _cache_rank(rank: int, world: int, port: int, out: str) -> None:
     from prod_st.teachers.cache import EmbeddingCache
     from prod_st.teachers.sharded import fill_missing_shared
 
-    _as_torchrun_starts(rank, world, port)
+    as_torchrun_starts(rank, world, port)
     distributed.init_if_launched()
     items = {f"t{i}": i for i in range(120)}
 
@@ -211,7 +198,7 @@ def test_every_rank_maps_the_shards_rank_0_writes(tmp_path):
     """Issue 18 item 3: a rank other than 0 holds the teacher values it shares as rank 0's memory-mapped
     shards, not as a copy in its own memory; where it cannot see rank 0's file, it keeps them in memory and
     the values are the same."""
-    mp.spawn(_cache_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_cache_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"cache{r}.json").read_text()) for r in (0, 1)]
     expected = [[float(i)] * 16 for i in range(120)]
     for r in ranks:
@@ -229,7 +216,7 @@ def _eval_rank(rank: int, world: int, port: int, out: str, model_dir: str, beir:
 
     import prod_st.retrieval.corpus_index as ci
 
-    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
+    as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     app(["eval", model_dir, beir, "--top-k", "3", "--output", f"{out}/metrics.json"], standalone_mode=False)
     assert not dist.is_initialized()  # the command left the group it joined
     Path(out, f"encoded{rank}.json").write_text(json.dumps(sum(ci.encoded_docs.values())))
@@ -243,7 +230,7 @@ def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp
     from prod_st.retrieval.evaluation import evaluate_model
     from prod_st.util.models import load_model
 
-    mp.spawn(_eval_rank, args=(2, _free_port(), str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
+    mp.spawn(_eval_rank, args=(2, free_port(), str(tmp_path), tiny_model_dir, str(toy_beir)), nprocs=2)
     single = evaluate_model(load_model(tiny_model_dir), load_retrieval_data(toy_beir), top_k=3, progress=False)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["num_queries"] == single.num_queries and written["metrics"] == pytest.approx(single.metrics)
@@ -251,100 +238,88 @@ def test_eval_command_under_torchrun_shares_the_work_and_reports_every_query(tmp
     assert sum(encoded) == single.num_docs and min(encoded) > 0
 
 
+TRAIN_ROWS, TRAIN_BATCH = 10, 2  # 10 queries: no global batch of 2 per device x 2 ranks divides an epoch
+TRAIN_STAGES = [{"epochs": 2.0, "max_steps": None}, {"epochs": 1.0, "max_steps": 5}]  # as a stage sets its length
+TRAIN_DRAWS = 2  # epochs of negatives each stage reads on 2 ranks (checked in the test); its dataset's blocks
+
+
 def _train_rank(rank: int, world: int, port: int, out: str, model_dir: str) -> None:
-    """One rank training the student, as a stage does under torchrun on CPUs."""
+    """One rank of two warm-up-like stages under torchrun on CPUs, each trained the way the runner trains a stage:
+    `train_stage` (steps from `plan_steps` at the launcher's world size, given to `train_student` as max_steps),
+    in the stage's folder that every rank shares, on a dataset of TRAIN_DRAWS blocks (each every query once, with
+    that epoch's negatives) and the gathered contrastive loss. Per stage, what each optimizer step read (its
+    queries and negatives, decoded) is written under `out`."""
+    from types import SimpleNamespace
+
     import datasets
 
-    from prod_st.training.student_training import train_student
+    from prod_st.recipe import Training
+    from prod_st.training.losses import contrastive_loss
+    from prod_st.training.student_training import train_stage
     from prod_st.util.fingerprint import model_fingerprint
     from prod_st.util.models import load_model
 
-    _as_torchrun_starts(rank, world, port)
+    as_torchrun_starts(rank, world, port)
     distributed.init_if_launched()
     model = load_model(model_dir)
-    rows = {"anchor": [f"query {i} about {w}" for i, w in enumerate("abcdefgh")],
-            "positive": [f"document {i} on {w}" for i, w in enumerate("abcdefgh")]}
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    blocks = {"query": [], "positive": [], "negative_1": []}
+    for epoch in range(TRAIN_DRAWS):
+        blocks["query"] += [f"q{i}" for i in range(TRAIN_ROWS)]
+        blocks["positive"] += [f"p{i}" for i in range(TRAIN_ROWS)]
+        blocks["negative_1"] += [f"n{epoch}x{i}" for i in range(TRAIN_ROWS)]
+    stages = []
+    for index, length in enumerate(TRAIN_STAGES):
+        before = model_fingerprint(model)
+        spec = SimpleNamespace(lr=1e-3, batch_size=TRAIN_BATCH, warmup_ratio=0.0, **length)
+        loss, read = contrastive_loss(model, gather_across_devices=True), []
 
-    result = train_student(model, datasets.Dataset.from_dict(rows), MultipleNegativesRankingLoss(model),
-                           workdir=Path(out) / f"work{rank}", lr=1e-3, epochs=1, max_steps=None, batch_size=2,
-                           warmup_ratio=0.0, seed=1, no_duplicates=False, progress=False)
+        def record(module, args, read=read):
+            decode = model.tokenizer.batch_decode
+            read.append([decode(args[0][c]["input_ids"], skip_special_tokens=True) for c in (0, 2)])
+
+        loss.register_forward_pre_hook(record)
+        result = train_stage(model, datasets.Dataset.from_dict(blocks), loss, Path(out) / f"stage{index}", spec,
+                             f"warmup{index}", {}, training=Training(), seed=1, no_duplicates=True,
+                             block_size=TRAIN_ROWS, progress=False)
+        del loss  # the trainer handed it its DDP-wrapped model, which holds the group (a stage drops it as it ends)
+        stages.append({"steps": result["steps"], "read": read, "before": before, "after": model_fingerprint(model)})
     distributed.leave_group()  # the trainer's wrapped model no longer holds the group
-    Path(out, f"trained{rank}.json").write_text(json.dumps({"steps": result["steps"], "fingerprint":
-                                                            model_fingerprint(model), "threads": _gloo_threads()}))
+    Path(out, f"trained{rank}.json").write_text(json.dumps({"stages": stages, "threads": _gloo_threads()}))
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_train_one_data_parallel_student(tmp_path, tiny_model_dir):
-    """Under torchrun on CPUs the trainer runs data-parallel: each rank takes half of every epoch's batches
-    (8 rows, 2 per device batch: 2 steps, not 4) and the ranks end with the same weights. (Without `use_cpu`
-    accelerate saw one process on every rank: each trained its own copy, and the copies differed.)"""
-    mp.spawn(_train_rank, args=(2, _free_port(), str(tmp_path), tiny_model_dir), nprocs=2)
+def test_two_cpu_ranks_train_the_planned_steps_of_one_data_parallel_student(tmp_path, tiny_model_dir):
+    """Under torchrun on CPUs, stages trained as the runner trains them (`train_stage`: steps from `plan_steps` at
+    the launcher's world size, passed to `train_student` as max_steps) are data-parallel: an epoch of 10 queries
+    is ceil(10 / (2 per device x 2 ranks)) = 3 global batches (5 on one process), so 2 epochs are 6 steps (not
+    10), and 5 steps read 2 draws of negatives (not 1). Both ranks take exactly the planned optimizer steps on equal batches, together read
+    every query of an epoch's block once (the short last global batch filled up), epoch e from block e (fresh
+    negatives), and end each stage with the same, trained weights. (Without `use_cpu` accelerate saw one process
+    on every rank: each trained its own copy, and the copies differed.)"""
+    import math
+
+    mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path), tiny_model_dir), nprocs=2)
     trained = [json.loads((tmp_path / f"trained{r}.json").read_text()) for r in (0, 1)]
-    assert [t["steps"] for t in trained] == [2, 2]
-    assert trained[0]["fingerprint"] == trained[1]["fingerprint"]
+    per_epoch = math.ceil(TRAIN_ROWS / (TRAIN_BATCH * 2))  # global batches of one epoch
+    planned = [(2 * per_epoch, 2), (5, math.ceil(5 / per_epoch))]  # (steps, draws) of 2 epochs, of 5 steps
+    assert planned == [(6, TRAIN_DRAWS), (5, TRAIN_DRAWS)]  # one process would plan (10, 2) and (5, 1)
+    queries = {f"q{i}" for i in range(TRAIN_ROWS)}
+    for index, (steps, _) in enumerate(planned):
+        ranks = [t["stages"][index] for t in trained]
+        for r in ranks:
+            assert r["steps"] == steps and len(r["read"]) == steps, index  # one forward per optimizer step
+            assert all(len(q) == len(n) == TRAIN_BATCH for q, n in r["read"]), index
+        for step in range(steps):
+            (q0, n0), (q1, n1) = ranks[0]["read"][step], ranks[1]["read"][step]
+            assert not set(q0) & set(q1), (index, step)  # a global batch holds a query once: disjoint slices
+            assert {n.split("x")[0] for n in n0 + n1} == {f"n{step // per_epoch}"}, (index, step)  # block e
+            assert all(n.split("x")[1] == q[1:] for q, n in zip(q0 + q1, n0 + n1))  # whole rows were dealt
+        for epoch in range(steps // per_epoch):  # every query of the block read in each whole epoch
+            read = {q for r in ranks for batch, _ in r["read"][epoch * per_epoch:(epoch + 1) * per_epoch] for q in batch}
+            assert read == queries, (index, epoch)
+        assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"] == ranks[1]["before"], index
+    assert trained[0]["stages"][1]["before"] == trained[0]["stages"][0]["after"]
     assert [t["threads"] for t in trained] == [[], []]
-
-
-def _gathered_loss_rank(rank: int, world: int, port: int, out: str) -> None:
-    """One rank's loss and embedding gradients on its slice of a fixed global batch, candidates gathered."""
-    import torch
-
-    from prod_st.training.losses import PRODLoss
-
-    _as_torchrun_starts(rank, world, port)
-    distributed.init_if_launched()
-    global_batch, slices = _global_batch(), []
-    per_rank = global_batch[0].size(0) // world
-    for column in global_batch:
-        slices.append(column[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_(True))
-    labels = _teacher_embeddings()[rank * per_rank:(rank + 1) * per_rank]
-    loss = PRODLoss(torch.nn.Identity(), candidate_mode="in_batch", reg_weight=0.0, scale=1.0,
-                    gather_across_devices=True)
-    components = loss.compute_loss_from_embeddings(slices, labels)
-    total = sum(components.values())
-    total.backward()
-    Path(out, f"loss{rank}.json").write_text(json.dumps({
-        "components": {k: float(v.detach()) for k, v in components.items()},
-        "grads": [s.grad.tolist() for s in slices],
-    }))
-    distributed.leave_group()
-
-
-def _global_batch():
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(8, 6, generator=generator) for _ in range(3)]  # query, positive, negative_1
-
-
-def _teacher_embeddings():
-    import torch
-
-    return torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.slow
-def test_one_gathered_step_is_the_one_process_step_over_the_global_batch(tmp_path):
-    """PRODLoss with global in-batch candidates on 2 ranks, each holding half of a global batch of 8 queries: the
-    mean of the ranks' losses is the 1-process loss over all 8, and each rank's gradient (summed over ranks by
-    the gather's backward, then averaged by DDP) is the 1-process gradient: each rank's positives are found at
-    rank x batch_size of the gathered candidates."""
-    import torch
-
-    from prod_st.training.losses import PRODLoss
-
-    mp.spawn(_gathered_loss_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    ranks = [json.loads((tmp_path / f"loss{r}.json").read_text()) for r in (0, 1)]
-    whole = [column.clone().requires_grad_(True) for column in _global_batch()]
-    single = PRODLoss(torch.nn.Identity(), candidate_mode="in_batch", reg_weight=0.0, scale=1.0)
-    components = single.compute_loss_from_embeddings(whole, _teacher_embeddings())
-    sum(components.values()).backward()
-    for name, value in components.items():
-        assert np.mean([r["components"][name] for r in ranks]) == pytest.approx(float(value.detach()), rel=1e-5), name
-    for column, leaf in enumerate(whole):
-        from_ranks = np.concatenate([np.asarray(r["grads"][column]) for r in ranks]) / 2  # DDP's average
-        np.testing.assert_allclose(from_ranks, leaf.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def _recipe_rank(rank: int, world: int, port: int, out: str, recipe: str) -> None:
@@ -353,7 +328,7 @@ def _recipe_rank(rank: int, world: int, port: int, out: str, recipe: str) -> Non
 
     import prod_st.training.student_training as runner
 
-    _as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
+    as_torchrun_starts(rank, world, port, PROD_ST_CACHE=f"{out}/cache")
     trained: dict[str, int] = {}
     train = runner.train_student
 
@@ -406,7 +381,7 @@ def test_two_ranks_run_a_recipe_from_an_empty_cache_as_one_process_would(tmp_pat
     }
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    mp.spawn(_recipe_rank, args=(2, _free_port(), str(tmp_path), str(path)), nprocs=2)
+    mp.spawn(_recipe_rank, args=(2, free_port(), str(tmp_path), str(path)), nprocs=2)
 
     run = tmp_path / "run"
     assert (run / "final.json").is_file()

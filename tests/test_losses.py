@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from conftest import as_torchrun_starts, free_port
 from torch import nn
 
 from prod_st.training.losses import PRODLoss, prod_distill_loss
+from prod_st.util import distributed
 
 INF = math.inf
 
@@ -274,6 +279,8 @@ def test_in_batch_mode_3x3_from_embeddings():
 
 
 def test_in_batch_mode_orders_positives_then_negatives():
+    """(gather_across_devices without a process group is a no-op, as documented: one process's batch is the
+    global one. Under a real group: test_gathered_in_batch_loss_on_two_ranks_is_the_global_batch_loss.)"""
     # B = 2, N = 1: candidate columns are [p_0, p_1, n_0, n_1]; query i's positive is column i.
     queries = t([[1.0, 0.0], [0.0, 1.0]])
     positives, negatives = t([[1.0, 0.0], [0.0, 2.0]]), t([[3.0, 0.0], [1.0, 1.0]])
@@ -287,6 +294,67 @@ def test_in_batch_mode_orders_positives_then_negatives():
     scaled = [[2.0 * x for x in row] for row in student]
     want = expected(scaled, teacher, [0, 1], previous=[[2.0 * x for x in row] for row in previous_scores])
     assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
+
+
+
+# ---- PRODLoss's gathered in-batch candidates on 2 real gloo ranks ----------------------------------------------
+
+GLOBAL_ROWS, WORLD = 6, 2  # a global batch of 6 queries: 3 per rank
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    """A fixed global batch: student embeddings of [query, positive, negative_1, negative_2] (D = 4), the
+    teacher's embeddings of the same texts (D_t = 3), and the frozen stage-start student's embeddings."""
+    g = torch.Generator().manual_seed(0)
+    return {"student": torch.randn(4, GLOBAL_ROWS, 4, generator=g), "teacher": torch.randn(GLOBAL_ROWS, 4, 3, generator=g),
+            "previous": torch.randn(4, GLOBAL_ROWS, 4, generator=g)}
+
+
+def _gathered_loss_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank's PRODLoss (in-batch, gathered) on its contiguous slice of the global batch: its components and
+    the gradients of its sum with respect to its own embeddings."""
+    as_torchrun_starts(rank, world, port)
+    assert distributed.init_if_launched()
+    batch, per_rank = _global_batch(), GLOBAL_ROWS // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    columns = [column[mine].clone().requires_grad_(True) for column in batch["student"]]
+    loss = PRODLoss(nn.Identity(), candidate_mode="in_batch", scale=2.0, gather_across_devices=True)
+    components = loss.compute_loss_from_embeddings(columns, batch["teacher"][mine], list(batch["previous"][:, mine]))
+    sum(components.values()).backward()
+    Path(out, f"loss{rank}.json").write_text(json.dumps({
+        "components": {k: float(v) for k, v in components.items()}, "grads": [c.grad.tolist() for c in columns]}))
+    distributed.leave_group()
+
+
+@pytest.mark.slow
+def test_gathered_in_batch_loss_on_two_ranks_is_the_global_batch_loss(tmp_path):
+    """PRODLoss with gather_across_devices on 2 gloo ranks, each holding 3 of a global batch of 6 queries: every
+    rank scores its queries against all 18 passages of the global batch (positives, then each negative column),
+    its positive at its global row, with the teacher's and the frozen student's scores over the same 18; so each
+    rank's loss is, component by component, the hand-computed loss of its rows of the one-process score matrices
+    over the concatenated batch. Each rank's gradient (the gather's backward sums every rank's share into the
+    passages it owns; DDP then averages over the 2 ranks) is 2 x the one-process gradient of the global loss."""
+    mp.spawn(_gathered_loss_rank, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD)
+    ranks = [json.loads((tmp_path / f"loss{r}.json").read_text()) for r in range(WORLD)]
+
+    batch = _global_batch()
+    leaves = [column.clone().requires_grad_(True) for column in batch["student"]]
+    passages = torch.cat(leaves[1:])  # (18, D): every positive, then every negative_1, then every negative_2
+    student = 2.0 * leaves[0] @ passages.T
+    teacher = batch["teacher"][:, 0] @ batch["teacher"][:, 1:].transpose(0, 1).reshape(-1, 3).T
+    previous = 2.0 * batch["previous"][0] @ torch.cat(list(batch["previous"][1:])).T
+    rows = list(range(GLOBAL_ROWS))
+    per_rank = GLOBAL_ROWS // WORLD
+    for rank, got in enumerate(ranks):
+        mine = rows[rank * per_rank:(rank + 1) * per_rank]
+        want = expected(student[mine].tolist(), teacher[mine].tolist(), mine, previous=previous[mine].tolist())
+        assert got["components"] == pytest.approx(want, rel=1e-5, abs=1e-7), rank
+        assert want["reg"] > 0 and want["hard"] > 0
+    whole = prod_distill_loss(student, teacher, previous, positive_index=torch.arange(GLOBAL_ROWS))
+    sum(whole.values()).backward()
+    for column, leaf in enumerate(leaves):
+        from_ranks = torch.cat([torch.tensor(r["grads"][column]) for r in ranks]) / WORLD  # DDP's average
+        torch.testing.assert_close(from_ranks, leaf.grad, rtol=1e-4, atol=1e-6, msg=f"column {column}")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
-"""Memory that does not grow with the data: stage labels written to Arrow batch by batch (identical to the
-Python-list labels they replace), teacher caches read memory-mapped, the stage-start student's cache pruned
-when its stage ends, and the cost lines logged before long steps."""
+"""Memory that does not grow with the data: stage labels written to Arrow batch by batch (the teacher's and the
+stage-start student's scores, checked against a plain encode-and-dot reference), teacher caches read
+memory-mapped, the stage-start student's cache pruned when its stage ends, and the cost lines logged before
+long steps."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import datasets
 import numpy as np
@@ -15,20 +17,26 @@ import torch
 
 import prod_st.teachers.labels as labels_module
 from prod_st.runner import Runner
-from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache, scores_to_labels
+from prod_st.teachers import BiEncoderTeacher, EmbeddingCache, ScoreCache
 from prod_st.training.losses import score_scale
 from prod_st.training.stage_data import FILLER, TrainingRows, labelled_dataset
 from prod_st.util import cost
+
+QUERIES = ["the bank of the river", "a cat on a mat", "play the violin", "deposit money", "a dog barks"]
+POSITIVES = ["sloping land by water", "a small feline", "a bowed instrument", "a financial institution", "a canine"]
+NEGATIVES = [["a piano", "a bank loan"], ["a dog", "a lion"], ["a cello", "a drum"], ["a river", "a stream"],
+             ["a wolf", "a cat"]]
+
+
+def negatives(filler: bool) -> list[list[str]]:
+    """NEGATIVES, with row 3's second one a FILLER (a query short of negatives) if `filler`."""
+    return [[FILLER if filler and (i, j) == (3, 1) else n for j, n in enumerate(row)] for i, row in enumerate(NEGATIVES)]
 
 
 def small_rows(filler: bool = True) -> TrainingRows:
     """Five rows, two negatives each; row 3 has one filler (list mode masks it with -inf) unless not `filler`
     (in-batch rows have none)."""
-    queries = ["the bank of the river", "a cat on a mat", "play the violin", "deposit money", "a dog barks"]
-    positives = ["sloping land by water", "a small feline", "a bowed instrument", "a financial institution", "a canine"]
-    negatives = [["a piano", "a bank loan"], ["a dog", "a lion"], ["a cello", "a drum"],
-                 ["a river", FILLER if filler else "a stream"], ["a wolf", "a cat"]]
-    return TrainingRows.from_texts([f"q{i}" for i in range(5)], queries, positives, negatives)
+    return TrainingRows.from_texts([f"q{i}" for i in range(5)], QUERIES, POSITIVES, negatives(filler))
 
 
 class Pool:
@@ -59,22 +67,34 @@ def bare_runner(teacher: BiEncoderTeacher) -> Runner:
     return runner
 
 
-def python_list_labels(teacher, scale, rows, candidates, student, reg_weight) -> list:
-    """Runner.labels before this change, verbatim: one Python list of every label value."""
+COSINE_X = 20.0  # a cosine model's similarities times 20 are its logits (both models here are cosine models)
+
+
+def plain_labels(teacher_model, student, candidates: str, reg_weight: float, filler: bool) -> torch.Tensor:
+    """The labels by hand, from the models alone: encode every text, normalise, dot. In-batch: per row the
+    teacher's [20 x query, positive, negatives] unit vectors; list: per row 20 x the teacher's cosine of the query
+    with each candidate, -inf for a filler, and with `reg_weight` the stage-start student's the same way."""
+
+    def unit(model, texts: list[str], role: str) -> torch.Tensor:
+        encode = model.encode_query if role == "query" else model.encode_document
+        vectors = encode(texts, convert_to_tensor=True).float()
+        return vectors / vectors.norm(dim=-1, keepdim=True)
+
+    lists = [[p, *n] for p, n in zip(POSITIVES, negatives(filler))]
     if candidates == "in_batch":
-        embeddings = teacher.embeddings_for_rows(rows.queries, rows.candidates())
-        embeddings[:, 0] *= scale
-        return embeddings.tolist()
-    score_sets = [(teacher, scale)]
-    if reg_weight > 0:
-        frozen = BiEncoderTeacher(student, name="stage-start student")
-        score_sets.append((frozen, score_scale(student)))
-    real, width = rows.real_candidates(), 1 + rows.count
-    labels = [
-        scores_to_labels([[factor * x for x in row] for row in model.score(rows.queries, real)], width)
-        for model, factor in score_sets
-    ]
-    return (labels[0] if len(labels) == 1 else torch.stack(labels, dim=1)).tolist()
+        columns = [COSINE_X * unit(teacher_model, QUERIES, "query")]
+        columns += [unit(teacher_model, [row[j] for row in lists], "document") for j in range(len(lists[0]))]
+        return torch.stack(columns, dim=1)
+    sets = []
+    for model in [teacher_model] + ([student] if reg_weight > 0 else []):
+        q = unit(model, QUERIES, "query")
+        scores = torch.full((len(QUERIES), len(lists[0])), -math.inf)
+        for i, row in enumerate(lists):
+            for j, text in enumerate(row):
+                if text != FILLER:
+                    scores[i, j] = COSINE_X * float(q[i] @ unit(model, [text], "document")[0])
+        sets.append(scores)
+    return sets[0] if len(sets) == 1 else torch.stack(sets, dim=1)
 
 
 @pytest.fixture
@@ -89,26 +109,31 @@ def models(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("candidates, reg_weight, shape", [("in_batch", 0.0, (5, 4, 32)), ("list", 1.0, (5, 2, 3))])
-def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
-    models, tmp_path, monkeypatch, candidates, reg_weight, shape
+def test_labels_are_arrow_float32_and_the_models_own_scores(
+    models, tmp_path, monkeypatch, tiny_model_dir, candidates, reg_weight, shape
 ):
-    teacher, student = models
-    rows = small_rows(filler=candidates == "list")  # in-batch rows have no fillers
-    before = python_list_labels(teacher, score_scale(teacher.model), rows, candidates, student, reg_weight)
+    from sentence_transformers import SentenceTransformer
 
+    teacher, student = models
+    filler = candidates == "list"  # in-batch rows have no fillers
+    rows = small_rows(filler=filler)
     monkeypatch.setattr(labels_module, "LABEL_ROWS", 2)  # three batches: labels cross batch boundaries
     runner = bare_runner(teacher)
-    labels = runner.labels("bi", rows, candidates, student, Spec(reg_weight))
+    batches = list(runner.labels("bi", rows, candidates, student, Spec(reg_weight)))
+    assert [len(b) for b in batches] == [2, 2, 1]
     (tmp_path / "stage").mkdir()
-    dataset = labelled_dataset(tmp_path / "stage" / "train_data", rows, labels)
+    dataset = labelled_dataset(tmp_path / "stage" / "train_data", rows, iter(batches))
 
-    # what the data collator hands PRODLoss (torch.tensor of the rows' labels) is the same, bit for bit
-    old = torch.tensor(datasets.Dataset.from_dict({"label": before})["label"])
-    new = torch.tensor(dataset["label"])
-    assert new.shape == old.shape == shape and new.dtype == old.dtype == torch.float32
-    assert torch.equal(new, old)
+    # what the data collator hands PRODLoss (torch.tensor of the rows' labels) is what the teacher computed, bit
+    # for bit, and those are the models' own scores: the reference encodes with the models, nothing of prod-st
+    stored = torch.tensor(dataset["label"])
+    assert stored.shape == shape and stored.dtype == torch.float32
+    assert torch.equal(stored, torch.from_numpy(np.concatenate(batches)))
+    want = plain_labels(SentenceTransformer(tiny_model_dir), student, candidates, reg_weight, filler)
+    torch.testing.assert_close(stored, want, rtol=1e-4, atol=1e-4)
     if candidates == "list":
-        assert torch.isinf(new[3, :, 2]).all() and (new[3, :, 2] < 0).all()  # the filler column
+        assert torch.isinf(stored[3, :, 2]).all() and (stored[3, :, 2] < 0).all()  # the filler column
+        assert not torch.isclose(stored[:, 0], stored[:, 1]).all()  # the teacher's row is not the student's
 
     # stored as Arrow float32 fixed-size lists, memory-mapped from the stage folder; no Python objects
     column_type = dataset.data.schema.field("label").type
@@ -116,7 +141,7 @@ def test_labels_are_arrow_float32_and_identical_to_the_python_lists(
     assert column_type.value_type.value_type == pa.float32()
     assert dataset.cache_files and all("train_data" in f["filename"] for f in dataset.cache_files)
     assert dataset.column_names == ["query", "positive", "negative_1", "negative_2", "label"]
-    assert dataset["query"] == rows.queries and dataset["negative_2"] == [n[1] for n in rows.texts()[2]]
+    assert dataset["query"] == QUERIES and dataset["negative_2"] == [n[1] for n in negatives(filler)]
     assert [p.name for p in (tmp_path / "stage").iterdir()] == ["train_data"]  # no temp file left
 
 
@@ -166,7 +191,8 @@ def test_warmup_rows_are_written_a_batch_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(stage_data, "TEXT_ROWS", 2)
     dataset = labelled_dataset(tmp_path / "train_data", rows, None)
     assert len(fetched) == 3 and max(fetched) <= 2 * (1 + rows.count)  # rows 0-1, 2-3, 4
-    assert dataset.to_dict() == rows.to_dataset().to_dict()
+    assert dataset.to_dict() == {"query": QUERIES, "positive": POSITIVES, "negative_1": [n[0] for n in NEGATIVES],
+                                 "negative_2": [n[1] if i != 3 else FILLER for i, n in enumerate(NEGATIVES)]}
     assert dataset.column_names == ["query", "positive", "negative_1", "negative_2"]
     assert dataset.cache_files and all("train_data" in f["filename"] for f in dataset.cache_files)
 

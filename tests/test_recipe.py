@@ -49,28 +49,11 @@ def error_of(tmp_path: Path, data) -> str:
 
 
 # ------------------------------------------------------------------------------------------ embedded recipes
-@pytest.mark.parametrize(("name", "chain"), [("quickstart", ["bi", "ce", "ens"]), ("wordnet-full", ["bi", "ce"])])
-def test_embedded_recipes_load(name, chain):
+@pytest.mark.parametrize("name", ["quickstart", "wordnet-full"])
+def test_embedded_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
-    assert [s.kind for s in recipe.stages] == ["warmup"] + ["distill"] * len(chain)
-    assert [s.teacher for s in recipe.stages] == [None, *chain]
-    assert recipe.dpd is not None and recipe.dpd.teacher == chain[-1]  # the strongest teacher picks near misses
-    assert recipe.teachers["ce"].train.negatives_from == "bi"
     assert name in embedded_recipes()
-
-
-def test_quickstart_is_small():
-    recipe = load_recipe("quickstart")
-    assert recipe.data.dataset == "wordnet-gloss"
-    assert recipe.student.num_layers == 3
-    assert recipe.data.train_queries and recipe.data.corpus_size
-    assert all(stage.max_steps for stage in recipe.stages)
-
-
-def test_wordnet_full_has_no_subsets():
-    data = load_recipe("wordnet-full").data
-    assert (data.train_queries, data.dev_queries, data.test_queries, data.corpus_size) == (None,) * 4
 
 
 def test_embedded_file_path_loads_too():
@@ -401,43 +384,14 @@ def test_every_shipped_recipe_validates(path):
 RECIPES = Path(__file__).parents[1] / "recipes"  # this checkout's (an embedded name may resolve elsewhere)
 
 
-def test_benchmark_recipes_follow_prod():
-    """The paper's schedule: first 6 of 12 layers, CLS + dot, growing teachers, T = 4, 0.1 / 0.9 / 1.0."""
-    for name in ("msmarco-passage", "msmarco-doc", "nq"):
-        recipe = load_recipe(RECIPES / f"{name}.yaml")
-        assert (recipe.student.num_layers, recipe.student.pooling, recipe.student.similarity) == (6, "cls", "dot")
-        assert [s.teacher for s in recipe.stages] == [None, "de", "ce12", "ce24"]
-        assert [recipe.teachers[t].kind for t in ("de", "ce12", "ce24")] == ["bi-encoder", "cross-encoder", "cross-encoder"]
-        ce = recipe.stages[2]
-        assert (ce.loss.temperature, ce.loss.hard_weight, ce.loss.kd_weight, ce.loss.reg_weight) == (4.0, 0.1, 0.9, 1.0)
-        assert ce.negatives.count == 15 and recipe.dpd.lr == 1e-5 and recipe.dpd.teacher == "ce24"
-        # PROD mines the warm-up's and stages 1-2's negatives with the DE teacher, stage 3's with the stage-2 student
-        assert [s.negatives.miner for s in recipe.stages] == ["de", "de", "de", "student"]
-        assert (recipe.student.max_query_length, recipe.stages[1].loss.reg_weight) == (32, 0.0)
-    assert load_recipe(RECIPES / "nq.yaml").dpd.rule.variant == "nq"
-
-
-def test_msmarco_teacher_chain_grows_by_published_figures():
-    """MS MARCO dev MRR@10 on the model cards: msmarco-bert-base-dot-v5 38.08 < ms-marco-MiniLM-L-12-v2 39.02
-    (ms-marco-electra-base, 36.41, is weaker than the DE teacher); each recipe quotes the figures it relies on."""
-    for name in ("msmarco-passage", "msmarco-doc", "nq"):
-        recipe, text = load_recipe(RECIPES / f"{name}.yaml"), (RECIPES / f"{name}.yaml").read_text()
-        assert recipe.teachers["ce12"].model == "cross-encoder/ms-marco-MiniLM-L-12-v2"
-        assert "39.02" in text and "36.41" in text
-        if name != "nq":
-            assert recipe.teachers["de"].model == "sentence-transformers/msmarco-bert-base-dot-v5" and "38.08" in text
-
-
 @pytest.mark.parametrize("kind", ["passage", "doc"])
 def test_trec_dl19_recipes_evaluate_the_msmarco_student(kind):
     """DL19 is a test set: its recipes evaluate the student that the MS MARCO recipe trained, nothing more."""
     recipe, msmarco = load_recipe(RECIPES / f"trec-dl19-{kind}.yaml"), load_recipe(RECIPES / f"msmarco-{kind}.yaml")
     assert not recipe.trains and recipe.teachers == {} and recipe.dpd is None
-    assert recipe.student.init == f"runs/msmarco-{kind}/student" == str(msmarco.run_dir() / "student")
-    assert (recipe.data.train_split, recipe.data.dev_split, recipe.data.test_split) == (None, None, "test")
-    assert recipe.data.dataset == msmarco.data.dataset and recipe.data.test_relevance_level == 2
-    assert recipe.student.num_layers is None and recipe.student.max_doc_length == msmarco.student.max_doc_length
-    assert f"Run recipes/msmarco-{kind}.yaml FIRST" in (RECIPES / f"trec-dl19-{kind}.yaml").read_text()
+    assert recipe.student.init == str(msmarco.run_dir() / "student")
+    assert recipe.data.dataset == msmarco.data.dataset
+    assert recipe.student.max_doc_length == msmarco.student.max_doc_length
 
 
 # ------------------------------------------------------------------------------------------ embedded listing

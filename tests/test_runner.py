@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from prod_st_cli.main import main
@@ -393,7 +394,11 @@ def test_validate_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 0
-    assert "quickstart: valid (warmup -> bi -> ce -> ens -> dpd x1)" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    for name in ("quickstart", "wordnet-full"):  # one line per recipe: its steps in order, from the recipe itself
+        recipe = load_recipe(name)
+        steps = [stage.name for stage in recipe.stages] + [f"dpd x{recipe.dpd.rounds}"]
+        assert f"{name}: valid ({' -> '.join(steps)})" in out
 
 
 def test_fillers_are_never_scored_and_become_minus_inf():
@@ -504,14 +509,134 @@ def test_run_log_stage_lines_and_overrides_recorded(monkeypatch, capsys, tmp_pat
     assert progress.ENABLED is False
 
 
+def unit_vectors(model, texts: list[str], role: str):
+    """`model`'s embeddings of `texts` as queries or documents, divided by their norms (a cosine model's)."""
+    encode = model.encode_query if role == "query" else model.encode_document
+    vectors = encode(texts, convert_to_tensor=True, batch_size=256).float()
+    return vectors / vectors.norm(dim=-1, keepdim=True)
+
+
+class EnsembleByHand:
+    """The recipe's ens teacher, 0.5 x bi + 0.5 x ce in logits, computed from the trained members' saved models
+    with sentence-transformers alone: the bi-encoder's cosine x 20 and the cross-encoder's raw output."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import torch
+        from sentence_transformers import CrossEncoder, SentenceTransformer
+
+        self.bi = SentenceTransformer(str(run_dir / "teachers" / "bi" / "model"))
+        assert self.bi.similarity_fn_name in (None, "cosine")  # its logits: cosine x 20
+        self.ce = CrossEncoder(str(run_dir / "teachers" / "ce" / "model"), max_length=48,
+                               activation_fn=torch.nn.Identity())
+
+    def members(self, rows: list[tuple[str, list[str]]]) -> list[tuple]:
+        """Per (query, candidates) row: (bi logits, ce logits) of the query against each candidate."""
+        import torch
+
+        queries = list(dict.fromkeys(q for q, _ in rows))
+        docs = list(dict.fromkeys(c for _, cands in rows for c in cands))
+        q_at, d_at = {q: i for i, q in enumerate(queries)}, {d: i for i, d in enumerate(docs)}
+        cosines = unit_vectors(self.bi, queries, "query") @ unit_vectors(self.bi, docs, "document").T
+        pairs = [(q, c) for q, cands in rows for c in cands]
+        logits = self.ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True, batch_size=256,
+                                 show_progress_bar=False)
+        out, start = [], 0
+        for q, cands in rows:
+            bi = 20.0 * cosines[q_at[q], [d_at[c] for c in cands]].numpy()
+            out.append((bi, logits[start:start + len(cands)]))
+            start += len(cands)
+        return out
+
+    def __call__(self, rows: list[tuple[str, list[str]]]) -> list:
+        """Per (query, candidates) row: the ensemble's logits of the query against each candidate."""
+        return [0.5 * bi + 0.5 * ce for bi, ce in self.members(rows)]
+
+
+def check_ensemble_labels(folder: Path, ens: EnsembleByHand) -> int:
+    """Every row of a list stage taught by ens: its teacher labels (label[:, 0], -inf at fillers) are the weighted
+    sum of the members' scores of the row's query and candidates, and neither member's alone. Returns the rows."""
+    import datasets
+
+    rows = datasets.load_from_disk(str(folder / "train_data")).to_dict()
+    negatives = sorted(c for c in rows if c.startswith("negative_"))
+    labels = [np.asarray(label[0], dtype=np.float32) for label in rows["label"]]
+    texts = [[rows["positive"][i], *(rows[c][i] for c in negatives)] for i in range(len(labels))]
+    for i, (label, row) in enumerate(zip(labels, texts)):
+        assert np.isfinite(label[0]) and list(np.isfinite(label)) == [t != "" for t in row], (folder.name, i)  # fillers
+    members = ens.members([(q, [t for t in row if t]) for q, row in zip(rows["query"], texts)])
+    for i, (label, (bi, ce)) in enumerate(zip(labels, members)):
+        real = label[np.isfinite(label)]
+        np.testing.assert_allclose(real, 0.5 * bi + 0.5 * ce, rtol=1e-3, atol=1e-3, err_msg=f"{folder.name} row {i}")
+        assert not np.allclose(real, bi, atol=1e-2) and not np.allclose(real, ce, atol=1e-2), (folder.name, i)
+    return len(labels)
+
+
+def dpd_selection_by_hand(runner: Runner, student_folder: Path, ens: EnsembleByHand) -> dict:
+    """selection.json as DPD's rule makes it, recomputed from the models: the stage-start student's top
+    `rerank_depth` of every training query over the corpus (exact cosine search, float16 corpus vectors as the
+    recipe stores them), the ensemble's reranking of that list (stable: ties keep the student's order), and the
+    msmarco rule on the 1-based ranks of the first relevant document."""
+    import torch
+
+    from prod_st.data import document_text
+
+    spec, data = runner.recipe.dpd, runner.data
+    rule = spec.rule
+    assert rule.variant == "msmarco" and spec.negatives == "sample"  # a kept query keeps its whole near-miss pool
+    corpus = data.corpus
+    doc_ids = list(corpus["_id"])
+    texts = [document_text(t, x) for t, x in zip(corpus["title"], corpus["text"])]
+    queries = data.train.split_queries()
+    student = runner.load_student(student_folder)
+    assert student.similarity_fn_name in (None, "cosine")
+    scores = unit_vectors(student, list(queries.values()), "query") @ unit_vectors(student, texts, "document").half().float().T
+    top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :spec.rerank_depth].tolist()
+    reasons, asked = {}, {}
+    for qid, ranked in zip(queries, top):
+        ranked = [doc_ids[r] for r in ranked]
+        relevant = {d for d, grade in data.train.qrels.get(qid, {}).items() if grade > 0}
+        student_rank = next((i for i, d in enumerate(ranked, 1) if d in relevant), None)
+        if not relevant:
+            reasons[qid] = "no_qrels"
+        elif student_rank is None:
+            reasons[qid] = "student_missed"
+        elif student_rank < rule.student_min:
+            reasons[qid] = "student_top1"
+        elif student_rank > rule.student_max:
+            reasons[qid] = "student_too_far"
+        else:  # the teacher decides
+            asked[qid] = (ranked, relevant)
+    ens_scores = ens([(queries[q], [texts[doc_ids.index(d)] for d in ranked]) for q, (ranked, _) in asked.items()])
+    kept = {}
+    for (qid, (ranked, relevant)), scores in zip(asked.items(), ens_scores):
+        reranked = [d for _, d in sorted(zip((-scores).tolist(), ranked), key=lambda pair: pair[0])]  # stable
+        teacher_rank = next(i for i, d in enumerate(reranked, 1) if d in relevant)
+        reasons[qid] = "teacher_wrong" if teacher_rank > rule.teacher_max else "kept"
+        if reasons[qid] == "kept":
+            kept[qid] = [d for d in ranked if d not in relevant]
+    counts = dict.fromkeys(["kept", "student_top1", "student_too_far", "student_missed", "teacher_wrong", "no_qrels"], 0)
+    counts.update(Counter(reasons.values()))
+    return {"counts": counts, "kept": kept}
+
+
 def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_dir, monkeypatch):
     """The chain's third step as an ensemble of the trained teachers: its stage (list candidates, with the
     regularisation whose stage-start cache is pruned after it) and DPD's rerank run, and the run tests it.
-    The recipe asks for float16 corpus embeddings: every corpus encoding of the run is float16."""
+    The ensemble's labels are the weighted sum of its members' scores; DPD keeps exactly the training queries
+    its rule keeps (recomputed here from the models), trains on them and changes the student. The recipe asks
+    for float16 corpus embeddings: every corpus encoding of the run is float16."""
+    import datasets
+    import pyarrow as pa
+    from sentence_transformers import SentenceTransformer
+
+    from prod_st.util.fingerprint import model_fingerprint
+
     recipe = tiny_recipe(tiny_model_dir)
     recipe["teachers"]["ens"] = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
     recipe["stages"].append(recipe["stages"][2] | {"name": "ens", "teacher": "ens"})
-    recipe["dpd"]["teacher"] = "ens"
+    # a rule wide enough that this tiny student has near misses (at the defaults it keeps none here), yet one
+    # where the teacher still decides
+    recipe["dpd"] |= {"teacher": "ens", "rerank_depth": 100, "rule": {"student_max": 100, "teacher_max": 20}}
     recipe["eval"]["corpus_dtype"] = "float16"
     dtypes = Counter()
     embeddings = corpus_index.corpus_embeddings
@@ -523,11 +648,45 @@ def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_d
 
     monkeypatch.setattr(corpus_index, "corpus_embeddings", spy)
     corpus_index._last_index.clear()
-    final = Runner(load_recipe(write(tmp_path / "ens.yaml", recipe)), tmp_path / "run").run()
+    run_dir = tmp_path / "run"
+    runner = Runner(load_recipe(write(tmp_path / "ens.yaml", recipe)), run_dir)
+    final = runner.run()
     # dev evaluations, mining (the teachers' and the stages'), the bi teacher's evaluation, DPD, the test
     assert set(dtypes) == {"float16"} and dtypes["float16"] >= 8, dtypes
-    assert (tmp_path / "run" / "04-ens" / "DONE").exists() and (tmp_path / "run" / "05-dpd-1" / "DONE").exists()
+    assert (run_dir / "04-ens" / "DONE").exists() and (run_dir / "05-dpd-1" / "DONE").exists()
     assert set(final["test"]["teachers"]) == {"bi", "ce", "ens"}
     assert final["test"]["teachers"]["ens"]["as"].startswith("reranker")
-    metrics = json.loads((tmp_path / "run" / "04-ens" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "04-ens" / "metrics.json").read_text())
     assert metrics["teacher"] == "ens" and metrics["train"]["steps"] == 3
+
+    # the ensemble's labels: 0.5 x bi + 0.5 x ce for every row it labelled, in its stage and in DPD
+    ens = EnsembleByHand(run_dir)
+    draws = json.loads((run_dir / "04-ens" / "negatives.json").read_text())["epochs"]
+    assert check_ensemble_labels(run_dir / "04-ens", ens) == len(runner.data.train.qrels) * draws
+
+    # DPD kept exactly the queries its rule keeps, with their near-miss pools, and the teacher decided some
+    selection = json.loads((run_dir / "05-dpd-1" / "selection.json").read_text())
+    assert selection == dpd_selection_by_hand(runner, run_dir / "04-ens", ens)
+    counts = selection["counts"]
+    assert counts["kept"] > 0 and counts["teacher_wrong"] > 0 and sum(counts.values()) == len(runner.data.train.qrels)
+    dpd = json.loads((run_dir / "05-dpd-1" / "metrics.json").read_text())
+    assert dpd["selection"] == counts and not any("no training query" in w for w in dpd["warnings"])
+
+    # ... and trained on them: every epoch's block holds each kept query once, its positive judged relevant,
+    # its negatives drawn from its pool; the planned steps ran and the student changed
+    ids = pa.ipc.open_file(run_dir / "05-dpd-1" / "row_ids.arrow").read_all().to_pylist()
+    epochs = json.loads((run_dir / "05-dpd-1" / "negatives.json").read_text())["epochs"]
+    assert epochs >= 1 and len(ids) == epochs * counts["kept"]
+    for block in range(epochs):
+        assert sorted(r["query_id"] for r in ids[block * counts["kept"]:(block + 1) * counts["kept"]]) == sorted(selection["kept"])
+    for row in ids:
+        positive, *negatives = row["corpus_ids"]
+        assert runner.data.train.qrels[row["query_id"]].get(positive, 0) > 0
+        assert negatives and set(negatives) <= set(selection["kept"][row["query_id"]])
+    queries = runner.data.train.split_queries()
+    trained_on = datasets.load_from_disk(str(run_dir / "05-dpd-1" / "train_data"))
+    assert trained_on["query"] == [queries[r["query_id"]] for r in ids]  # train_data, row for row
+    assert check_ensemble_labels(run_dir / "05-dpd-1", ens) == len(ids)
+    assert dpd["train"]["steps"] == recipe["dpd"]["max_steps"] > 0
+    before, after = (model_fingerprint(SentenceTransformer(str(run_dir / name / "student"))) for name in ("04-ens", "05-dpd-1"))
+    assert before != after
