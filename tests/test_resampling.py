@@ -137,3 +137,18 @@ def test_a_block_smaller_than_one_global_batch_repeats_its_rows_to_fill_it():
     batches = list(sampler)
     assert len(batches) == len(sampler) == 2 and [len(b) for b in batches] == [4, 4]
     assert set(batches[0] + batches[1]) == set(range(5))
+
+
+def test_duplicate_checks_read_precomputed_hashes_and_leave_no_file_in_the_stage_folder(tmp_path):
+    """In-batch stages use sentence-transformers' hashed duplicate check (one int64 per text, built before the
+    first batch), and its hashing writes nothing into the memory-mapped train_data folder."""
+    datasets.Dataset.from_dict({"query": [f"q{i}" for i in range(8)], "positive": ["p0", "p1"] * 4,
+                                "label": [[0.5]] * 8}).save_to_disk(str(tmp_path / "rows"))
+    before = sorted(p.name for p in (tmp_path / "rows").iterdir())
+    data = datasets.load_from_disk(str(tmp_path / "rows"))
+    sampler = EpochBlockBatchSampler(data, batch_size=2, drop_last=False, valid_label_columns=["label"], seed=0,
+                                     block_size=4, no_duplicates=True)
+    assert all(inner._row_hashes is not None and inner._row_hashes.shape == (4, 2) for inner in sampler._inner)
+    for batch in sampler:
+        assert len({data[i]["positive"] for i in batch}) == len(batch)  # p0 and p1 never share a batch
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == before

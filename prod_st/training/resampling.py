@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import datasets
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
 from torch.utils.data import RandomSampler
@@ -107,7 +108,7 @@ class EpochBlockBatchSampler(DefaultBatchSampler):
         kwargs = dict(batch_size=self.batch_size * self.world, drop_last=self.drop_last and self.world == 1,
                       valid_label_columns=self.valid_label_columns, generator=torch.Generator(), seed=self.seed + block)
         if self.no_duplicates:
-            return NoDuplicatesBatchSampler(subset, **kwargs)
+            return _hashed(NoDuplicatesBatchSampler(subset, precompute_hashes=True, precompute_num_proc=1, **kwargs))
         return DefaultBatchSampler(RandomSampler(subset, generator=kwargs["generator"]), **kwargs)
 
     def __iter__(self):
@@ -180,3 +181,22 @@ def stage_rows(miner, student, data: RunData, stage, seconds: dict, *, seed: int
     reads = len(rows.queries) // plan.rows
     logger.info("%s: %d queries, negatives drawn afresh for each of %d epochs", stage.name, plan.rows, reads)
     return rows, reads, len(pools)
+
+
+def _hashed(sampler: NoDuplicatesBatchSampler) -> NoDuplicatesBatchSampler:
+    """`sampler` with its texts' hashes built now (sentence-transformers' `precompute_hashes`: one int64 per text,
+    so a duplicate check reads no row back from the dataset), with datasets' caching off while it hashes: its
+    `map` would otherwise leave a cache file in the stage's train_data folder, which is not prod-st's to litter.
+    One process (`precompute_num_proc=1`): under torchrun a rank that forks hashing workers after CUDA and NCCL
+    are up risks a hang, and hashing is seconds next to a stage."""
+    build = getattr(sampler, "_build_hashes", None)
+    if build is None:  # another sentence-transformers: it hashes on its first pass instead
+        return sampler
+    caching = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        build()
+    finally:
+        if caching:
+            datasets.enable_caching()
+    return sampler
