@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from conftest import as_torchrun_starts, free_port
 
 from prod_st.recipe import load_recipe
+from prod_st.training.stage_data import read_rows
 from prod_st.util import distributed
 
 
@@ -350,7 +351,6 @@ def test_two_ranks_run_a_recipe_from_an_empty_cache_as_one_process_would(tmp_pat
     waits for the other rank until the group times out). Each stage trains, on every rank, the steps and reads
     the draws of negatives that one process with a batch twice as large computes, the epoch-sized stage
     included (one epoch, not two)."""
-    import datasets
     import yaml
 
     from prod_st.training.steps import plan_steps
@@ -391,7 +391,7 @@ def test_two_ranks_run_a_recipe_from_an_empty_cache_as_one_process_would(tmp_pat
     for index, stage in enumerate(recipe["stages"], 1):
         folder = run / f"{index:02d}-{stage['name']}"
         draws = json.loads((folder / "negatives.json").read_text())["epochs"]
-        rows = len(datasets.load_from_disk(str(folder / "train_data"))) // draws
+        rows = len(read_rows(folder / "train_data")) // draws
         one = plan_steps(rows, stage["batch_size"] * 2, world_size=1, epochs=stage.get("epochs", 1.0),
                          max_steps=stage.get("max_steps"))
         assert (steps[0][folder.name], draws) == (one.steps, one.draws), folder.name

@@ -19,7 +19,7 @@ from test_publish import FakeHubApi, http_error
 from test_runner import tiny_recipe
 
 from prod_st.publish.export import export_run, push_export, teacher_scores
-from prod_st.training.stage_data import ROW_IDS
+from prod_st.training.stage_data import ROW_IDS, read_rows
 
 STAGES = ["02-bi", "03-ce"]  # the tiny run's distill stages (its DPD round keeps no query: nothing to export)
 
@@ -54,7 +54,7 @@ def test_layouts_and_their_columns(exported, run_dir):
     out, stages = exported
     assert [s.folder for s in stages] == STAGES
     for stage in stages:
-        train = datasets.load_from_disk(str(run_dir / stage.folder / "train_data"))
+        train = read_rows(run_dir / stage.folder / "train_data")
         negatives = [f"negative_{j}" for j in range(1, stage.negatives + 1)]
         text = load(out, stage.folder)
         assert text.column_names == ["query", "positive", *negatives, "score"]
@@ -135,7 +135,7 @@ def test_row_ids_file_is_row_for_row_with_train_data(run_dir):
         table = pa.ipc.open_file(source).read_all()
     meta = json.loads(table.schema.metadata[b"prod_st"])
     assert meta == {"teacher": "ce", "kind": "cross-encoder", "scale": 1.0, "candidates": "list"}
-    train = datasets.load_from_disk(str(run_dir / "03-ce" / "train_data"))
+    train = read_rows(run_dir / "03-ce" / "train_data")
     assert table.num_rows == len(train) and table.column("corpus_ids").type.list_size == 3
     assert not (run_dir / "01-warmup" / ROW_IDS).exists()  # the warm-up has no teacher
 

@@ -19,6 +19,7 @@ import prod_st.teachers.strength as teacher_strength
 import prod_st.training.student_training as train_student_module
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
+from prod_st.training.stage_data import read_rows
 
 
 def tiny_recipe(model: str) -> dict:
@@ -93,7 +94,7 @@ def test_tiny_recipe_end_to_end_then_rerun_does_nothing(recipe_file, tmp_path, m
     assert ce["teacher"] == "ce" and ce["teacher_measured_as"].startswith("reranker")
     assert set(ce["gap_after"]) == {"kl", "kendall_tau", "top1_agreement"}
     assert ce["train"]["steps"] == 3
-    labels = __import__("datasets").load_from_disk(str(run_dir / "03-ce" / "train_data"))["label"]
+    labels = read_rows(run_dir / "03-ce" / "train_data")["label"]
     # per row: the teacher's and the stage-start student's scores over positive + 2 negatives
     assert all(len(row) == 2 and len(row[0]) == len(row[1]) == 3 for row in labels)
     assert ce["teacher_rerank_dev"]["nDCG@10"] == ce["teacher_dev"]["nDCG@10"]  # a ce is measured as a reranker
@@ -178,13 +179,12 @@ def check_training_data(run_dir: Path) -> None:
     """What each stage trained on: fresh negatives per epoch, the in-batch labels are the bi teacher's
     embeddings, the list labels' second row is the stage-start student's scores, and distilling changed the
     student."""
-    import datasets
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     from prod_st.util.fingerprint import model_fingerprint
 
-    warmup = datasets.load_from_disk(str(run_dir / "01-warmup" / "train_data"))
+    warmup = read_rows(run_dir / "01-warmup" / "train_data")
     epochs = json.loads((run_dir / "01-warmup" / "negatives.json").read_text())["epochs"]
     assert epochs >= 2 and len(warmup) % epochs == 0
     size = len(warmup) // epochs
@@ -192,7 +192,7 @@ def check_training_data(run_dir: Path) -> None:
     assert first["query"] == second["query"] and first["positive"] == second["positive"]
     assert first["negative_1"] != second["negative_1"]  # epoch 1 reads other negatives than epoch 0
 
-    bi = datasets.load_from_disk(str(run_dir / "02-bi" / "train_data")).select(range(4)).to_dict()
+    bi = read_rows(run_dir / "02-bi" / "train_data").select(range(4)).to_dict()
     teacher = SentenceTransformer(str(run_dir / "teachers" / "bi" / "model"))
     labels = np.asarray(bi["label"], dtype=np.float32)  # (rows, 1 + 1 + 1, dim): query, positive, negative
     q = teacher.encode_query(bi["query"], normalize_embeddings=True)
@@ -201,7 +201,7 @@ def check_training_data(run_dir: Path) -> None:
     np.testing.assert_allclose(labels[:, 1], docs[:4], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(labels[:, 2], docs[4:], rtol=1e-3, atol=1e-4)
 
-    ce = datasets.load_from_disk(str(run_dir / "03-ce" / "train_data")).select(range(4)).to_dict()
+    ce = read_rows(run_dir / "03-ce" / "train_data").select(range(4)).to_dict()
     start = SentenceTransformer(str(run_dir / "02-bi" / "student"))  # the ce stage's stage-start student
     q = start.encode_query(ce["query"], convert_to_tensor=True)
     for column, name in enumerate(["positive", "negative_1", "negative_2"]):
@@ -555,9 +555,8 @@ class EnsembleByHand:
 def check_ensemble_labels(folder: Path, ens: EnsembleByHand) -> int:
     """Every row of a list stage taught by ens: its teacher labels (label[:, 0], -inf at fillers) are the weighted
     sum of the members' scores of the row's query and candidates, and neither member's alone. Returns the rows."""
-    import datasets
 
-    rows = datasets.load_from_disk(str(folder / "train_data")).to_dict()
+    rows = read_rows(folder / "train_data").to_dict()
     negatives = sorted(c for c in rows if c.startswith("negative_"))
     labels = [np.asarray(label[0], dtype=np.float32) for label in rows["label"]]
     texts = [[rows["positive"][i], *(rows[c][i] for c in negatives)] for i in range(len(labels))]
@@ -625,7 +624,6 @@ def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_d
     The ensemble's labels are the weighted sum of its members' scores; DPD keeps exactly the training queries
     its rule keeps (recomputed here from the models), trains on them and changes the student. The recipe asks
     for float16 corpus embeddings: every corpus encoding of the run is float16."""
-    import datasets
     import pyarrow as pa
     from sentence_transformers import SentenceTransformer
 
@@ -684,7 +682,7 @@ def test_an_ensemble_teacher_stage_and_dpd_run_to_the_end(tmp_path, tiny_model_d
         assert runner.data.train.qrels[row["query_id"]].get(positive, 0) > 0
         assert negatives and set(negatives) <= set(selection["kept"][row["query_id"]])
     queries = runner.data.train.split_queries()
-    trained_on = datasets.load_from_disk(str(run_dir / "05-dpd-1" / "train_data"))
+    trained_on = read_rows(run_dir / "05-dpd-1" / "train_data")
     assert trained_on["query"] == [queries[r["query_id"]] for r in ids]  # train_data, row for row
     assert check_ensemble_labels(run_dir / "05-dpd-1", ens) == len(ids)
     assert dpd["train"]["steps"] == recipe["dpd"]["max_steps"] > 0

@@ -35,7 +35,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from prod_st.run.run_folder import MARKER, STEP_DIR
-from prod_st.training.stage_data import ROW_IDS
+from prod_st.training.stage_data import ROW_IDS, read_rows
 from prod_st.util.errors import ProdStError
 from prod_st.util.paths import check_output_folder, write_folder_atomic
 from prod_st.util.progress import enabled
@@ -200,9 +200,8 @@ def _scores_array(scores: np.ndarray) -> pa.Array:
 
 def _export_stage(folder: Path, out: Path, formats: tuple[str, ...], corpus: _UniqueTexts | None,
                   queries: _UniqueTexts | None, bar) -> StageExport:
-    import datasets
 
-    data = datasets.load_from_disk(str(folder / TRAIN_DATA)).data.table  # memory-mapped
+    data = read_rows(folder / TRAIN_DATA).data.table  # memory-mapped
     ids = _memory_mapped(folder / ROW_IDS) if (folder / ROW_IDS).is_file() else None
     negatives = [c for c in data.column_names if c.startswith("negative_")]
     width = 1 + len(negatives)
@@ -292,9 +291,8 @@ def export_run(run_dir: Path | str, out: Path | str, *, stages: list[str] | None
 
 
 def _row_count(folder: Path) -> int:
-    import datasets
 
-    return datasets.load_from_disk(str(folder / TRAIN_DATA)).num_rows
+    return read_rows(folder / TRAIN_DATA).num_rows
 
 
 def folder_size(folder: Path) -> int:

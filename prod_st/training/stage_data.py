@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc  # noqa: F401  (pa.ipc)
+from datasets.arrow_writer import ArrowWriter
 
 from prod_st.data import RetrievalData, document_text, load_retrieval_data
 from prod_st.data.answer_match import has_answer
@@ -24,7 +25,7 @@ from prod_st.util.distributed import all_gather, barrier, is_main, shard
 from prod_st.util.paths import atomic_path, write_folder_atomic
 
 logger = logging.getLogger(__name__)
-DATA_FILE = "data-00000-of-00001.arrow"  # a one-shard dataset folder, as `Dataset.save_to_disk` names it
+DATA_FILE = "data-00000-of-00001.arrow"  # one Arrow file, named as `Dataset.save_to_disk` names a shard
 ROW_IDS = "row_ids.arrow"  # a stage folder's rows as ids (query id, corpus ids) + what the labels are: prod-st export
 TEXT_ROWS = 8192  # rows written per batch when they carry no labels (the warm-up)
 ANSWER_CHUNK = 1024  # training queries whose retrieved passages are fetched together for answer matching
@@ -245,30 +246,25 @@ class TrainingRows:
     def to_dataset(self, labels: Iterable[np.ndarray] | None = None, *, folder: Path | None = None) -> datasets.Dataset:
         """Columns query, positive, negative_1..negative_N (+ label), in the order losses expect.
 
-        With `folder` (an existing empty folder, in `Dataset.save_to_disk`'s layout) the rows are written there
-        a batch at a time and the dataset returned memory-maps that file: no Python object per row or label
-        value outlives its batch. `labels` (None: text columns only, TEXT_ROWS rows a batch) come batch by batch:
-        arrays whose first axis runs over consecutive rows (in row order), all of one shape otherwise, written
-        as a float32 fixed-size-list column (nested for a label of several axes). Without `folder`, the text
-        columns are built in memory (small row sets)."""
+        With `folder` (an existing empty folder) the rows are written there a batch at a time by datasets'
+        `ArrowWriter`, and the dataset returned memory-maps that file (`read_rows`): no Python object per row or
+        label value outlives its batch. `labels` (None: text columns only, TEXT_ROWS rows a batch) come batch by
+        batch: arrays whose first axis runs over consecutive rows (in row order), all of one shape otherwise,
+        written as a float32 fixed-size-list column (nested for a label of several axes). Without `folder`, the
+        text columns are built in memory (small row sets)."""
         if folder is None:
             if labels is not None:
                 raise ValueError("labelled training rows are written to a dataset folder: give it")
             return datasets.Dataset.from_dict(self._text_columns(0, len(self)))
-        path, writer, done = Path(folder) / DATA_FILE, None, 0
-        try:
+        done = 0
+        with ArrowWriter(path=str(Path(folder) / DATA_FILE)) as writer:
             for table in self._tables(labels):
-                if writer is None:
-                    writer = pa.ipc.new_stream(str(path), table.schema)
                 writer.write_table(table)
                 done += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
+            writer.finalize()
         if done != len(self):
             raise ValueError(f"{done} labels for {len(self)} training rows")
-        _write_dataset_state(Path(folder))
-        return datasets.load_from_disk(str(folder))
+        return read_rows(Path(folder))
 
     def _tables(self, labels: Iterable[np.ndarray] | None) -> Iterator[pa.Table]:
         """The rows as Arrow tables, one per label batch (or per TEXT_ROWS rows without labels)."""
@@ -322,17 +318,12 @@ def labelled_dataset(target: Path, rows: TrainingRows, labels: Iterable[np.ndarr
         for _ in labels or ():
             pass
     barrier()
-    return datasets.load_from_disk(str(target))
+    return read_rows(target)
 
 
-def _write_dataset_state(folder: Path) -> None:
-    """state.json and dataset_info.json as `Dataset.save_to_disk` writes them, for the Arrow file in `folder`
-    (so `datasets.load_from_disk` reads it, with no copy of the data)."""
-    dataset = datasets.Dataset.from_file(str(folder / DATA_FILE))
-    state = {"_data_files": [{"filename": DATA_FILE}], "_fingerprint": dataset._fingerprint, "_format_columns": None,
-             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    dataset.info.write_to_directory(str(folder))
+def read_rows(folder: Path) -> datasets.Dataset:
+    """A stage's training rows (its `train_data` folder), memory-mapped (`datasets.Dataset.from_file`)."""
+    return datasets.Dataset.from_file(str(Path(folder) / DATA_FILE))
 
 
 def _fixed_size_lists(batch: np.ndarray) -> pa.Array:
