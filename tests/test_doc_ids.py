@@ -32,9 +32,17 @@ def test_rows_and_ids_round_trip_in_a_selected_view(monkeypatch):
 def test_colliding_hashes_fall_back_to_an_exact_lookup(monkeypatch):
     monkeypatch.setattr(doc_ids_module, "hash", lambda s: 1, raising=False)  # every id collides
     ids = DocIds(corpus(["a", "b", "c"]))
-    assert ids.rows(["c", "a"]).tolist() == [2, 0]
+    assert ids.rows(["c", "a", "b"]).tolist() == [2, 0, 1]
+    assert ids.find(["b", "z", "c"]).tolist() == [1, -1, 2]
     with pytest.raises(KeyError):
         ids.rows(["z"])
+
+
+def test_a_collision_costs_an_exact_lookup_not_a_dict_of_every_id(monkeypatch):
+    monkeypatch.setattr(doc_ids_module, "hash", lambda s: 1 if s in ("d3", "d7") else int(s[1:]) + 10, raising=False)
+    ids = DocIds(corpus([f"d{i}" for i in range(10)]))
+    assert ids._collided.tolist() == [1] and not any(isinstance(v, dict) for v in vars(ids).values())
+    assert ids.find(["d7", "d3", "d5", "x9"]).tolist() == [7, 3, 5, -1]
 
 
 def test_ranked_run_reads_ids_from_rows():
