@@ -9,7 +9,8 @@ process (so the ratios survive the machine's load and speed): issue 9 item 8.
  3. mining: prod-st's `mine_pools` + `draw_negatives` (the runner's path, cold cache) vs
     `sentence_transformers.util.mine_hard_negatives`, same model, corpus, queries, rank range and count; and
     how much their negatives overlap (hardest-first, where the choice is deterministic);
- 4. corpus encodings per run before/after issue 9 item 2 (the row measured by bench/count_encodings.py).
+ 4. corpus encodings per run before/after issue 9 item 2 (the rows bench/count_encodings.py measured, read from
+    bench/RESULTS.md 2.2; that script was removed: `git show 69c3332:bench/count_encodings.py`).
 Plus U = seconds of plain CrossEncoder.predict on bench's 2,000 pairs (bench/ablation.py's `reference_unit`).
 
 The data are the quickstart's shape: wordnet-gloss training queries, a seeded corpus slice holding their
@@ -274,7 +275,8 @@ def training(student, rows, scores, batch_size: int, steps: int, warmup: int, ro
     }
 
 
-# ---- 4. encodings per run (measured by bench/count_encodings.py; read from bench/RESULTS.md) -------------
+# ---- 4. encodings per run (measured by the removed bench/count_encodings.py, `git show
+# 69c3332:bench/count_encodings.py`; read from bench/RESULTS.md) ---------------------------------------
 def encodings_rows() -> list[str]:
     text = (ROOT / "bench" / "RESULTS.md").read_text()
     section = text.split("Item 2: corpus encodings per run", 1)[-1]
@@ -378,7 +380,8 @@ def main() -> None:
           f"{m['overlap_hardest']:.3f} of the {m['count']} negatives; sampled {m['overlap_sampled']:.3f} (random draws)")
     print(f"teacher scoring: {s['teacher_predict_s']:.2f} s of {s['teacher_score_s']:.2f} s inside CrossEncoder.predict; "
           f"{s['unique_pairs']:,} distinct of {s['pairs']:,} pairs; max |teacher - plain| = {s['max_abs_diff']:.1e}")
-    print("4. corpus encodings per run (bench/count_encodings.py, from bench/RESULTS.md):")
+    print("4. corpus encodings per run (from bench/RESULTS.md 2.2; measured by bench/count_encodings.py, removed: "
+          "git show 69c3332:bench/count_encodings.py):")
     for line in encodings_rows():
         print("   " + line)
     if unit is not None:
