@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- time ------------------------------------------------------------------------------------------------
 class Timer:
-    """`with Timer() as t: ...`, then `t.seconds`; while running, `t.seconds` is the time so far."""
+    """`with Timer() as t: ...`, then `t.seconds`; while running, `t.seconds` is the time so far. A Timer also
+    runs from its construction (`t = Timer()`, later `t.seconds`); `with` restarts it."""
 
     def __init__(self, clock=time.perf_counter) -> None:
-        self.clock, self.start, self.end = clock, None, None
+        self.clock, self.start, self.end = clock, clock(), None
 
     def __enter__(self) -> Timer:
         self.start, self.end = self.clock(), None
