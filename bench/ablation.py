@@ -25,10 +25,12 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Timer, reference_unit, write_json  # noqa: E402  (`from ablation import reference_unit` works)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "ablations" / "prod.yaml"
@@ -81,13 +83,13 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
         result = json.loads(done.read_text())
         if full_corpus and "full" not in result:
             result["full"] = full_corpus_metrics(recipe, folder)
-            done.write_text(json.dumps(result, indent=1))
+            write_json(done, result, indent=1)
         return result
     unit = reference_unit()
-    started = time.perf_counter()
-    final = Runner(recipe, folder).run()
+    with Timer() as wall:
+        final = Runner(recipe, folder).run()
     result = {"row": row, "seed": seed, "steps": student_steps(spec), "test": final["test"],
-              "seconds": round(time.perf_counter() - started, 1), "run_seconds": final["seconds"]["run"],
+              "seconds": round(wall.seconds, 1), "run_seconds": final["seconds"]["run"],
               "unit_seconds": unit}
     stages = sorted(p for p in folder.iterdir() if p.name[:2].isdigit())
     result["dev"] = {p.name: json.loads((p / "metrics.json").read_text()).get("student_dev", {}) for p in stages}
@@ -95,25 +97,8 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
                                   for p in stages)
     if full_corpus or (folder / "full_corpus.json").exists():
         result["full"] = full_corpus_metrics(recipe, folder)
-    (folder / "ablation.json").write_text(json.dumps(result, indent=1))
+    write_json(folder / "ablation.json", result, indent=1)
     return result
-
-
-def reference_unit() -> float:
-    """U: seconds of plain `CrossEncoder.predict` on bench's 2,000 wordnet-gloss pairs (a fresh-head MiniLM
-    cross-encoder), measured just before a run, so its wall time can be read on any machine and load."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from teacher_throughput import build_rows
-
-    from prod_st.teachers import load_cross_encoder
-
-    queries, lists = build_rows(2000, 8, seed=0)
-    pairs = [(q, d) for q, docs in zip(queries, lists) for d in docs]
-    model = load_cross_encoder("all-MiniLM-L6-v2", num_labels=1, max_length=128)
-    model.predict(pairs[:16], batch_size=64, show_progress_bar=False)  # warm-up, as bench/teacher_throughput.py
-    started = time.perf_counter()
-    model.predict(pairs, batch_size=64, show_progress_bar=False)
-    return round(time.perf_counter() - started, 1)
 
 
 def full_corpus_metrics(recipe, folder: Path) -> dict:
@@ -132,7 +117,7 @@ def full_corpus_metrics(recipe, folder: Path) -> dict:
     full = load_retrieval_data(d.dataset, d.test_split)
     full.qrels = {q: full.qrels[q] for q in sliced.test.qrels}
     metrics = evaluate_model(load_model(folder / "student"), full, top_k=recipe.eval.top_k).metrics
-    cached.write_text(json.dumps(metrics, indent=1))
+    write_json(cached, metrics, indent=1)
     return metrics
 
 

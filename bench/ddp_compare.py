@@ -21,12 +21,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 SCORE_ATOL = 1e-4  # cross-encoder logits: batches padded differently give float-rounding differences only
 TOLERANCE = 0.05  # |difference| allowed in each final test metric between the 1- and 2-process runs
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import Timer  # noqa: E402
 
 RECIPE = """name: ddp-compare
 seed: 3
@@ -77,12 +78,11 @@ def launch(procs: int, args: list[str], cache: Path, log: Path) -> float:
     """Run `python -m ...args` in 1 process or under torchrun with `procs`; returns wall seconds."""
     prefix = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                   "--nproc_per_node", str(procs), "--master_port", str(free_port())]
-    start = time.perf_counter()
-    with open(log, "w") as f:
+    with Timer() as wall, open(log, "w") as f:
         done = subprocess.run(prefix + args, env=env(cache), stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
         sys.exit(f"{' '.join(prefix + args)} failed (rc {done.returncode}); see {log}")
-    return time.perf_counter() - start
+    return wall.seconds
 
 
 # ---- part 1, run inside each launched process ------------------------------------------------------------

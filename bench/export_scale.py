@@ -3,7 +3,7 @@ stage of ROWS training rows x (1 + NEGATIVES) candidates, written by the runner'
 (`TrainingRows.to_dataset` with a label column shaped as a ce stage with PROD's regulariser: (2, 1 + k) float32 per
 row, and `write_row_ids`), over wordnet-gloss's real texts and ids; then `prod-st export` of that stage in a
 child process (both layouts, corpus and queries), its wall time and peak RSS (VmHWM), next to U (bench's
-reference unit: plain CrossEncoder.predict on 2,000 pairs, `bench/ablation.py`) measured in the same run.
+reference unit: plain CrossEncoder.predict on 2,000 pairs, `bench/harness.py`) measured in the same run.
 
     python bench/export_scale.py --rows 32000 --negatives 4        # the stage of bench/scale.py's largest run
     python bench/export_scale.py --rows 500000 --negatives 15      # MS MARCO's shape: ~8M scored pairs
@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from harness import RssSampler, Timer, peak_rss_mb, reference_unit  # noqa: E402
 
 
 def build_run(folder: Path, rows: int, negatives: int, seed: int = 0) -> None:
@@ -69,44 +68,19 @@ def build_run(folder: Path, rows: int, negatives: int, seed: int = 0) -> None:
     (stage / "DONE").write_text("")
 
 
-def status_mb(field: str) -> float:
-    """A /proc/self/status field in MB: VmHWM is this process's peak RSS (unlike ru_maxrss, which Linux carries
-    over fork and exec from the parent, it starts afresh), RssAnon its own memory now (RSS counts the pages of
-    memory-mapped files too: here the stage's Arrow files, which the kernel can drop and reread)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_rss_mb() -> float:
-    return status_mb("VmHWM")
-
-
 def child(run: str, out: str) -> None:
-    import threading
-
     import datasets  # noqa: F401  (what export imports, loaded before the baseline is read)
 
     from prod_st.publish.export import export_run, folder_size
     from prod_st.publish.export_card import render  # noqa: F401
 
-    baseline, anon, done = peak_rss_mb(), [status_mb("RssAnon")], threading.Event()
-
-    def sample() -> None:  # the peak of own memory, every 20 ms
-        while not done.wait(0.02):
-            anon.append(max(anon[-1], status_mb("RssAnon")))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    stages = export_run(run, out, progress=False)
-    done.set()
-    sampler.join()
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 1),
+    baseline = peak_rss_mb()
+    with RssSampler(fields=("RssAnon",), interval=0.02) as anon, Timer() as wall:  # own memory's peak, every 20 ms
+        stages = export_run(run, out, progress=False)
+    print(json.dumps({"seconds": round(wall.seconds, 1),
                       "peak_rss_mb": round(peak_rss_mb()),
-                      "rss_after_imports_mb": round(baseline), "anon_before_mb": round(anon[0]),
-                      "peak_anon_mb": round(max(anon)),
+                      "rss_after_imports_mb": round(baseline), "anon_before_mb": round(anon.first["RssAnon"] / 1024),
+                      "peak_anon_mb": round(anon.peak_mb("RssAnon")),
                       "rows": stages[0].rows, "pairs": stages[0].pairs, "text_rows": stages[0].text_rows,
                       "out_mb": round(folder_size(Path(out)) / 1e6, 1)}))
 
@@ -120,13 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    from ablation import reference_unit
-
     shutil.rmtree(args.work, ignore_errors=True)
     run, out = args.work / "run", args.work / "out"
-    started = time.perf_counter()
-    build_run(run, args.rows, args.negatives)
-    built = time.perf_counter() - started
+    with Timer() as built:
+        build_run(run, args.rows, args.negatives)
     stage_mb = sum(p.stat().st_size for p in (run / "01-ce").rglob("*") if p.is_file()) / 1e6
     u = reference_unit()
     done = subprocess.run([sys.executable, __file__, "--child", str(run), str(out)], capture_output=True, text=True,
@@ -135,7 +106,7 @@ def main() -> None:
         sys.exit(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result |= {"U_s": u, "export_U": round(result["seconds"] / u, 2), "stage_mb": round(stage_mb, 1),
-               "build_s": round(built, 1), "negatives": args.negatives}
+               "build_s": round(built.seconds, 1), "negatives": args.negatives}
     print(json.dumps(result))
     shutil.rmtree(args.work, ignore_errors=True)
 

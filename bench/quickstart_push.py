@@ -16,12 +16,14 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import reference_unit, timed, write_json  # noqa: E402
+
 OUT = ROOT / "bench" / "out" / "push"
 BASE = ROOT / "bench" / "quickstart_push_base.yaml"  # recipes/quickstart.yaml as it was before these runs (f2aa0e5)
 ENS = {"kind": "ensemble", "members": {"bi": 0.5, "ce": 0.5}}
@@ -140,9 +142,6 @@ def run(name: str) -> dict:
     done = folder / "push.json"
     if done.exists():
         return json.loads(done.read_text())
-    sys.path.insert(0, str(ROOT / "bench"))
-    from ablation import reference_unit
-
     unit = reference_unit()
     recipe = parse_recipe(build(name), f"variant {name}")
     final = Runner(recipe, folder).run()
@@ -154,7 +153,7 @@ def run(name: str) -> dict:
               "steps": {k: m.get("train", {}).get("steps") for k, m in metrics.items()},
               "dpd_kept": {k: m.get("dpd", {}).get("kept") for k, m in metrics.items() if m.get("dpd")},
               "test": final["test"]}
-    done.write_text(json.dumps(result, indent=1))
+    write_json(done, result, indent=1)
     return result
 
 
@@ -186,9 +185,8 @@ def main() -> int:
         print(json.dumps(json.loads((OUT / args.test / "push.json").read_text())["test"], indent=1))
         return 0
     for name in args.variants:
-        started = time.perf_counter()
-        result = run(name)
-        print(f"{name}: dev {result['dev']} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        result, seconds = timed(lambda: run(name))
+        print(f"{name}: dev {result['dev']} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*/push.json"))]
     print(table(results))
     return 0

@@ -9,8 +9,9 @@ process (so the ratios survive the machine's load and speed): issue 9 item 8.
  3. mining: prod-st's `mine_pools` + `draw_negatives` (the runner's path, cold cache) vs
     `sentence_transformers.util.mine_hard_negatives`, same model, corpus, queries, rank range and count; and
     how much their negatives overlap (hardest-first, where the choice is deterministic);
- 4. corpus encodings per run before/after issue 9 item 2 (the row measured by bench/count_encodings.py).
-Plus U = seconds of plain CrossEncoder.predict on bench's 2,000 pairs (bench/ablation.py's `reference_unit`).
+ 4. corpus encodings per run before/after issue 9 item 2 (the rows bench/count_encodings.py measured, read from
+    bench/RESULTS.md 2.2; that script was removed: `git show 69c3332:bench/count_encodings.py`).
+Plus U = seconds of plain CrossEncoder.predict on bench's 2,000 pairs (bench/harness.py's `reference_unit`).
 
 The data are the quickstart's shape: wordnet-gloss training queries, a seeded corpus slice holding their
 judged documents, the quickstart's student (all-MiniLM-L6-v2's first 3 layers) as miner and trainee, and a
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import Timer, reference_unit, write_json  # noqa: E402
+from harness import timed as timed_on  # noqa: E402
 
 CLOCK = {"now": time.process_time}  # --clock: CPU seconds of this process (default) or wall seconds
 
@@ -48,9 +50,7 @@ CLOCK = {"now": time.process_time}  # --clock: CPU seconds of this process (defa
 def timed(fn):
     """(fn(), seconds on CLOCK). CPU time (one torch thread) counts this process's own work only, so a
     ratio survives other processes taking the cores; wall time is what a user waits on an idle machine."""
-    start = CLOCK["now"]()
-    result = fn()
-    return result, CLOCK["now"]() - start
+    return timed_on(fn, CLOCK["now"])
 
 
 TMP = Path(tempfile.mkdtemp(prefix="prod-st-ratios-"))
@@ -274,7 +274,8 @@ def training(student, rows, scores, batch_size: int, steps: int, warmup: int, ro
     }
 
 
-# ---- 4. encodings per run (measured by bench/count_encodings.py; read from bench/RESULTS.md) -------------
+# ---- 4. encodings per run (measured by the removed bench/count_encodings.py, `git show
+# 69c3332:bench/count_encodings.py`; read from bench/RESULTS.md) ---------------------------------------
 def encodings_rows() -> list[str]:
     text = (ROOT / "bench" / "RESULTS.md").read_text()
     section = text.split("Item 2: corpus encodings per run", 1)[-1]
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per run")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="training runs per loss (order alternated)")
-    parser.add_argument("--no-unit", action="store_true", help="skip U (bench/ablation.py's reference_unit)")
+    parser.add_argument("--no-unit", action="store_true", help="skip U (bench/harness.py's reference_unit)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on shared cores, 2 threads' spin-waits distort small ops)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -308,13 +309,11 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
 
-    from ablation import reference_unit
-
     from prod_st.retrieval.mining import draw_negatives
     from prod_st.training.stage_data import build_rows, load_run_data
     from prod_st.util.models import build_student
 
-    started = time.perf_counter()
+    started = Timer()  # the whole script, wall seconds
     print(f"clock {args.clock}; torch threads {torch.get_num_threads()}; cache {os.environ['PROD_ST_CACHE']} (fresh)", flush=True)
     data = load_run_data("wordnet-gloss", splits=("train", None, "test"), sizes=(args.train_queries, None, 1),
                          corpus_size=args.corpus_size, seed=13)
@@ -347,7 +346,7 @@ def main() -> None:
         print("U ...", flush=True)
         torch.set_num_threads(default_threads)  # U as measured elsewhere: torch's default threads
         unit = reference_unit()
-    total = time.perf_counter() - started
+    total = started.seconds
 
     s, m, t = score, mine, train
     print()
@@ -378,7 +377,8 @@ def main() -> None:
           f"{m['overlap_hardest']:.3f} of the {m['count']} negatives; sampled {m['overlap_sampled']:.3f} (random draws)")
     print(f"teacher scoring: {s['teacher_predict_s']:.2f} s of {s['teacher_score_s']:.2f} s inside CrossEncoder.predict; "
           f"{s['unique_pairs']:,} distinct of {s['pairs']:,} pairs; max |teacher - plain| = {s['max_abs_diff']:.1e}")
-    print("4. corpus encodings per run (bench/count_encodings.py, from bench/RESULTS.md):")
+    print("4. corpus encodings per run (from bench/RESULTS.md 2.2; measured by bench/count_encodings.py, removed: "
+          "git show 69c3332:bench/count_encodings.py):")
     for line in encodings_rows():
         print("   " + line)
     if unit is not None:
@@ -389,8 +389,7 @@ def main() -> None:
         result = {"scoring": {k: v for k, v in s.items() if not k.startswith("_")},
                   "training": t, "mining": {k: v for k, v in m.items() if not k.startswith("_")},
                   "encodings_rows": encodings_rows(), "U_s": unit, "total_s": total, "args": vars(args)}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -43,6 +43,9 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RssSampler, Timer, maxrss_mb, timed, write_json  # noqa: E402
+
 TINY = {"layers": 2, "hidden": 128}
 STEP_GROUPS = {  # metrics.json / final.json seconds keys -> what they are
     "encode+search": ("eval", "mine", "test"),
@@ -82,10 +85,10 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
 
     cost.step = step
-    memory = RssPeaks(trace_mb=float(os.environ.get("SCALE_TRACE_MB", 0)) or None)
-    start = time.perf_counter()
-    final = runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run()
-    wall = time.perf_counter() - start
+    # peak RssAnon (own memory) and RssFile (pages of mapped files: caches, Arrow data, model weights, which the
+    # kernel can drop and reread; ru_maxrss counts both), every 0.1 s, and per runner step (`memory.step`)
+    memory = RssSampler(("RssAnon", "RssFile"), 0.1, trace_mb=float(os.environ.get("SCALE_TRACE_MB", 0)) or None)
+    final, wall = timed(lambda: runner.Runner(load_recipe(recipe), Path(run_dir), force=True).run())
     memory.stop()
     seconds: dict[str, float] = {}
     spec = load_recipe(recipe)
@@ -102,52 +105,15 @@ def child(recipe: str, run_dir: str, result: str) -> None:
         if key != "run":
             seconds[key] = seconds.get(key, 0.0) + value
     rank = int(os.environ.get("RANK", 0))
-    Path(result if not rank else f"{result}.rank{rank}").write_text(json.dumps({
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    write_json(result if not rank else f"{result}.rank{rank}", {
+        "peak_rss_mb": maxrss_mb(),
         "wall_s": round(wall, 1), "seconds": seconds, "num_docs": final["num_docs"],
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1), "rows_read": rows_read,
         "peak_anon_mb": memory.peak["RssAnon"] / 1024, "peak_file_mb": memory.peak["RssFile"] / 1024,
         "step_anon_mb": {k: round(v["RssAnon"] / 1024) for k, v in memory.steps.items()},
         "step_file_mb": {k: round(v["RssFile"] / 1024) for k, v in memory.steps.items()},
-    }))
-
-
-class RssPeaks:
-    """Peak RssAnon (the process's own memory) and RssFile (pages of memory-mapped files: caches, Arrow data,
-    model weights, which the kernel can drop and reread) of this process, sampled every 0.1 s: ru_maxrss
-    counts both. `steps` holds the same peaks per runner step (the key of the step running when sampled). With
-    `trace_mb`, every change of RssAnon by more than that is logged (`TRACE <s> step=<key> anon=<MB>`)."""
-
-    def __init__(self, trace_mb: float | None = None) -> None:
-        import threading
-
-        self.peak = {"RssAnon": 0, "RssFile": 0}
-        self.step: str | None = None
-        self.steps: dict[str, dict[str, int]] = {}
-        self.trace_kb, self._traced, self._start = (trace_mb or 0) * 1024, 0, time.time()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.1):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                name, _, value = line.partition(":")
-                if name in self.peak:
-                    kb = int(value.split()[0])
-                    self.peak[name] = max(self.peak[name], kb)
-                    if self.step is not None:
-                        peaks = self.steps.setdefault(self.step, {"RssAnon": 0, "RssFile": 0})
-                        peaks[name] = max(peaks[name], kb)
-                    if self.trace_kb and name == "RssAnon" and abs(kb - self._traced) > self.trace_kb:
-                        print(f"TRACE {time.time() - self._start:7.1f}s step={self.step} anon={kb // 1024} MB",
-                              file=sys.stderr, flush=True)
-                        self._traced = kb
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
+    })
 
 
 # ---- the parent ---------------------------------------------------------------------------------------------
@@ -265,16 +231,15 @@ def run_size(out: Path, models: dict, docs: int, queries: int, small: bool, code
     if procs > 1:
         env["OMP_NUM_THREADS"] = "1"
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port())]
-    start = time.perf_counter()
-    with open(out / f"{label}.log", "w") as log:
+    with Timer() as process, open(out / f"{label}.log", "w") as log:
         subprocess.run(launcher + [__file__, "--child", str(path), str(out / f"run-{label}"), str(result)],
                        env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, check=True)
     data = json.loads(result.read_text()) | {"docs": docs, "queries": queries, "procs": procs,
-                                              "process_s": round(time.perf_counter() - start, 1)}
+                                              "process_s": round(process.seconds, 1)}
     ranks = [data] + [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, procs)]
     data["rank_anon_mb"] = [round(r["peak_anon_mb"]) for r in ranks]
     data["rank_step_anon_mb"] = [r["step_anon_mb"] for r in ranks]
-    result.write_text(json.dumps(data))
+    write_json(result, data)
     print(f"  {label}: {data['num_docs']} docs, peak RSS {data['peak_rss_mb']:.0f} MB (anon {data.get('peak_anon_mb', 0):.0f}, "
           f"file {data.get('peak_file_mb', 0):.0f}), run {data['wall_s']}s "
           f"({data['cpu_s']} CPU s)" + (f"; peak RssAnon per rank {data['rank_anon_mb']} MB" if procs > 1 else ""),
@@ -431,14 +396,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path[:0] = [str(ROOT), str(ROOT / "cli")]
     models = build_models(out / "models")
-    started = time.perf_counter()
-    sizes = [(d, queries[0]) for d in corpus] + [(corpus[0], q) for q in queries[1:]]
-    runs = [run_size(out, models, d, q, args.small, args.code.resolve(), args.procs) for d, q in sizes]
-    cpu = cpu_tflops()
-    text = report(runs, (corpus[0], queries[0]), args.gpu_tflops, cpu)
-    (out / "results.json").write_text(json.dumps({"runs": runs, "cpu_tflops": cpu, "code": str(args.code)}, indent=1))
-    print(text)
-    print(f"\n({len(runs)} runs in {time.perf_counter() - started:.0f}s; code {args.code}; results in {out})")
+    with Timer() as started:
+        sizes = [(d, queries[0]) for d in corpus] + [(corpus[0], q) for q in queries[1:]]
+        runs = [run_size(out, models, d, q, args.small, args.code.resolve(), args.procs) for d, q in sizes]
+        cpu = cpu_tflops()
+        text = report(runs, (corpus[0], queries[0]), args.gpu_tflops, cpu)
+        write_json(out / "results.json", {"runs": runs, "cpu_tflops": cpu, "code": str(args.code)}, indent=1)
+        print(text)
+    print(f"\n({len(runs)} runs in {started.seconds:.0f}s; code {args.code}; results in {out})")
 
 
 if __name__ == "__main__":

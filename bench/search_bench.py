@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from harness import Timer
 
 from prod_st.retrieval.corpus_index import BLOCK_SIZE
 from prod_st.retrieval.exact_search import TorchFlatIndex
@@ -51,13 +51,13 @@ def fp16_matmul(blocks, queries: np.ndarray, k: int, device: str) -> float:
     q = torch.from_numpy(queries).to(device, torch.float16)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    start = time.perf_counter()
-    for begin in range(0, len(q), 2048):
-        chunk = q[begin:begin + 2048]
-        tops = [torch.topk(chunk @ b.T, k, dim=1) for b in on_device]
-        torch.topk(torch.cat([t.values for t in tops], 1), k, dim=1)
-    sync()
-    return time.perf_counter() - start
+    with Timer() as wall:
+        for begin in range(0, len(q), 2048):
+            chunk = q[begin:begin + 2048]
+            tops = [torch.topk(chunk @ b.T, k, dim=1) for b in on_device]
+            torch.topk(torch.cat([t.values for t in tops], 1), k, dim=1)
+        sync()
+    return wall.seconds
 
 
 def main() -> None:
@@ -82,27 +82,24 @@ def main() -> None:
         index = faiss.IndexFlatIP(args.dim)
         for b in blocks:
             index.add(np.ascontiguousarray(b, dtype=np.float32))
-        start = time.perf_counter()
-        faiss_scores, faiss_rows = index.search(queries[:n_faiss], args.top_k)
-        faiss_s = time.perf_counter() - start
+        with Timer() as faiss_s:
+            faiss_scores, faiss_rows = index.search(queries[:n_faiss], args.top_k)
 
         flat = TorchFlatIndex(blocks, device=args.device)
-        start = time.perf_counter()
-        flat._device_blocks()  # the copy to the device, once per search_rows call
-        upload_s = time.perf_counter() - start
+        with Timer() as upload_s:
+            flat._device_blocks()  # the copy to the device, once per search_rows call
         flat.search(queries[:10], args.top_k)  # (warm-up: kernels, allocator)
-        start = time.perf_counter()
-        scores, rows = flat.search(queries, args.top_k)
-        torch_s = time.perf_counter() - start
+        with Timer() as torch_s:
+            scores, rows = flat.search(queries, args.top_k)
         fp16_s = fp16_matmul(blocks, queries, args.top_k, args.device) if args.fp16_matmul else None
 
     same = [len(np.intersect1d(a, b)) / args.top_k for a, b in zip(rows[:n_faiss], faiss_rows)]
     result = {
         "docs": args.docs, "dim": args.dim, "queries": args.queries, "faiss_queries": n_faiss, "top_k": args.top_k,
         "dtype": args.dtype, "device": str(flat.device), "threads": args.threads,
-        "faiss_flat_us_per_query_per_M": round(per_query_per_million(faiss_s, n_faiss, args.docs), 1),
-        "torch_us_per_query_per_M": round(per_query_per_million(torch_s, args.queries, args.docs), 2),
-        "torch_upload_s": round(upload_s, 3),
+        "faiss_flat_us_per_query_per_M": round(per_query_per_million(faiss_s.seconds, n_faiss, args.docs), 1),
+        "torch_us_per_query_per_M": round(per_query_per_million(torch_s.seconds, args.queries, args.docs), 2),
+        "torch_upload_s": round(upload_s.seconds, 3),
         "top_k_rows_shared": round(float(np.mean(same)), 6),
         "queries_with_identical_rows": round(float(np.mean((rows[:n_faiss] == faiss_rows).all(1))), 4),
         "max_score_diff": float(np.abs(scores[:n_faiss] - faiss_scores).max()),

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import timed  # noqa: E402
 
 from prod_st.data import document_text, load_retrieval_data  # noqa: E402
 from prod_st.teachers import CrossEncoderTeacher, load_cross_encoder  # noqa: E402
@@ -45,12 +48,6 @@ def build_rows(num_pairs: int, per_query: int, seed: int) -> tuple[list[str], li
         if total >= num_pairs:
             break
     return texts, lists
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ TRAIN_SIZE = 32768  # vectors a trained faiss index (IVF, PQ) learns from: a see
 SAMPLE_SEED = 0  # the training sample's seed: every rank, and every checkpoint, draws the same rows
 DTYPES = ("float32", "float16")
 
-# Documents this process encoded, per cache key: the tests and bench/count_encodings.py read it (a corpus
+# Documents this process encoded, per cache key: the tests read it (a corpus
 # encoded once per checkpoint adds len(corpus) once per key).
 encoded_docs: Counter[str] = Counter()
 _last_index: dict = {}  # the last index built (one entry): consecutive steps with one checkpoint reuse it
