@@ -337,7 +337,7 @@ def test_gzipped_jsonl_through_pyarrow(tmp_path, line_reader_calls):
 
 
 def _large_corpus(path: Path, lines: int = 40_000) -> list[str]:
-    """About 5 MB of JSONL: more than one of pyarrow's parse blocks (BLOCK_BYTES, 4 MiB)."""
+    """About 5 MB of JSONL: more than one of pyarrow's parse blocks (BLOCK_BYTES, 2 MiB)."""
     rows = [json.dumps({"_id": f"d{i}", "title": "" if i % 3 else f"t{i}", "text": f"document {i} " + "x" * 100})
             for i in range(lines)]
     path.write_text("\n".join(rows) + "\n")

@@ -60,8 +60,8 @@ def _jsonl_rows(path: str, kind: str, size: int, mtime_ns: int) -> Iterator[dict
             yield out
 
 
-CHUNK_BYTES = 32 << 20  # whole lines handed to one pyarrow.json call (parsed in parallel blocks of BLOCK_BYTES)
-BLOCK_BYTES = 4 << 20  # a line longer than this is left to the line reader
+CHUNK_BYTES = 8 << 20  # whole lines handed to one pyarrow.json call (parsed in parallel blocks of BLOCK_BYTES)
+BLOCK_BYTES = 2 << 20  # pyarrow parses a chunk in blocks of this size on its threads (a longer line still parses)
 FALLBACK_ROWS = 10_000  # rows of the line reader per table written
 
 
