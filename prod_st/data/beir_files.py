@@ -6,8 +6,9 @@ keyed by the file's path, size and modification time, so a large corpus is parse
 twice in memory. A BEIR JSONL file is parsed by pyarrow's JSON reader, chunk by chunk of whole lines, written
 as Arrow tables; anything that reader cannot take exactly as the line reader would hands the file to the
 line reader (`json.loads` per line), which gives the same rows and today's errors. Every malformed line is
-reported as `file:line: what is wrong` (bytes that are not UTF-8 too); an empty file, and a corpus or queries file that repeats an id, are errors. The MS MARCO and DPR loaders
-(`msmarco.py`, `dpr.py`) reuse these helpers with their own row generators.
+reported as `file:line: what is wrong` (bytes that are not UTF-8 too); an empty file, and a corpus or queries
+file that repeats an id, are errors. The MS MARCO and DPR loaders (`msmarco.py`, `dpr.py`) reuse these helpers
+with their own row generators.
 """
 
 from __future__ import annotations
