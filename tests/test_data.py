@@ -273,3 +273,162 @@ def test_dev_test_and_corpus_slice_do_not_move_with_the_training_size():
     other = load(30, seed=4)
     assert sorted(other.dev.qrels) != sorted(small.dev.qrels) and sorted(other.test.qrels) != sorted(small.test.qrels)
     assert not set(load(None, seed=4, splits=(None, "dev", "test")).corpus["_id"]) == evaluation_slice
+
+
+# ---- BEIR JSONL through pyarrow's JSON reader, the line reader as the fallback ----
+
+def _read_both(path: Path, kind: str = "corpus"):
+    """(rows, column types) or the error message, from the pyarrow reader and from the line reader (today's)."""
+    from prod_st.data import beir_files
+
+    out = []
+    for generator in (None, beir_files._jsonl_rows):  # None: the default (pyarrow); _jsonl_rows: the old route
+        try:
+            table = read_table(path, kind, generator)
+            out.append((table.to_list(), table.features))
+        except ProdStError as e:
+            out.append(str(e))
+    return out
+
+
+@pytest.fixture
+def line_reader_calls(monkeypatch):
+    """How often the line reader was asked for rows: zero means pyarrow's reader did the whole file."""
+    from prod_st.data import beir_files
+
+    calls = []
+    original = beir_files._jsonl_rows
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(beir_files, "_jsonl_rows", counted)
+    return calls
+
+
+def test_jsonl_through_pyarrow_integer_ids_titles_and_extra_fields(tmp_path, line_reader_calls):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        '{"_id": 12, "text": "no title", "metadata": {"url": "http://x", "tags": [1, {"a": null}]}}\n'
+        '{"_id": -3, "title": null, "text": "null title"}\n'
+        '{"_id": 0, "title": "", "text": "empty title", "extra": 1.5e300}\n'
+        '{"_id": 123456789012, "title": "T\\u00e9 \\ud83d\\ude00", "text": "caf\\u00e9 \\"quoted\\"\\n"}\n')
+    table = read_table(corpus, "corpus")
+    assert not line_reader_calls  # pyarrow's reader took the whole file
+    assert table.to_list() == [
+        {"_id": "12", "title": "", "text": "no title"},
+        {"_id": "-3", "title": "", "text": "null title"},
+        {"_id": "0", "title": "", "text": "empty title"},
+        {"_id": "123456789012", "title": "Té 😀", "text": 'café "quoted"\n'},
+    ]
+    assert [str(table.data.column(name).type) for name in table.column_names] == ["string"] * 3
+    assert _read_both(corpus)[0] == _read_both(corpus)[1]  # the line reader's rows and types
+
+
+def test_gzipped_jsonl_through_pyarrow(tmp_path, line_reader_calls):
+    queries = tmp_path / "queries.jsonl.gz"
+    with gzip.open(queries, "wt") as f:
+        for i in range(1000):
+            f.write(json.dumps({"_id": f"q{i}", "text": f"question {i}", "metadata": {}}) + "\n")
+    table = read_table(queries, "queries")
+    assert not line_reader_calls and len(table) == 1000 and table.column_names == ["_id", "text"]
+    assert table[999] == {"_id": "q999", "text": "question 999"}
+
+
+def _large_corpus(path: Path, lines: int = 40_000) -> list[str]:
+    """About 5 MB of JSONL: more than one of pyarrow's parse blocks (BLOCK_BYTES, 2 MiB)."""
+    rows = [json.dumps({"_id": f"d{i}", "title": "" if i % 3 else f"t{i}", "text": f"document {i} " + "x" * 100})
+            for i in range(lines)]
+    path.write_text("\n".join(rows) + "\n")
+    return rows
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 64 << 10])  # one chunk of several blocks; many chunks
+def test_malformed_line_far_into_a_large_file_names_its_line(tmp_path, monkeypatch, chunk_bytes):
+    from prod_st.data import beir_files
+
+    if chunk_bytes:
+        monkeypatch.setattr(beir_files, "CHUNK_BYTES", chunk_bytes)
+    corpus = tmp_path / "corpus.jsonl"
+    rows = _large_corpus(corpus)
+    assert corpus.stat().st_size > beir_files.BLOCK_BYTES
+    rows[36_999] = '{"_id": "d36999", "text": "broken'
+    corpus.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ProdStError, match=r"corpus\.jsonl:37000: malformed JSON \("):
+        read_table(corpus, "corpus")
+    rows[36_999] = '{"_id": "d36999", "title": "no text"}'
+    corpus.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ProdStError, match=r'corpus\.jsonl:37000: expected an object with "_id" and a string "text"'):
+        read_table(corpus, "corpus")
+
+
+def test_line_reader_takes_over_midway_and_gives_the_remaining_rows(tmp_path, monkeypatch, line_reader_calls):
+    """Ids that turn from strings into numbers after the first chunks: pyarrow refuses that chunk, the line reader
+    (which takes both) writes the rest; the rows are the line reader's, in order, none twice."""
+    from prod_st.data import beir_files
+
+    monkeypatch.setattr(beir_files, "CHUNK_BYTES", 64 << 10)
+    corpus = tmp_path / "corpus.jsonl"
+    rows = _large_corpus(corpus, 5_000)
+    rows[4_000] = json.dumps({"_id": 4000, "title": "an integer id", "text": "among strings"})
+    corpus.write_text("\n".join(rows) + "\n")
+    new, old = _read_both(corpus)
+    assert line_reader_calls and new == old and len(new[0]) == 5_000 and new[0][4_000]["_id"] == "4000"
+
+
+@pytest.mark.parametrize("content", [
+    b'\xef\xbb\xbf{"_id": "a", "text": "a BOM"}\n',  # json.loads refuses the BOM, pyarrow would not
+    b'{"_id": "a", "text": "t"} {"_id": "b", "text": "two objects on one line"}\n',
+    b'{"_id": "0", "text": "t"}\n{"_id": "a",\n "text": "one object on two lines"}\n{"_id": "b", "text": "u"}\n',
+    b'{"_id": "0", "text": "t"}\n{"_id": "a",\n "text": "t"} {"_id": "b", "text": "both at once"}\n',
+    b'{"_id": "a", "text": "t"}\r{"_id": "b", "text": "a lone carriage return"}\n',
+    b'{"_id": "0", "text": "t"}\n{"_id": "a",\r"text": "t"}\n',
+    b'{"_id": "a", "text": "windows"}\r\n{"_id": "b", "text": "line ends"}\r\n',
+    b'{"_id": "a", "text": "t"}\n\n   \n{"_id": "b", "text": "blank lines"}\n\n',
+    b'{"_id": "a", "text": "t"}   \n{"_id": "b", "text": "trailing spaces"}',
+    b'{"_id": "a", "text": "t", "text": "a repeated key"}\n',
+    b'{"_id": null, "text": "null id"}\n',
+    b'{"_id": true, "text": "bool id"}\n',
+    b'{"_id": 1.5, "text": "float id"}\n{"_id": 1e3, "text": "float id"}\n',
+    b'{"_id": 9223372036854775808, "text": "beyond int64"}\n',
+    b'{"_id": 1, "text": "int then string"}\n{"_id": "2", "text": "t"}\n',
+    b'{"_id": "a", "title": 5, "text": "a number title"}\n{"_id": "b", "title": false, "text": "false"}\n',
+    b'{"_id": "a", "text": 5}\n',
+    b'{"_id": "a", "text": null}\n',
+    b'{"_id": "a"}\n',
+    b'["_id", "text"]\n',
+    b'{"_id": "a", "text": "t", "metadata": "caf\xe9"}\n',  # not UTF-8 in a field nobody reads
+    b'{"_id": "a", "text": "t", "m": NaN}\n',
+    b'{"_id": "a", "text": "a lone surrogate \\ud800"}\n',
+    b'{"_id": "a", "text": "no final newline"}',
+    b'\n\n',
+])
+def test_what_pyarrow_takes_differently_goes_to_the_line_reader(tmp_path, content):
+    """Rows, types and error messages of the pyarrow route are those of the line reader (today's), also where
+    pyarrow alone would take a file json.loads refuses, or refuse one it takes."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(content)
+    new, old = _read_both(corpus)
+    assert new == old
+
+
+def test_jsonl_through_pyarrow_equals_the_line_reader_on_a_generated_file(tmp_path, line_reader_calls):
+    import random
+
+    rng = random.Random(5)
+    words = ["dense", "retrieval", "café", "naïve", "数据", "😀", 'a "quote"', "back\\slash", "tab\there", "new\nline"]
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for i in range(3_000):
+            row = {"_id": f"doc-{i}", "title": rng.choice(["", None, "Über", "t"]),
+                   "text": " ".join(rng.choices(words, k=rng.randint(0, 40))), "metadata": {"n": i, "w": words}}
+            if i % 5 == 0:
+                del row["title"]
+            f.write(json.dumps(row, ensure_ascii=rng.random() < 0.5) + "\n")
+    with open(tmp_path / "int-ids.jsonl", "w") as f:
+        for i in range(3_000):
+            f.write(json.dumps({"_id": i * 7919 - 100_000, "text": f"passage {i}"}) + "\n")
+    for name in ("corpus.jsonl", "int-ids.jsonl"):
+        new, old = _read_both(tmp_path / name)
+        assert new == old and len(new[0]) == 3_000
+    assert len(line_reader_calls) == 2  # the two reference reads only: pyarrow took both files
