@@ -11,8 +11,7 @@
   files the kernel can drop; VmRSS: both), `peak_rss_mb()` (VmHWM: this process's peak RSS, afresh after exec),
   `maxrss_mb()` (getrusage's ru_maxrss, which Linux carries over fork and exec), and `RssSampler`, a background
   thread that keeps the peaks of chosen fields (overall and per labelled step).
-- `write_json(path, record)` writes one JSON record (parent folders made); `add_json_option(parser)` adds the
-  `--json PATH` option that means "also write the record here".
+- `write_json(path, record)` writes one JSON record (parent folders made).
 
 Imported by the scripts in bench/ (their folder is on sys.path when run as `python bench/NAME.py`).
 """
@@ -156,8 +155,3 @@ def write_json(path, record, indent: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=indent))
     return path
-
-
-def add_json_option(parser, help: str = "also write the result as JSON to this file") -> None:
-    """The benchmarks' `--json PATH` option (`args.json`: a Path or None)."""
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help=help)
