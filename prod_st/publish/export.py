@@ -200,7 +200,6 @@ def _scores_array(scores: np.ndarray) -> pa.Array:
 
 def _export_stage(folder: Path, out: Path, formats: tuple[str, ...], corpus: _UniqueTexts | None,
                   queries: _UniqueTexts | None, bar) -> StageExport:
-
     data = read_rows(folder / TRAIN_DATA).data.table  # memory-mapped
     ids = _memory_mapped(folder / ROW_IDS) if (folder / ROW_IDS).is_file() else None
     negatives = [c for c in data.column_names if c.startswith("negative_")]
@@ -291,7 +290,6 @@ def export_run(run_dir: Path | str, out: Path | str, *, stages: list[str] | None
 
 
 def _row_count(folder: Path) -> int:
-
     return read_rows(folder / TRAIN_DATA).num_rows
 
 

