@@ -1,21 +1,26 @@
-"""Does PROD help? Five schedules with the same student, data, teachers and number of student steps and
-examples, three seeds each, tested on the recipe's slice and on the full wordnet-gloss corpus.
+"""Does PROD help? Six schedules with the same student, data, teachers and number of student steps and
+examples, each tuned on dev with the same trials, three seeds each, tested on the recipe's slice and on the full
+wordnet-gloss corpus.
 
 Rows, derived from recipes/ablations/prod.yaml by moving student steps between stages (same batch size):
-  (a) contrastive   warm-up only: the hard loss on resampled mined negatives, for every step
-  (b) kd-strongest  warm-up, then single-step KD from the strongest teacher (the last stage's: the ensemble)
-  (c) kd-bi         warm-up, then single-step KD from the bi-encoder teacher
-  (d) tpd           warm-up, then every teacher stage of the chain (bi -> ce -> ens): teacher progressive distillation
-  (e) prod          (d) + DPD (data progressive distillation): the base recipe itself
-The data subsets and the teachers have their own seeds in the recipe, so a row's seeds vary only the student's
-training; teachers are trained once and come from the prod-st cache in every other run. Tuning reads dev only.
+  (a)  contrastive        PROD's schedule with no teacher: every stage (and DPD's steps) contrastive at its own lr,
+                          re-mined by the current student before each stage, the same negatives per query
+  (b)  kd-strongest       warm-up, then single-step KD from the strongest teacher (the last stage's), regulariser 1.0
+  (b0) kd-strongest-reg0  the same at regulariser 0
+  (c)  kd-bi              warm-up, then single-step KD from the bi-encoder teacher
+  (d)  tpd                warm-up, then every teacher stage of the chain: teacher progressive distillation
+  (e)  prod               (d) + DPD (data progressive distillation): the base recipe itself
+Tuning: every row's first seed runs at each of LR_SCALES (every student learning rate times 0.5, 1, 2); the other
+seeds run at the scale whose final student is best on dev (test is never read for it). The data subsets and the
+teachers have their own seeds in the recipe, so a row's seeds vary only the student's training; teachers are
+trained once and come from the prod-st cache in every other run.
 
-    python bench/ablation.py                       # 5 rows x 3 seeds, full-corpus test too (~2-3 h on 2 cores)
-    python bench/ablation.py --rows a,e --seeds 1 --full-corpus none     # a quick look
+    python bench/ablation.py                       # 6 rows x (3 trials + 2 seeds), full-corpus test too (hours)
+    python bench/ablation.py --rows a,e --seeds 1 --lr-scales 1 --full-corpus none     # a quick look
     python bench/ablation.py --write-recipes DIR    # the derived recipes as YAML files, to read or run alone
 
-Run folders go to bench/out/ablation/<row>-s<seed>/ (a rerun resumes them); the table goes to stdout and
-bench/out/ablation/table.md, the plot to bench/out/ablation/ablation.png.
+Run folders go to bench/out/ablation/<row>-<name>[-x<lr scale>]-s<seed>/ (a rerun resumes them); the table goes to
+stdout and bench/out/ablation/table.md, the plot to bench/out/ablation/ablation.png.
 """
 
 from __future__ import annotations
@@ -30,53 +35,80 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timer, reference_unit, write_json  # noqa: E402  (`from ablation import reference_unit` works)
+from harness import Timer, reference_unit, write_json  # (`from ablation import reference_unit` works)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "ablations" / "prod.yaml"
 OUT = ROOT / "bench" / "out" / "ablation"
-ROWS = {"a": "contrastive", "b": "kd-strongest", "c": "kd-bi", "d": "tpd", "e": "prod"}
+ROWS = {"a": "contrastive", "b": "kd-strongest", "b0": "kd-strongest-reg0", "c": "kd-bi", "d": "tpd", "e": "prod"}
 METRICS = ("nDCG@10", "MRR@10", "R@100")
+LR_SCALES = (0.5, 1.0, 2.0)  # the dev-tuning trials of every row: each student stage's lr (and DPD's) times this
 
 
-def derive(base: dict, row: str) -> dict:
+def derive(base: dict, row: str, lr_scale: float = 1.0) -> dict:
     """Row `row`'s recipe (a dict) from the PROD base: the same total of student steps and batch size. The base's
-    stages are the warm-up, then the teacher chain weakest to strongest (its first teacher: the bi-encoder)."""
+    stages are the warm-up, then the teacher chain weakest to strongest (its first teacher: the bi-encoder).
+    `lr_scale` multiplies every student learning rate (the dev-tuning trial)."""
     recipe = copy.deepcopy(base)
     warmup, *chain = recipe["stages"]
     if warmup.get("kind") != "warmup" or not chain:
         raise SystemExit("the base recipe's stages must be a warm-up, then the teacher stages")
-    dpd_steps = recipe["dpd"]["max_steps"]
+    dpd = recipe["dpd"]
     total = student_steps(recipe)
-    if len({s["batch_size"] for s in recipe["stages"]} | {recipe["dpd"]["batch_size"]}) != 1:
+    if len({s["batch_size"] for s in recipe["stages"]} | {dpd["batch_size"]}) != 1:
         raise SystemExit("the base recipe must use one batch size everywhere (equal examples per row)")
-    if row == "e":
-        return recipe
-    recipe["dpd"] = None
     rest = total - warmup["max_steps"]
-    if row == "a":
-        recipe["stages"] = [warmup | {"max_steps": total}]
+    if row != "e":
+        recipe["dpd"] = None
+    if row == "a":  # PROD's schedule with no teacher: each stage contrastive at its lr, re-mined by the student
+        contrastive = [contrastive_stage(s) for s in chain]
+        contrastive.append(contrastive_stage({"name": "dpd", "lr": dpd["lr"], "max_steps": dpd["max_steps"],
+                                              "batch_size": dpd["batch_size"],
+                                              "negatives": {"miner": "student", "start": 1,
+                                                            "end": dpd["rerank_depth"],
+                                                            "count": dpd["num_negatives"]}}))
+        recipe["stages"] = [warmup, *contrastive]
         recipe["teachers"] = {}  # no teacher teaches (nor needs training) here
-    elif row == "b":
-        recipe["stages"] = [warmup, chain[-1] | {"max_steps": rest}]
+    elif row in ("b", "b0"):
+        strongest = chain[-1] | {"max_steps": rest}
+        if row == "b0":
+            strongest["loss"] = strongest["loss"] | {"reg_weight": 0.0}
+        recipe["stages"] = [warmup, strongest]
     elif row == "c":
         recipe["stages"] = [warmup, chain[0] | {"max_steps": rest}]
         recipe["teachers"] = {chain[0]["teacher"]: recipe["teachers"][chain[0]["teacher"]]}
     elif row == "d":
-        recipe["stages"] = [warmup, *chain[:-1], chain[-1] | {"max_steps": chain[-1]["max_steps"] + dpd_steps}]
+        recipe["stages"] = [warmup, *chain[:-1], chain[-1] | {"max_steps": chain[-1]["max_steps"] + dpd["max_steps"]}]
+    for stage in recipe["stages"]:
+        stage["lr"] = stage["lr"] * lr_scale
+    if recipe["dpd"]:
+        recipe["dpd"]["lr"] = recipe["dpd"]["lr"] * lr_scale
     return recipe
+
+
+def contrastive_stage(stage: dict) -> dict:
+    """A teacher stage (or DPD) as a contrastive stage: the hard loss on in-batch + the student's freshly mined
+    negatives, the same steps, batch size, lr and number of mined negatives, no teacher."""
+    return {"name": f"{stage['name']}-contrastive", "kind": "warmup", "candidates": "in_batch",
+            "negatives": stage["negatives"], "lr": stage["lr"], "max_steps": stage["max_steps"],
+            "batch_size": stage["batch_size"]}
 
 
 def student_steps(recipe: dict) -> int:
     return sum(s["max_steps"] for s in recipe["stages"]) + (recipe["dpd"]["max_steps"] if recipe.get("dpd") else 0)
 
 
-def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
+def run_folder(row: str, seed: int, lr_scale: float = 1.0) -> Path:
+    trial = "" if lr_scale == 1.0 else f"-x{lr_scale:g}"
+    return OUT / f"{row}-{ROWS[row]}{trial}-s{seed}"
+
+
+def run_one(base: dict, row: str, seed: int, full_corpus: bool, lr_scale: float = 1.0) -> dict:
     from prod_st.recipe import parse_recipe
     from prod_st.runner import Runner
 
-    spec = derive(base, row) | {"name": f"ablation-{ROWS[row]}-s{seed}", "seed": seed}
-    folder = OUT / f"{row}-{ROWS[row]}-s{seed}"
+    spec = derive(base, row, lr_scale) | {"name": f"ablation-{ROWS[row]}-s{seed}", "seed": seed}
+    folder = run_folder(row, seed, lr_scale)
     recipe = parse_recipe(spec, f"ablation row {row}")
     done = folder / "ablation.json"
     if done.exists():  # a finished run: its result as recorded (full-corpus metrics added when now asked)
@@ -88,7 +120,7 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool) -> dict:
     unit = reference_unit()
     with Timer() as wall:
         final = Runner(recipe, folder).run()
-    result = {"row": row, "seed": seed, "steps": student_steps(spec), "test": final["test"],
+    result = {"row": row, "seed": seed, "lr_scale": lr_scale, "steps": student_steps(spec), "test": final["test"],
               "seconds": round(wall.seconds, 1), "run_seconds": final["seconds"]["run"],
               "unit_seconds": unit}
     stages = sorted(p for p in folder.iterdir() if p.name[:2].isdigit())
@@ -127,10 +159,35 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def final_dev(result: dict) -> float:
+    """The run's last student's dev nDCG@10 (what the tuning trials are chosen by; test is never read for it)."""
+    return list(result["dev"].values())[-1]["nDCG@10"]
+
+
+def chosen(results: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """Per row: the runs at its chosen lr scale (the best final dev nDCG@10 among the first seed's trials), and
+    the trials as text ("x0.5 0.6012 / *x1 0.6130* / x2 0.6101", dev nDCG@10)."""
+    kept, trials = [], {}
+    for row in ROWS:
+        mine = [r for r in results if r["row"] == row]
+        if not mine:
+            continue
+        first = min(r["seed"] for r in mine)
+        tried = sorted((r for r in mine if r["seed"] == first), key=lambda r: r.get("lr_scale", 1.0))
+        best = max(tried, key=final_dev).get("lr_scale", 1.0)
+        kept += [r for r in mine if r.get("lr_scale", 1.0) == best]
+        trials[row] = " / ".join(
+            (f"**x{r.get('lr_scale', 1.0):g} {final_dev(r):.4f}**" if r.get("lr_scale", 1.0) == best
+             else f"x{r.get('lr_scale', 1.0):g} {final_dev(r):.4f}") for r in tried)
+    return kept, trials
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| row | schedule | steps (trained) | seeds | " + " | ".join(f"slice {m}" for m in METRICS)
+    results, trials = chosen(results)
+    lines = ["| row | schedule | steps (trained) | seeds | dev trials (lr x, seed 1) | "
+             + " | ".join(f"slice {m}" for m in METRICS)
              + " | " + " | ".join(f"full {m}" for m in METRICS) + " | wall time per run |",
-             "|---|---|---|---|" + "---|" * (2 * len(METRICS)) + "---|"]
+             "|---|---|---|---|---|" + "---|" * (2 * len(METRICS)) + "---|"]
     for row, name in ROWS.items():
         mine = [r for r in results if r["row"] == row]
         if not mine:
@@ -143,6 +200,7 @@ def table(results: list[dict]) -> str:
         units = [r["run_seconds"] / r["unit_seconds"] for r in mine if r.get("unit_seconds")]
         in_units = f" ({statistics.mean(units):.0f} U)" if units else ""
         lines.append(f"| ({row}) | {name} | {mine[0]['steps']} ({'/'.join(map(str, trained))}) | {len(mine)} | "
+                     f"{trials[row]} | "
                      + " | ".join(cells) + f" | {wall:.0f} s{in_units} |")
     reference = next((r for r in results if r["row"] == "e"), results[0])
     lines.append("")
@@ -159,6 +217,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = chosen(results)[0]
     rows = [r for r in ROWS if any(x["row"] == r for x in results)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, row in enumerate(rows):
@@ -181,8 +240,11 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="a,b,c,d,e")
+    parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--lr-scales", default=",".join(f"{s:g}" for s in LR_SCALES),
+                        help="the first seed's dev-tuning trials of every row (each student lr times this); the "
+                        "other seeds run at the scale with the best final dev nDCG@10")
     parser.add_argument("--full-corpus", choices=("all", "first", "none"), default="all",
                         help="test on the full corpus for every seed, the first seed of each row, or none")
     parser.add_argument("--base", type=Path, default=BASE)
@@ -196,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    scales = [float(s) for s in args.lr_scales.split(",") if s]
     if args.write_recipes:
         args.write_recipes.mkdir(parents=True, exist_ok=True)
         for row in rows:
@@ -211,10 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         seeds = []  # nothing to run
     else:
         results = []
+    best: dict[str, float] = {}
     for seed in seeds:  # seed-major: every row has a result early
         for row in rows:
             full = args.full_corpus == "all" or (args.full_corpus == "first" and seed == seeds[0])
-            results.append(run_one(base, row, seed, full))
+            if seed == seeds[0]:
+                trials = [run_one(base, row, seed, full, scale) for scale in scales]
+                results += trials
+                best[row] = max(trials, key=final_dev).get("lr_scale", 1.0)
+            else:
+                results.append(run_one(base, row, seed, full, best[row]))
             print(f"row ({row}) seed {seed}: test nDCG@10 {results[-1]['test']['student']['nDCG@10']:.4f}",
                   file=sys.stderr, flush=True)
     text = table(results)

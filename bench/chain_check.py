@@ -13,8 +13,6 @@ from pathlib import Path
 
 from prod_st.recipe import load_recipe
 from prod_st.runner import Runner
-from prod_st.teachers.pool import TeacherPool
-from prod_st.training.stage_data import load_run_data
 
 
 def main() -> None:
@@ -23,12 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.run / "recipe.yaml")
     runner = Runner(recipe, args.run)
-    d = recipe.data
-    runner.data = load_run_data(d.dataset, splits=(d.train_split, d.dev_split, d.test_split),
-                                sizes=(d.train_queries, d.dev_queries, d.test_queries), corpus_size=d.corpus_size,
-                                seed=recipe.seed if d.seed is None else d.seed)
-    runner.teachers = TeacherPool(recipe.teachers, runner.data, folder=args.run / "teachers", seed=recipe.seed,
-                                  eval_batch_size=recipe.eval.batch_size, index=recipe.eval.index)
+    runner.load_data_and_teachers()  # as the run read them: same subsets, same precision, same caches
     names = list(recipe.teachers)
     stages = sorted(p for p in args.run.iterdir() if p.name[:2].isdigit() and (p / "dev_run.json").exists())
     metric, depth = recipe.eval.metric, recipe.eval.teacher_rerank_depth

@@ -108,8 +108,9 @@ class Runner(RunWorkspace):
         publish_run(self.dir, self.recipe.publish, self.plan.publish)
         return final
 
-    def run_steps(self, started: float) -> dict:
-        """Every step not finished yet, then the final test evaluation (final.json)."""
+    def load_data_and_teachers(self) -> None:
+        """The run's data subsets and its teacher pool (teachers are built on first use), as every step reads
+        them."""
         r, d = self.recipe, self.recipe.data
         with cost.step("load data", {}, "data"):
             self.data = load_run_data(  # an evaluate-only recipe reads no train split, and maybe no dev split
@@ -124,6 +125,11 @@ class Runner(RunWorkspace):
                                     eval_batch_size=e.batch_size, index=e.index, corpus_dtype=e.corpus_dtype,
                                     index_train_size=e.index_train_size, search_backend=e.search,
                                     precision=resolve_precision(r.training.precision))
+
+    def run_steps(self, started: float) -> dict:
+        """Every step not finished yet, then the final test evaluation (final.json)."""
+        r = self.recipe
+        self.load_data_and_teachers()
         records = [self.init_stage()]
         for i, stage in enumerate(r.stages, 1):
             records.append(self.run_stage(i, stage, records))
