@@ -108,9 +108,9 @@ class Runner(RunWorkspace):
         publish_run(self.dir, self.recipe.publish, self.plan.publish)
         return final
 
-    def load_data_and_teachers(self) -> None:
+    def load_data_and_teachers(self, teachers_folder: Path | None = None) -> None:
         """The run's data subsets and its teacher pool (teachers are built on first use), as every step reads
-        them."""
+        them; teachers trained here are saved under `teachers_folder` (default: the run's `teachers/`)."""
         r, d = self.recipe, self.recipe.data
         with cost.step("load data", {}, "data"):
             self.data = load_run_data(  # an evaluate-only recipe reads no train split, and maybe no dev split
@@ -121,7 +121,7 @@ class Runner(RunWorkspace):
         if r.training.precision == "auto":
             logger.info("training.precision auto: %s on this machine", resolve_precision("auto"))
         e = r.eval
-        self.teachers = TeacherPool(r.teachers, self.data, folder=self.dir / "teachers", seed=r.seed,
+        self.teachers = TeacherPool(r.teachers, self.data, folder=teachers_folder or self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=e.batch_size, index=e.index, corpus_dtype=e.corpus_dtype,
                                     index_train_size=e.index_train_size, search_backend=e.search,
                                     precision=resolve_precision(r.training.precision))
