@@ -164,6 +164,15 @@ def final_dev(result: dict) -> float:
     return list(result["dev"].values())[-1]["nDCG@10"]
 
 
+def scale_of(result: dict) -> float:
+    return result.get("lr_scale", 1.0)  # runs recorded before the trials existed ran at x1
+
+
+def best_scale(trials: list[dict]) -> float:
+    """The lr scale of the trial whose final student is best on dev."""
+    return scale_of(max(trials, key=final_dev))
+
+
 def chosen(results: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """Per row: the runs at its chosen lr scale (the best final dev nDCG@10 among the first seed's trials), and
     the trials as text ("x0.5 0.6012 / *x1 0.6130* / x2 0.6101", dev nDCG@10)."""
@@ -173,12 +182,11 @@ def chosen(results: list[dict]) -> tuple[list[dict], dict[str, str]]:
         if not mine:
             continue
         first = min(r["seed"] for r in mine)
-        tried = sorted((r for r in mine if r["seed"] == first), key=lambda r: r.get("lr_scale", 1.0))
-        best = max(tried, key=final_dev).get("lr_scale", 1.0)
-        kept += [r for r in mine if r.get("lr_scale", 1.0) == best]
-        trials[row] = " / ".join(
-            (f"**x{r.get('lr_scale', 1.0):g} {final_dev(r):.4f}**" if r.get("lr_scale", 1.0) == best
-             else f"x{r.get('lr_scale', 1.0):g} {final_dev(r):.4f}") for r in tried)
+        tried = sorted((r for r in mine if r["seed"] == first), key=scale_of)
+        best = best_scale(tried)
+        kept += [r for r in mine if scale_of(r) == best]
+        trials[row] = " / ".join(f"**x{scale_of(r):g} {final_dev(r):.4f}**" if scale_of(r) == best
+                                 else f"x{scale_of(r):g} {final_dev(r):.4f}" for r in tried)
     return kept, trials
 
 
@@ -281,11 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             if seed == seeds[0]:
                 trials = [run_one(base, row, seed, full, scale) for scale in scales]
                 results += trials
-                best[row] = max(trials, key=final_dev).get("lr_scale", 1.0)
+                best[row] = best_scale(trials)
+                shown = next(r for r in trials if scale_of(r) == best[row])
             else:
-                results.append(run_one(base, row, seed, full, best[row]))
-            print(f"row ({row}) seed {seed}: test nDCG@10 {results[-1]['test']['student']['nDCG@10']:.4f}",
-                  file=sys.stderr, flush=True)
+                shown = run_one(base, row, seed, full, best[row])
+                results.append(shown)
+            print(f"row ({row}) seed {seed} at lr x{best[row]:g}: test nDCG@10 "
+                  f"{shown['test']['student']['nDCG@10']:.4f}", file=sys.stderr, flush=True)
     text = table(results)
     (OUT / "table.md").write_text(text + "\n")
     plot(results, OUT / "ablation.png")
