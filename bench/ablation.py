@@ -10,12 +10,12 @@ Rows, derived from recipes/ablations/prod.yaml by moving student steps between s
   (c)  kd-bi              warm-up, then single-step KD from the bi-encoder teacher
   (d)  tpd                warm-up, then every teacher stage of the chain: teacher progressive distillation
   (e)  prod               (d) + DPD (data progressive distillation): the base recipe itself
-Tuning: every row's first seed runs at each of LR_SCALES (every student learning rate times 0.5, 1, 2, 4); the other
+Tuning: every row's first seed runs at each of LR_SCALES (every student learning rate times 0.5, 1, 2, 4, 8); the other
 seeds run at the scale whose final student is best on dev (test is never read for it). The data subsets and the
 teachers have their own seeds in the recipe, so a row's seeds vary only the student's training; teachers are
 trained once and come from the prod-st cache in every other run.
 
-    python bench/ablation.py                       # 6 rows x (4 trials + 2 seeds), full-corpus test too (hours)
+    python bench/ablation.py                       # 6 rows x (5 trials + 2 seeds), full-corpus test too (hours)
     python bench/ablation.py --rows a,e --seeds 1 --lr-scales 1 --full-corpus none     # a quick look
     python bench/ablation.py --write-recipes DIR    # the derived recipes as YAML files, to read or run alone
 
@@ -42,7 +42,7 @@ BASE = ROOT / "recipes" / "ablations" / "prod.yaml"
 OUT = ROOT / "bench" / "out" / "ablation"
 ROWS = {"a": "contrastive", "b": "kd-strongest", "b0": "kd-strongest-reg0", "c": "kd-bi", "d": "tpd", "e": "prod"}
 METRICS = ("nDCG@10", "MRR@10", "R@100")
-LR_SCALES = (0.5, 1.0, 2.0, 4.0)  # the dev-tuning trials of every row: each student stage's lr (and DPD's) times this
+LR_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)  # the dev-tuning trials of every row: each student stage's lr (and DPD's) times this
 
 
 def derive(base: dict, row: str, lr_scale: float = 1.0) -> dict:
