@@ -68,3 +68,58 @@ def test_the_table_keeps_the_runs_at_the_lr_chosen_on_dev_never_on_test():
     kept, trials = ablation.chosen(runs)
     assert [(r["seed"], r["lr_scale"]) for r in kept] == [(1, 1.0), (2, 1.0)]
     assert trials["c"] == "x0.5 0.6000 / **x1 0.6200** / x2 0.6100"
+
+
+FULL = {"nDCG@10": 0.3, "MRR@10": 0.2, "R@100": 0.7}
+
+
+class FakeRunner:
+    """Stands in for prod_st.runner.Runner: a finished run with one stage whose student's dev nDCG@10 is the lr
+    scale / 10 (so x8 is chosen) and whose test number is fixed."""
+
+    runs: list[Path] = []
+
+    def __init__(self, recipe, folder: Path):
+        self.recipe, self.folder = recipe, Path(folder)
+
+    def run(self) -> dict:
+        FakeRunner.runs.append(self.folder)
+        scale = round(self.recipe.stages[0].lr / 2e-5, 3)
+        stage = self.folder / "01-warmup"
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "metrics.json").write_text(
+            '{"student_dev": {"nDCG@10": %f}, "train": {"steps": 230}}' % (scale / 10))
+        (self.folder / "student").mkdir(exist_ok=True)
+        metrics = {"nDCG@10": 0.5, "MRR@10": 0.4, "R@100": 0.9}
+        return {"test": {"student": metrics, "student_before_training": metrics, "teachers": {}},
+                "seconds": {"run": 1.0}}
+
+
+def test_only_the_chosen_trial_is_tested_on_the_full_corpus_and_a_run_without_its_student_is_rerun(
+        base, tmp_path, monkeypatch):
+    import prod_st.runner
+
+    monkeypatch.setattr(ablation, "OUT", tmp_path)
+    monkeypatch.setattr(prod_st.runner, "Runner", FakeRunner)
+    monkeypatch.setattr(ablation, "reference_unit", lambda: 1.0)
+    monkeypatch.setattr(ablation, "plot", lambda results, path: None)
+    full_tested = []
+    monkeypatch.setattr(ablation, "full_corpus_metrics",
+                        lambda recipe, folder: full_tested.append(folder.name) or dict(FULL))
+    assert base["stages"][0]["lr"] == 2e-5  # FakeRunner reads the scale from it
+    # x4 was recorded elsewhere (bench/ablation-results/) with another test number and no student folder
+    recorded = ablation.run_folder("c", 1, 4.0)
+    recorded.mkdir(parents=True)
+    (recorded / "ablation.json").write_text('{"row": "c", "seed": 1, "lr_scale": 4.0, "test": {"student": '
+                                            '{"nDCG@10": 0.7}}, "dev": {"01": {"nDCG@10": 0.4}}}')
+    FakeRunner.runs = []
+    assert ablation.main(["--rows", "c", "--seeds", "1,2", "--lr-scales", "1,4,8"]) == 0
+    assert full_tested == ["c-kd-bi-x8-s1", "c-kd-bi-x8-s2"]  # not the x1 and x4 trials
+    assert [p.name for p in FakeRunner.runs] == ["c-kd-bi-s1", "c-kd-bi-x8-s1", "c-kd-bi-x8-s2"]  # x4 kept
+    # asked for the full corpus now, the recorded x4 run has no student: it runs again, and says it differed
+    assert ablation.main(["--rows", "c", "--seeds", "1", "--lr-scales", "4"]) == 0
+    assert FakeRunner.runs[-1].name == "c-kd-bi-x4-s1"
+    rerun = yaml.safe_load((recorded / "ablation.json").read_text())
+    assert rerun["rerun_of"] == {"test_nDCG@10": 0.7, "reproduced": False}
+    assert rerun["full"] == FULL
+    assert (recorded / "ablation.recorded.json").exists()
