@@ -236,6 +236,8 @@ class Bench:
 
     # ---- training steps --------------------------------------------------------------------------------------
     def train(self, label: str, stage_name: str, batch: int, steps: int, precision: str) -> None:
+        from transformers import TrainerCallback
+
         from prod_st.training import student_training
         from prod_st.training.losses import PRODLoss
         from prod_st.training.stage_data import TrainingRows, labelled_dataset
@@ -262,20 +264,16 @@ class Bench:
         stamps: list[float] = []
         device = self.device
 
-        class TimedSteps(student_training.CompleteCheckpoints):  # the run's callback, plus a clock; no saves
+        class TimedSteps(TrainerCallback):  # after the run's checkpointing callback: a clock, and no saves
             def on_step_end(self, args, state, control, **kwargs):
                 sync(device)
                 stamps.append(time.perf_counter())
                 control.should_save = False
                 return control
 
-        original = student_training.CompleteCheckpoints
-        student_training.CompleteCheckpoints = TimedSteps
-        try:
-            student_training.train_stage(self.student, dataset, loss, folder, spec, label, {}, training=training,
-                                         seed=self.recipe.seed, no_duplicates=in_batch, progress=False)
-        finally:
-            student_training.CompleteCheckpoints = original
+        student_training.train_stage(self.student, dataset, loss, folder, spec, label, {}, training=training,
+                                     seed=self.recipe.seed, no_duplicates=in_batch, progress=False,
+                                     callbacks=[TimedSteps()])
         self.out["meta"]["train_device"] = str(self.student.device)
         if len(stamps) < warm + 2:
             raise RuntimeError(f"only {len(stamps)} steps timed")

@@ -101,6 +101,7 @@ def train_student(
     training=None,
     progress: bool = True,
     evaluator=None,
+    callbacks: list | None = None,
 ) -> dict[str, float]:
     """Train `model` in place on `dataset`, resuming from the newest complete checkpoint under `workdir` if any.
     About `checkpoints` checkpoints are written over the stage; only the last complete one is kept. With
@@ -110,7 +111,8 @@ def train_student(
     None = its defaults. `max_steps` counts optimizer steps; without it, `epochs` passes over one block. Either
     way the trainer is given its steps (`prod_st.training.steps.plan_steps`, which counts every process's batches), and
     under torchrun every rank reads equal batches (`EpochBlockBatchSampler`). `evaluator` (a RetrievalEvaluator
-    on dev) is the trainer's, run when the arguments set an eval_strategy."""
+    on dev) is the trainer's, run when the arguments set an eval_strategy. `callbacks`: more TrainerCallbacks, after
+    the checkpointing one (bench/gpu_throughput.py times steps with one)."""
     accumulation = training.gradient_accumulation_steps if training is not None else 1
     block_size = block_size or len(dataset)
     total = plan_steps(block_size, batch_size, epochs=epochs, max_steps=max_steps, accumulation=accumulation,
@@ -136,7 +138,7 @@ def train_student(
         **training_roles(model, dataset.column_names),
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                         evaluator=evaluator, callbacks=[CompleteCheckpoints(workdir)])
+                                         evaluator=evaluator, callbacks=[CompleteCheckpoints(workdir), *(callbacks or ())])
     last = last_complete_checkpoint(workdir)
     if is_main():
         prune_checkpoints(workdir, keep=last)  # half-written ones from a kill, and older complete ones
@@ -148,7 +150,8 @@ def train_student(
 
 
 def train_stage(student, dataset, loss, folder: Path, spec, name: str, seconds: dict, *, training, seed: int,
-                no_duplicates: bool, block_size: int | None = None, progress: bool = True, evaluator=None) -> dict:
+                no_duplicates: bool, block_size: int | None = None, progress: bool = True, evaluator=None,
+                callbacks: list | None = None) -> dict:
     """One stage's (or DPD round's) training with its optimisation settings (`spec`: lr, epochs, max_steps,
     batch_size, warmup_ratio), checkpoints under `<folder>/checkpoints`: its steps from `plan_steps` (every
     process's batches), a cost line, then `train_student`. `block_size`: the dataset holds consecutive epochs of
@@ -165,5 +168,5 @@ def train_stage(student, dataset, loss, folder: Path, spec, name: str, seconds: 
         return train_student(
             student, dataset, loss, workdir=folder / "checkpoints", lr=spec.lr, epochs=spec.epochs, max_steps=steps,
             batch_size=spec.batch_size, warmup_ratio=spec.warmup_ratio, seed=seed, no_duplicates=no_duplicates,
-            block_size=block_size, training=training, progress=progress, evaluator=evaluator,
+            block_size=block_size, training=training, progress=progress, evaluator=evaluator, callbacks=callbacks,
         )
