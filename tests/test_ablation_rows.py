@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -77,7 +78,7 @@ class FakeRunner:
     """Stands in for prod_st.runner.Runner: a finished run with one stage whose student's dev nDCG@10 is the lr
     scale / 10 (so x8 is chosen) and whose test number is fixed."""
 
-    runs: list[Path] = []
+    runs: ClassVar[list[Path]] = []
 
     def __init__(self, recipe, folder: Path):
         self.recipe, self.folder = recipe, Path(folder)
