@@ -110,7 +110,8 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool, lr_scale: float 
     spec = derive(base, row, lr_scale) | {"name": f"ablation-{ROWS[row]}-s{seed}", "seed": seed}
     folder = run_folder(row, seed, lr_scale)
     recipe = parse_recipe(spec, f"ablation row {row}")
-    done, previous = folder / "ablation.json", folder / "ablation.recorded.json"
+    done, previous = folder / "ablation.json", OUT / "recorded" / f"{folder.name}.json"  # (not in the run folder:
+    # prod-st runs only into an empty folder or its own)
     recorded = json.loads(previous.read_text()) if previous.exists() else None  # a rerun cut short resumes
     if done.exists():  # a finished run: its result as recorded (full-corpus metrics added when now asked)
         result = json.loads(done.read_text())
@@ -123,6 +124,7 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool, lr_scale: float 
         # Recorded on another machine (bench/ablation-results/) without its student: run it again, and say
         # whether the rerun reproduces the recorded test number.
         recorded = result
+        previous.parent.mkdir(parents=True, exist_ok=True)
         done.rename(previous)
     unit = reference_unit()
     with Timer() as wall:

@@ -81,7 +81,10 @@ class FakeRunner:
     runs: ClassVar[list[Path]] = []
 
     def __init__(self, recipe, folder: Path):
+        from prod_st.run.run_folder import check_folder
+
         self.recipe, self.folder = recipe, Path(folder)
+        check_folder(self.folder, recipe.name, force=False)  # prod-st's own: an empty folder or its own run
 
     def run(self) -> dict:
         FakeRunner.runs.append(self.folder)
@@ -123,4 +126,4 @@ def test_only_the_chosen_trial_is_tested_on_the_full_corpus_and_a_run_without_it
     rerun = yaml.safe_load((recorded / "ablation.json").read_text())
     assert rerun["rerun_of"] == {"test_nDCG@10": 0.7, "reproduced": False}
     assert rerun["full"] == FULL
-    assert (recorded / "ablation.recorded.json").exists()
+    assert (tmp_path / "recorded" / "c-kd-bi-x4-s1.json").exists()
