@@ -107,7 +107,8 @@ class TeacherPool:
         rows = build_rows(self.data, negatives, train.num_negatives, drop_incomplete=True, qrels=qrels)
         queries, positives, negatives = rows.texts()
         triples = list(zip(queries, positives, negatives))
-        logger.info("teacher %r: training a %s from %s on %d queries", name, spec.kind, train.backbone, len(triples))
+        logger.info("teacher %r: a %s from %s on %d queries (trained once, then cached)", name, spec.kind,
+                    train.backbone, len(triples))
         common = dict(epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size, lr=train.lr,
                       seed=seed, precision=self.precision)
         if spec.kind == "bi-encoder":
