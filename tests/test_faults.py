@@ -345,3 +345,26 @@ def test_a_full_disk_mid_run_is_one_line_exit_4_then_the_rerun_resumes(monkeypat
     with caplog.at_level(logging.INFO, logger="prod_st.run"):
         assert run_cli(monkeypatch, capsys, "run", str(path), "--output", str(run_dir)) == (0, [])
     assert "redoing 02-bi (from its last checkpoint), 03-ce, 04-dpd-1, final; keeping 00-init, 01-warmup" in caplog.text
+
+
+def test_what_a_killed_teacher_training_left_is_removed_when_the_key_is_trained(tmp_path, monkeypatch):
+    trained = tmp_path / "teachers" / "trained"
+    monkeypatch.setattr(teacher_training, "model_fingerprint", lambda model: "base")
+    key = teacher_training.text_key("base", teacher_training.rows_key([]), settings={"kind": "bi-encoder"})
+    left = trained / f".{key}.work-rank0"  # a run killed while saving its model
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "model.safetensors").write_bytes(b"half")
+    other = trained / ".another-key.work-rank0"  # another teacher's: not this training's to touch
+    other.mkdir()
+    seen = []
+
+    class Model:
+        def save(self, path):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+    loaded = teacher_training._cached_training("bi-encoder", Model(), [], {}, tmp_path / "teachers",
+                                               lambda model, workdir: seen.append(workdir.parent.exists()),
+                                               lambda path: path)
+    assert (loaded / "model.safetensors").read_bytes() == b"weights" and seen == [False]
+    assert sorted(p.name for p in trained.iterdir()) == sorted([key, f".{key}.lock", other.name])

@@ -44,7 +44,7 @@ from prod_st.training.losses.contrastive import contrastive_loss, score_scale
 from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
 from prod_st.util import locks
-from prod_st.util.distributed import all_gather, barrier, is_main, world_size
+from prod_st.util.distributed import all_gather, barrier, is_main, rank, world_size
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
 from prod_st.util.models import load_model
@@ -144,8 +144,11 @@ def _load_or_discard(final: Path, load: Callable[[Path], M]) -> M | None:
 
 
 def _train_into(kind: str, base, rows, settings: dict, train: Callable, trained: Path, final: Path) -> None:
-    """Train `base` in a temp folder and move the model to `final` with its DONE marker (rank 0 saves)."""
-    workdir = trained / f".{final.name}.work-{os.getpid()}"
+    """Train `base` in a temp folder and move the model to `final` with its DONE marker (rank 0 saves). The temp
+    folder is named by the key and the rank, and only one run trains a key at a time (the lock): what a killed
+    run left there (up to a saved model) is removed first, so kills do not pile up folders in the cache."""
+    workdir = trained / f".{final.name}.work-rank{rank()}"
+    shutil.rmtree(workdir, ignore_errors=True)
     started = time.time()
     with writing(workdir):
         train(base, workdir / "trainer")
