@@ -273,6 +273,18 @@ def test_train_cross_encoder_is_cached(tiny_ce_dir, tmp_path, monkeypatch):
         train_cross_encoder(tiny_ce_dir, ROWS[:4], **kwargs)
 
 
+def test_a_cross_encoder_teacher_is_the_same_whatever_ran_before_it(tiny_model_dir, tmp_path):
+    """The cache (and every ablation row sharing a teacher) relies on it: the same rows, settings and seed give the
+    same weights, the new 1-logit head included, whatever the process's random state was (bf16, as the ablation)."""
+    kwargs = dict(batch_size=4, epochs=2, max_length=32, seed=13, precision="bf16")
+    first = train_cross_encoder(tiny_model_dir, ROWS, cache_root=tmp_path / "a", **kwargs)
+    torch.rand(1000)
+    np.random.rand(1000)
+    second = train_cross_encoder(tiny_model_dir, ROWS, cache_root=tmp_path / "b", **kwargs)
+    assert model_fingerprint(first) == model_fingerprint(second)
+    assert model_fingerprint(first) != model_fingerprint(load_cross_encoder(tiny_model_dir, max_length=32, num_labels=1))
+
+
 def test_train_bi_encoder_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     kwargs = dict(output_dir=tmp_path / "run", batch_size=4, epochs=1, seed=1, cache_root=tmp_path)
     model = train_bi_encoder(tiny_model_dir, ROWS, **kwargs)
