@@ -206,7 +206,7 @@ def table(results: list[dict]) -> str:
     results, trials = chosen(results)
     lines = ["| row | schedule | steps (trained) | seeds | dev trials (lr x, seed 1) | "
              + " | ".join(f"slice {m}" for m in METRICS)
-             + " | " + " | ".join(f"full {m}" for m in METRICS) + " | wall time per run |",
+             + " | " + " | ".join(f"full {m}" for m in METRICS) + " | median wall time per run |",
              "|---|---|---|---|---|" + "---|" * (2 * len(METRICS)) + "---|"]
     for row, name in ROWS.items():
         mine = [r for r in results if r["row"] == row]
@@ -215,10 +215,11 @@ def table(results: list[dict]) -> str:
         trained = sorted({r["trained_steps"] for r in mine})
         cells = [mean_spread([r["test"]["student"][m] for r in mine]) for m in METRICS]
         full = [r for r in mine if "full" in r]
-        cells += [mean_spread([r["full"][m] for r in full]) if full else "-" for m in METRICS]
-        wall = statistics.mean(r["run_seconds"] for r in mine)
+        some = f" ({len(full)} of {len(mine)} seeds)" if full and len(full) < len(mine) else ""
+        cells += [mean_spread([r["full"][m] for r in full]) + some if full else "-" for m in METRICS]
+        wall = statistics.median(r["run_seconds"] for r in mine)
         units = [r["run_seconds"] / r["unit_seconds"] for r in mine if r.get("unit_seconds")]
-        in_units = f" ({statistics.mean(units):.0f} U)" if units else ""
+        in_units = f" ({statistics.median(units):.0f} U)" if units else ""
         lines.append(f"| ({row}) | {name} | {mine[0]['steps']} ({'/'.join(map(str, trained))}) | {len(mine)} | "
                      f"{trials[row]} | "
                      + " | ".join(cells) + f" | {wall:.0f} s{in_units} |")
