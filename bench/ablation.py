@@ -35,7 +35,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timer, reference_unit, write_json  # (`from ablation import reference_unit` works)
+# (`from ablation import reference_unit` works)
+from harness import Timer, installed_versions, reference_unit, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "ablations" / "prod.yaml"
@@ -131,7 +132,7 @@ def run_one(base: dict, row: str, seed: int, full_corpus: bool, lr_scale: float 
         final = Runner(recipe, folder).run()
     result = {"row": row, "seed": seed, "lr_scale": lr_scale, "steps": student_steps(spec), "test": final["test"],
               "seconds": round(wall.seconds, 1), "run_seconds": final["seconds"]["run"],
-              "unit_seconds": unit}
+              "unit_seconds": unit, "versions": installed_versions()}
     stages = sorted(p for p in folder.iterdir() if p.name[:2].isdigit())
     result["dev"] = {p.name: json.loads((p / "metrics.json").read_text()).get("student_dev", {}) for p in stages}
     result["trained_steps"] = sum(json.loads((p / "metrics.json").read_text()).get("train", {}).get("steps", 0)

@@ -1,6 +1,7 @@
 """What the kept benchmarks share: timing, the machine's reference unit U, this process's memory, JSON out.
 
     from harness import Timer, timed, reference_unit, RssSampler, peak_rss_mb, maxrss_mb, status_mb, write_json
+    from harness import installed_versions
 
 - `Timer()` (a context manager: `.seconds`; wall clock unless `clock=time.process_time`) and `timed(fn)` ->
   (fn(), seconds).
@@ -11,7 +12,8 @@
   files the kernel can drop; VmRSS: both), `peak_rss_mb()` (VmHWM: this process's peak RSS, afresh after exec),
   `maxrss_mb()` (getrusage's ru_maxrss, which Linux carries over fork and exec), and `RssSampler`, a background
   thread that keeps the peaks of chosen fields (overall and per labelled step).
-- `write_json(path, record)` writes one JSON record (parent folders made).
+- `write_json(path, record)` writes one JSON record (parent folders made); `installed_versions()`: the packages a
+  result depends on, to record with it (a teacher trained on another install need not be the same).
 
 Imported by the scripts in bench/ (their folder is on sys.path when run as `python bench/NAME.py`).
 """
@@ -155,3 +157,16 @@ def write_json(path, record, indent: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=indent))
     return path
+
+
+def installed_versions() -> dict[str, str]:
+    """Python and the installed versions of the packages a measured number depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "sentence-transformers", "datasets", "faiss-cpu", "prod-st"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

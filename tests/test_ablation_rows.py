@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -126,4 +127,5 @@ def test_only_the_chosen_trial_is_tested_on_the_full_corpus_and_a_run_without_it
     rerun = yaml.safe_load((recorded / "ablation.json").read_text())
     assert rerun["rerun_of"] == {"test_nDCG@10": 0.7, "reproduced": False}
     assert rerun["full"] == FULL
+    assert rerun["versions"]["torch"] == torch.__version__  # what the numbers were measured with
     assert (tmp_path / "recorded" / "c-kd-bi-x4-s1.json").exists()
