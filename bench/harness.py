@@ -160,7 +160,9 @@ def write_json(path, record, indent: int | None = None) -> Path:
 
 
 def installed_versions() -> dict[str, str]:
-    """Python and the installed versions of the packages a measured number depends on."""
+    """Python, the installed versions of the packages a measured number depends on, and the CPU's bf16 kernels
+    (`cpu`): bf16 training on an AMX machine and on an AVX-512/AVX2 one differs in the last bits, enough to move
+    a chained run's test nDCG@10 by about 0.01 (bench/RESULTS.md 1.5)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": sys.version.split()[0]}
@@ -169,4 +171,19 @@ def installed_versions() -> dict[str, str]:
             found[name] = version(name)
         except PackageNotFoundError:
             continue
+    found["cpu"] = cpu_kernels()
     return found
+
+
+def cpu_kernels() -> str:
+    """The CPU's model name and which of its vector extensions matter for bf16 matmuls, e.g.
+    `Intel(R) Xeon(R) Processor: amx_bf16 avx512_bf16 avx512f avx2`; `unknown` off Linux."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{fields.get('model name', 'unknown')}: {' '.join(wanted) or 'none of amx/avx512/avx2'}"

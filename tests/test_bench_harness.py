@@ -38,3 +38,16 @@ def test_timer_and_json_round_trip(tmp_path):
     record = {"seconds": round(t.seconds, 3), "U_s": None, "rows": [1, 2], "nested": {"unit": 8.0, "none": None}}
     path = harness.write_json(tmp_path / "a" / "b.json", record, indent=1)
     assert json.loads(path.read_text()) == record
+
+
+def test_installed_versions_name_the_packages_and_the_cpu_s_bf16_kernels(tmp_path, monkeypatch):
+    found = harness.installed_versions()
+    assert found["python"] == sys.version.split()[0] and found["torch"].startswith(__import__("torch").__version__[:4])
+    assert "cpu" in found
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16\n")
+    real_path = harness.Path
+    monkeypatch.setattr(harness, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert harness.cpu_kernels() == "Test CPU 9000: amx_bf16 avx512f avx2"
+    monkeypatch.setattr(harness, "Path", lambda p: tmp_path / "missing")
+    assert harness.cpu_kernels() == "unknown"
