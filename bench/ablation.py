@@ -30,6 +30,7 @@ import copy
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -241,21 +242,28 @@ def plot(results: list[dict], path: Path) -> None:
 
     results = chosen(results)[0]
     rows = [r for r in ROWS if any(x["row"] == r for x in results)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, row in enumerate(rows):
-        values = [x["test"]["student"]["nDCG@10"] for x in results if x["row"] == row]
-        ax.bar(i, statistics.mean(values), color="tab:blue", alpha=0.7)
-        ax.scatter([i] * len(values), values, color="black", zorder=3, s=12)
     reference = next((r for r in results if r["row"] == "e"), results[0])
-    for i, (name, teacher) in enumerate(reference["test"]["teachers"].items(), 1):
-        ax.axhline(teacher["nDCG@10"], linestyle="--", color=f"C{i}",
-                   label=f"teacher {name} ({teacher['as'].split(' ')[0]})")
-    ax.axhline(reference["test"]["student_before_training"]["nDCG@10"], color="grey", linestyle=":",
-               label="student before training")
-    ax.set_xticks(range(len(rows)), [f"({r}) {ROWS[r]}" for r in rows])
-    ax.set_ylabel("test nDCG@10 (slice)")
-    ax.set_title("Same student, data, teachers and steps: which schedule?")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (split, metrics) in zip(axes, (("slice", lambda x: x["test"]["student"]),
+                                           ("full corpus", lambda x: x.get("full")))):
+        for i, row in enumerate(rows):
+            values = [m["nDCG@10"] for x in results if x["row"] == row and (m := metrics(x))]
+            if not values:
+                continue
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.bar(i, statistics.mean(values), yerr=spread, capsize=3, color="tab:blue", alpha=0.7)
+            ax.scatter([i] * len(values), values, color="black", zorder=3, s=10)
+        if split == "slice":  # the references are measured on the slice only
+            for i, (name, teacher) in enumerate(reference["test"]["teachers"].items(), 1):
+                ax.axhline(teacher["nDCG@10"], linestyle="--", color=f"C{i}",
+                           label=f"teacher {name} ({teacher['as'].split(' ')[0]})")
+            ax.axhline(reference["test"]["student_before_training"]["nDCG@10"], color="grey", linestyle=":",
+                       label="student before training")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(range(len(rows)), [f"({r})\n" + textwrap.fill(ROWS[r], 12) for r in rows], fontsize=7)
+        ax.set_ylabel(f"test nDCG@10 ({split})")
+        ax.set_title(f"{split}: mean ± sd over seeds, dots = seeds", fontsize=9)
+    fig.suptitle("Same student, data, teachers and steps: which schedule?")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -161,8 +161,8 @@ def write_json(path, record, indent: int | None = None) -> Path:
 
 def installed_versions() -> dict[str, str]:
     """Python, the installed versions of the packages a measured number depends on, and the CPU's bf16 kernels
-    (`cpu`): bf16 training on an AMX machine and on an AVX-512/AVX2 one differs in the last bits, enough to move
-    a chained run's test nDCG@10 by about 0.01 (bench/RESULTS.md 1.5)."""
+    (`cpu`): the same run on another machine differed by up to 0.018 test nDCG@10 (bench/RESULTS.md 1.5), bf16
+    kernels (AMX, AVX-512, AVX2) being the likely cause."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": sys.version.split()[0]}
