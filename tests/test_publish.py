@@ -9,6 +9,8 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -422,3 +424,51 @@ def test_push_command_dry_run_and_bad_input(finished_run, tmp_path, monkeypatch,
     assert (out_dir / "README.md").exists() and (out_dir / "modules.json").exists()
     code, captured = cli(str(finished_run), "--repo-id", "not a repo id", "--dry-run")
     assert code == 2 and captured.err.count("error:") == 1 and "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------- the run lock
+def _lock_in_another_process(folder: Path) -> subprocess.CompletedProcess:
+    code = f"from prod_st.util import locks; from pathlib import Path; locks.lock_run_folder(Path({str(folder)!r}))"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_a_push_while_a_run_holds_the_folder_is_refused_naming_it_and_writes_nothing(finished_run):
+    from test_faults import hold, kill9
+
+    other = hold("run", finished_run)
+    try:
+        with pytest.raises(ProdStError) as error:
+            push_run(finished_run, REPO, dry_run=True, api=FakeHubApi())
+        assert_one_line(error, "is in use by another prod-st command", f"pid {other.pid}", "before this push")
+        assert not (finished_run / "hub-upload").exists()
+    finally:
+        kill9(other)
+    assert push_run(finished_run, REPO, dry_run=True, api=FakeHubApi()).is_dir()  # free once the run ended
+
+
+def test_a_run_started_during_a_push_is_refused_and_a_run_publishing_itself_keeps_its_lock(finished_run, monkeypatch):
+    from prod_st.util import locks
+
+    (finished_run / locks.RUN_LOCK).touch()  # a run held the folder once
+    refusals = []  # what a run started in another process while the upload folder is built is told
+    real = publish.build_upload_folder
+
+    def build_while_checking(run, out, *, repo_id):
+        other = _lock_in_another_process(run)
+        refusals.append(other.stderr if other.returncode != 0 else "")
+        return real(run, out, repo_id=repo_id)
+
+    monkeypatch.setattr(publish, "build_upload_folder", build_while_checking)
+    push_run(finished_run, REPO, api=FakeHubApi())  # a real push (faked Hub), in a temporary folder
+    assert f"(push: pid {os.getpid()} on" in refusals[0]
+    assert _lock_in_another_process(finished_run).returncode == 0  # released after the push
+
+    held = locks.lock_run_folder(finished_run)  # a run that publishes itself holds its folder already
+    try:
+        push_run(finished_run, REPO, dry_run=True, api=FakeHubApi())
+        assert f"(run: pid {os.getpid()} on" in refusals[1]  # the run's hold, not a push's
+        assert f"(run: pid {os.getpid()} on" in _lock_in_another_process(finished_run).stderr  # still held
+    finally:
+        held.release()

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from prod_st.util import locks
 from prod_st.util.errors import ProdStError
 from prod_st.util.hub import HUB, check_repo_id, hub_api, upload_folder
 from prod_st.util.paths import write_folder_atomic
@@ -139,12 +140,15 @@ def push_run(
     run = _finished_run(run_dir)
     if dry_run:
         out = Path(dry_run_dir).expanduser() if dry_run_dir is not None else run / UPLOAD_DIR
-        return build_upload_folder(run, out, repo_id=repo_id) if _is_main() else out
+        if not _is_main():
+            return out
+        with locks.holding_run_folder(run, "push"):  # no run rewrites the student while it is read
+            return build_upload_folder(run, out, repo_id=repo_id)
     if not _is_main():
         return f"{HUB}/{repo_id}"
     message = commit_message or f"Upload the PROD student of run {run.name} (prod-st)"
     api = api if api is not None else hub_api(token)  # (no token: refused before the folder is built)
-    with tempfile.TemporaryDirectory(prefix="prod-st-upload-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prod-st-upload-") as tmp, locks.holding_run_folder(run, "push"):
         folder = build_upload_folder(run, Path(tmp) / "upload", repo_id=repo_id)
         url = upload_folder(folder, repo_id, api=api, repo_type="model", private=private, exist_ok=exist_ok,
                             message=message)

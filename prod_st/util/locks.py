@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 RUN_LOCK = ".prod-st-lock"  # in a run folder
 IN_USE = ".in-use"  # in a cache entry folder
-_held: dict[Path, int] = {}
-_run_locks: dict[Path, "RunLock"] = {}  # the run folders this process holds  # cache entry folder -> the fd of this process's shared lock on it
+_held: dict[Path, int] = {}  # cache entry folder -> the fd of this process's shared lock on it
+_run_locks: dict[Path, RunLock] = {}  # lock file -> this process's hold on that run folder
 
 
 # ---- the run folder ------------------------------------------------------------------------------------------
@@ -62,14 +62,40 @@ def lock_run_folder(folder: Path, what: str = "run") -> RunLock:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
+        hint = f", or give this {what} another --output" if what == "run" else f" before this {what}"
         raise ProdStError(f"the run folder {folder} is in use by another prod-st command ({holder}): wait for it to "
-                          f"end, or give this {what} another --output") from None
+                          f"end{hint}") from None
     stamp = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
              "command": what}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(stamp) + "\n").encode(), 0)
     _run_locks[path.resolve()] = lock = RunLock(path, fd)
     return lock
+
+
+@contextlib.contextmanager
+def holding_run_folder(folder: Path, what: str) -> Iterator[None]:
+    """The run folder `folder` held for a block by a command that reads a finished run (`push`): refused in one
+    line while a run writes into it, and a run started meanwhile is refused. Released after the block unless
+    this process held it before (a run publishing itself). Unlocked where no run ever held the folder (no lock
+    file: a copied run folder, which this does not write into) or where the lock file cannot be opened for
+    writing (a read-only folder)."""
+    path = folder / RUN_LOCK
+    already = _run_locks.get(path.resolve())
+    if (already is not None and already.fd >= 0) or not path.is_file():
+        yield
+        return
+    try:
+        lock = lock_run_folder(folder, what)
+    except OSError:  # a read-only folder or file system (the refusal of a busy folder is a ProdStError)
+        logger.debug("%s: no lock file (read-only folder); going on unlocked", folder)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+        _run_locks.pop(lock.path.resolve(), None)
 
 
 def _holder(fd: int) -> str:
