@@ -1,7 +1,11 @@
+"""Row (d) seed 1's warm-up stage alone into the folder OUT (its dev nDCG@10: OUT/01-warmup/metrics.json).
+Run it with and without ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 to see the bf16 kernels move the result."""
 import sys
 from pathlib import Path
+
 import yaml
-sys.path.insert(0, "/work/main/bench")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
 import ablation
 from prod_st.recipe import parse_recipe
 from prod_st.runner import Runner
