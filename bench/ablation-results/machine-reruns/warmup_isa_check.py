@@ -7,8 +7,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
 import ablation
+
 from prod_st.recipe import parse_recipe
 from prod_st.runner import Runner
+
 base = yaml.safe_load(ablation.BASE.read_text())
 spec = ablation.derive(base, "d", 4.0) | {"name": "ablation-tpd-s1", "seed": 1}
 spec["stages"] = spec["stages"][:1]
