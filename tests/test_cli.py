@@ -276,7 +276,10 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_model_dir):
     from test_runner import tiny_recipe
 
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir), sort_keys=False))
+    recipe = tiny_recipe(tiny_model_dir)
+    recipe["stages"][0]["max_steps"] = 2000  # work left when the signal comes, however fast the machine (the
+    # tiny recipe's whole run took ~1 s on a fast one, and it ended before SIGINT landed)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     script = Path(sys.executable).with_name("prod-st")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "prod_st_cli.main"]
     env = os.environ | {"PROD_ST_CACHE": str(tmp_path / "cache")}  # an empty cache: the run has real work left
