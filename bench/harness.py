@@ -184,6 +184,8 @@ def cpu_kernels() -> str:
         return "unknown"
     fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
+    from prod_st.util.precision import CPU_BF16_FLAGS  # the flags `precision: auto` picks bf16 by
+
     flags = set(fields.get("flags", "").split())
-    wanted = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    wanted = [f for f in (*CPU_BF16_FLAGS, "avx512f", "avx2") if f in flags]
     return f"{fields.get('model name', 'unknown')}: {' '.join(wanted) or 'none of amx/avx512/avx2'}"

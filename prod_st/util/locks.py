@@ -95,7 +95,6 @@ def holding_run_folder(folder: Path, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
-        _run_locks.pop(lock.path.resolve(), None)
 
 
 def _holder(fd: int) -> str:
