@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import math
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -48,9 +50,11 @@ import numpy as np
 import torch
 from harness import Timer, write_json
 
-# (hidden, layers, heads, intermediate)
+# (hidden, layers, heads, intermediate); host: one-layer 32-wide models, so that what is timed is the host's share
+TINY = (32, 1, 2, 64)
 SHAPES = {"full": {"student": (768, 6, 12, 3072), "ce12": (768, 12, 12, 3072), "ce24": (1024, 24, 16, 4096)},
-          "small": {"student": (32, 2, 2, 64), "ce12": (32, 2, 2, 64), "ce24": (32, 3, 2, 64)}}
+          "small": {"student": (32, 2, 2, 64), "ce12": (32, 2, 2, 64), "ce24": (32, 3, 2, 64)},
+          "host": {"student": TINY, "ce12": TINY, "ce24": TINY}}
 # Text lengths in tokens (mean, sd, clip low, high): MS MARCO's (assumed) in full, short ones in small. Training
 # batches: None = the recipe's (list_x8: the ce12 stage's per-device 8 x 8 GPUs, PROD's global 64, on one device;
 # list: the per-device 8; inbatch: the de stage's per-device 16); small mode's own otherwise.
@@ -60,7 +64,11 @@ SIZES = {"full": {"docs": 30_000, "warm_docs": 2048, "ce12_bf16": 16_000, "ce12_
          "small": {"docs": 48, "warm_docs": 8, "ce12_bf16": 32, "ce12_fp32": 32, "ce24_bf16": 32, "ce24_fp32": 32,
                    "warm_steps": 1, "steps": 2, "big_steps": 2,
                    "doc_len": (16, 4, 8, 24), "query_len": (6, 2, 3, 10),
-                   "batches": {"list_x8": 8, "list": 2, "inbatch": 4}}}
+                   "batches": {"list_x8": 8, "list": 2, "inbatch": 4}},
+         # full texts and batches through tiny models: the rates a host (tokenising, collating, dispatching) allows
+         "host": {"docs": 8192, "warm_docs": 1024, "ce12_bf16": 4096, "ce12_fp32": 4096, "ce24_bf16": 2048,
+                  "ce24_fp32": 2048, "warm_steps": 2, "steps": 12, "big_steps": 6,
+                  "doc_len": (75, 28, 12, 220), "query_len": (9, 3, 3, 32), "batches": None}}
 PER_QUERY = 16  # candidates per query in the cross-encoder stages: 1 positive + 15 negatives
 # msmarco-passage's sizes, for the projection
 D, Q, GPUS = 8_841_823, 502_939, 8  # passages, judged training queries, GPUs the recipe's batches are written for
@@ -75,6 +83,14 @@ def flops_per_item(params: int, tokens: float, train: bool = False) -> float:
 def peak_share(rate: float, flops: float, peak_tflops: float) -> float:
     """Share of a `peak_tflops` FLOP/s limit that `rate` items/s of `flops` FLOPs each use."""
     return rate * flops / (peak_tflops * 1e12)
+
+
+def top_functions(profiler: cProfile.Profile, n: int) -> list[str]:
+    """The `n` functions with the most own time: "own s | with callees s | calls | function (file:line)"."""
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:n]
+    return [f"{tt:8.3f} | {ct:8.3f} | {nc:7d} | {func} ({Path(file).name}:{line})"
+            for (file, line, func), (_, nc, tt, ct, _) in rows]
 
 
 def dense_params(model: torch.nn.Module) -> int:
@@ -158,14 +174,21 @@ class Bench:
               flush=True)
 
     def measure(self, key: str, fn) -> None:
-        """Run one measurement; an error is recorded (and printed) and the next one runs."""
+        """Run one measurement; an error is recorded (and printed) and the next one runs. With --profile, the main
+        thread's top functions by own time go into out["profile"][key]."""
+        profiler = cProfile.Profile() if self.args.profile else None
         with Timer() as t:
             try:
-                fn()
+                if profiler:
+                    profiler.runcall(fn)
+                else:
+                    fn()
             except Exception as e:  # noqa: BLE001
                 self.out["errors"][key] = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
                 print(f"{key}: ERROR {self.out['errors'][key]}", file=sys.stderr, flush=True)
         self.out["seconds"][key] = round(t.seconds, 1)
+        if profiler:
+            self.out.setdefault("profile", {})[key] = top_functions(profiler, self.args.profile)
 
     # ---- models ----------------------------------------------------------------------------------------------
     def build_student(self):
@@ -305,6 +328,8 @@ class Bench:
     def run(self) -> dict:
         self.measure("build_student", self.build_student)
         for key, fn in self.plan():
+            if self.args.only and self.args.only not in key:
+                continue
             self.measure(key, fn)
             write_json(self.args.out, self.out, indent=1)  # a kill keeps what finished
         self.out["projection"] = projection(self.out["rates"], self.recipe)
@@ -347,7 +372,11 @@ def projection(rates: dict, recipe) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("small", "full"), default="full")
+    parser.add_argument("--size", choices=("small", "full", "host"), default="full",
+                        help="host: full texts and batches through tiny models (what the host allows)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="record each measurement's N functions with the most own time (cProfile, main thread)")
+    parser.add_argument("--only", default=None, help="run only the measurements whose key contains this")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense FLOP/s limit (H200: ~790)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_throughput.json"))
@@ -374,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out, out, indent=1)
     for name, proj in out["projection"].items():
         print(f"projection, {name}: {proj['total_gpu_hours']} GPU-h (GPU work only, 8 GPUs as written"
-              + ("; small mode: meaningless)" if args.size == "small" else ")"))
+              + (f"; {args.size} mode: meaningless)" if args.size != "full" else ")"))
     print(f"{len(out['rates'])} rates, {len(out['errors'])} errors in {t.seconds:.0f}s -> {args.out}")
     return out
 

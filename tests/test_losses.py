@@ -208,6 +208,19 @@ def test_input_errors_say_what_to_do(kwargs, message):
         prod_distill_loss(**args)
 
 
+def test_no_value_is_read_back_from_an_accelerator():
+    """Value checks read tensors back to the host: on a GPU that is a sync at every step, so they run on CPU
+    tensors only (the runner checks its labels where it writes them). Meta tensors have no values: any read
+    would raise here."""
+    meta = lambda rows: t(rows).to("meta")
+    for positive in (0, torch.zeros(4, dtype=torch.long, device="meta")):
+        parts = prod_distill_loss(meta([[0.0] * 16] * 4), meta([[float("nan")] * 16] * 4), meta([[0.0] * 16] * 4),
+                                  positive_index=positive)
+        assert {k: v.device.type for k, v in parts.items()} == {"hard": "meta", "kd": "meta", "reg": "meta"}
+    with pytest.raises(ValueError, match=r"positive_index must lie in \[0, 15\]"):  # an int is checked anywhere
+        prod_distill_loss(meta([[0.0] * 16] * 4), meta([[0.0] * 16] * 4), positive_index=16)
+
+
 def test_missing_positive_is_an_error():
     with pytest.raises(ValueError, match=r"-inf at the positive column of rows \[1\].*finite teacher score"):
         prod_distill_loss(t([[0.0, 1.0], [0.0, 1.0]]), t([[0.0, -INF], [-INF, 1.0]]))

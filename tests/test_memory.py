@@ -179,6 +179,16 @@ def test_labels_column_is_written_batch_by_batch(tmp_path):
     (tmp_path / "short").mkdir()
     with pytest.raises(ValueError, match="2 labels for 5 training rows"):
         rows.to_dataset(iter([np.zeros((2, 3))]), folder=tmp_path / "short")
+    for bad in (np.nan, np.inf):  # checked once here, not at every training step (a host sync on a GPU)
+        (tmp_path / f"bad-{bad}").mkdir()
+        labels = np.zeros((5, 3), dtype=np.float32)
+        labels[3, 1] = bad
+        with pytest.raises(ValueError, match=r"labels of training rows 2\.\.3 hold NaN or \+inf"):
+            rows.to_dataset(iter([labels[:2], labels[2:4], labels[4:]]), folder=tmp_path / f"bad-{bad}")
+    (tmp_path / "missing").mkdir()
+    labels = np.zeros((5, 3), dtype=np.float32)
+    labels[:, 2] = -np.inf  # a missing candidate is allowed
+    assert len(rows.to_dataset(iter([labels]), folder=tmp_path / "missing")) == 5
 
 
 def test_warmup_rows_are_written_a_batch_at_a_time(tmp_path, monkeypatch):

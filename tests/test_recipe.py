@@ -461,7 +461,7 @@ STEPS_SINCE_ISSUE_20 = STEPS_BEFORE_TRAINING | {"04-dpd-1": "0e77f71f59154700bb2
 def test_default_training_block_changes_no_fingerprint():
     from prod_st.run.run_folder import plan
 
-    defaults = {"precision": "fp32", "gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
+    defaults = {"precision": "fp32", "gradient_accumulation_steps": 1, "dataloader_num_workers": "auto",
                 "report_to": "none"}
     for data in (MINIMAL, recipe_dict(training={}), recipe_dict(training=defaults)):
         recipe = parse_recipe(data)

@@ -425,7 +425,10 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
     from prod_st.training.student_training import train_student, trainer_settings
 
     cpu = {} if torch.cuda.is_available() else {"use_cpu": True}  # without a GPU: every rank seen under torchrun
-    assert trainer_settings(None) == {"report_to": "none", "bf16": False, "fp16": False} | cpu
+    workers = 0 if not torch.cuda.is_available() else trainer_settings(None)["dataloader_num_workers"]
+    assert trainer_settings(None) == {"report_to": "none", "bf16": False, "fp16": False, "logging_nan_inf_filter": False,
+                                      "dataloader_num_workers": workers,
+                                      "dataloader_persistent_workers": workers > 0} | cpu
     settings = trainer_settings(Training(precision="bf16", report_to=["tensorboard"], dataloader_num_workers=2))
     assert settings.items() >= {"bf16": True, "fp16": False, "gradient_accumulation_steps": 1,
                                 "dataloader_num_workers": 2, "report_to": ["tensorboard"]}.items()
@@ -439,6 +442,29 @@ def test_training_block_reaches_the_trainer(tmp_path, tiny_model_dir):
     result = train_student(model, data, loss, max_steps=None, training=training, progress=False, **kwargs)
     assert result["steps"] == 4 and len(calls) == 8
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_auto_dataloader_workers_tokenise_ahead_on_a_gpu_only(monkeypatch):
+    """`auto`: on a GPU, up to 4 worker processes per rank (its share of the cores less one), so the GPU does not
+    wait for each batch's tokenising; 0 on the CPU, where they would take the training's cores; a number stays."""
+    import os
+
+    import torch
+
+    from prod_st.training import student_training as st
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for local, want in ((None, 4), ("8", 1), ("16", 0)):
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert st.dataloader_workers("auto") == want, local
+    assert st.dataloader_workers(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert st.dataloader_workers("auto") == 0 and st.dataloader_workers(2) == 2
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):

@@ -401,7 +401,10 @@ class Training(_Model):
         1, description="batches per optimizer step: the stage's batch_size x this rows per step (in-batch "
         "candidates still come from one batch of batch_size)"
     )
-    dataloader_num_workers: Annotated[int, Strict(), Field(ge=0)] = 0
+    dataloader_num_workers: Union[Annotated[int, Strict(), Field(ge=0)], Literal["auto"]] = Field(
+        "auto", description="processes that tokenise and collate the next batches while the student trains; auto = "
+        "up to 4 per process on a GPU (its share of the cores less one), 0 on the CPU"
+    )
     report_to: Union[ReportTo, list[ReportTo]] = Field(  # type: ignore[valid-type]
         "none", description="where the trainer logs: none, tensorboard, wandb, ... (a list for several)"
     )

@@ -275,6 +275,9 @@ class TrainingRows:
         done = 0
         for batch in labels:
             batch = np.asarray(batch, dtype=np.float32)
+            if np.isnan(batch).any() or np.isposinf(batch).any():  # checked here, once: not per step on the GPU
+                raise ValueError(f"labels of training rows {done}..{done + len(batch) - 1} hold NaN or +inf: a "
+                                 "teacher gave non-finite scores (only -inf, a missing candidate, is allowed)")
             yield pa.table(self._text_columns(done, done + len(batch)) | {"label": _fixed_size_lists(batch)})
             done += len(batch)
 

@@ -26,7 +26,7 @@ from prod_st.retrieval.encoding import training_roles
 from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
 from prod_st.util import cost
-from prod_st.util.distributed import barrier, is_main
+from prod_st.util.distributed import barrier, cores_per_local_rank, is_main
 from prod_st.util.paths import write_text_atomic, writing
 from prod_st.util.precision import precision_flags
 
@@ -71,15 +71,37 @@ class CompleteCheckpoints(TrainerCallback):
         return control
 
 
+MAX_AUTO_WORKERS = 4  # enough to tokenise a batch of 64 x 17 texts while the GPU trains on the last one
+
+
+def dataloader_workers(setting: int | str) -> int:
+    """The trainer's dataloader worker processes for `training.dataloader_num_workers`. `auto`: on a GPU, workers
+    that tokenise and collate the next batches while the GPU trains (up to MAX_AUTO_WORKERS per process, one core
+    of its share left to the process itself): without them the GPU waits for every batch's tokenising. On the
+    CPU 0: there workers would take the cores the training computes on."""
+    if setting != "auto":
+        return int(setting)
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return max(0, min(MAX_AUTO_WORKERS, cores_per_local_rank() - 1))
+
+
 def trainer_settings(training) -> dict:
-    """SentenceTransformerTrainingArguments keywords from the recipe's `training:` block (None = defaults)."""
+    """SentenceTransformerTrainingArguments keywords from the recipe's `training:` block (None = defaults). Loss
+    values are not checked for NaN at every step (`logging_nan_inf_filter`: two host syncs per loss component and
+    step on a GPU); a NaN loss shows in the logs as it is."""
+    workers = dataloader_workers("auto" if training is None else training.dataloader_num_workers)
+    settings = {"logging_nan_inf_filter": False, "dataloader_num_workers": workers,
+                "dataloader_persistent_workers": workers > 0}
     if training is None:
-        return {"report_to": "none", **precision_flags("fp32")}
+        return {"report_to": "none", **precision_flags("fp32"), **settings}
     return {
         **precision_flags(training.precision),
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "dataloader_num_workers": training.dataloader_num_workers,
         "report_to": training.report_list(),
+        **settings,
     }
 
 
