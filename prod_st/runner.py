@@ -40,7 +40,7 @@ from prod_st.util import cost, locks
 from prod_st.util.distributed import barrier, is_main, launched_group, world_size
 from prod_st.util.models import build_student, set_lengths
 from prod_st.util.paths import writes_to
-from prod_st.util.precision import resolve_precision
+from prod_st.util.precision import resolve_precision, set_tf32
 
 logger = logging.getLogger("prod_st.run")
 
@@ -120,6 +120,8 @@ class Runner(RunWorkspace):
             )
         if r.training.precision == "auto":
             logger.info("training.precision auto: %s on this machine", resolve_precision("auto"))
+        if set_tf32(r.training.tf32):
+            logger.info("training.tf32: fp32 matrix products in TF32 on this GPU")
         e = r.eval
         self.teachers = TeacherPool(r.teachers, self.data, folder=teachers_folder or self.dir / "teachers", seed=r.seed,
                                     eval_batch_size=e.batch_size, index=e.index, corpus_dtype=e.corpus_dtype,

@@ -474,7 +474,7 @@ def test_default_training_block_changes_no_fingerprint():
     speed_only = parse_recipe(recipe_dict(training={"dataloader_num_workers": 4, "report_to": "tensorboard"}))
     assert plan(speed_only).steps == STEPS_SINCE_ISSUE_20  # recorded in recipe.yaml, no step redone
     assert "dataloader_num_workers: 4" in speed_only.resolved_yaml()
-    for change in ({"precision": "bf16"}, {"gradient_accumulation_steps": 2}):
+    for change in ({"precision": "bf16"}, {"gradient_accumulation_steps": 2}, {"tf32": False}):
         steps = plan(parse_recipe(recipe_dict(training=change))).steps
         assert steps["00-init"] == STEPS_SINCE_ISSUE_20["00-init"]  # the untrained student is not trained
         assert all(steps[k] != v for k, v in STEPS_SINCE_ISSUE_20.items() if k != "00-init")

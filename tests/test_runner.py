@@ -467,6 +467,24 @@ def test_auto_dataloader_workers_tokenise_ahead_on_a_gpu_only(monkeypatch):
     assert st.dataloader_workers("auto") == 0 and st.dataloader_workers(2) == 2
 
 
+def test_tf32_is_set_on_a_gpu_only(monkeypatch):
+    """training.tf32 (default on) puts fp32 matmuls in TF32 on a CUDA GPU; without one nothing changes."""
+    import torch
+
+    from prod_st.util.precision import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert set_tf32(True) is False and torch.backends.cuda.matmul.allow_tf32 is False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert set_tf32(True) is True and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert set_tf32(False) is False and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
     import torch
 
