@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -285,9 +286,13 @@ class Bench:
         spec = stage.model_copy(update={"max_steps": total, "batch_size": batch})
         training = self.recipe.training.model_copy(update={"precision": precision})
         stamps: list[float] = []
+        begins: list[float] = []
         device = self.device
 
         class TimedSteps(TrainerCallback):  # after the run's checkpointing callback: a clock, and no saves
+            def on_step_begin(self, args, state, control, **kwargs):  # the step's batch has been fetched
+                begins.append(time.perf_counter())
+
             def on_step_end(self, args, state, control, **kwargs):
                 sync(device)
                 stamps.append(time.perf_counter())
@@ -301,6 +306,10 @@ class Bench:
         if len(stamps) < warm + 2:
             raise RuntimeError(f"only {len(stamps)} steps timed")
         rate = (len(stamps) - warm) / (stamps[-1] - stamps[warm - 1])
+        # the main thread's wait for each next batch (tokenising and collating, unless workers did it ahead): time
+        # in which a GPU has nothing to do
+        waits = [begin - end for begin, end in zip(begins[warm:], stamps[warm - 1:])]
+        self.out.setdefault("batch_wait_ms", {})[f"train_{label}_{precision}"] = round(1000 * float(np.mean(waits)), 1)
         step_tokens = batch * (self.tokens["query"] + (1 + count) * self.tokens["doc"])
         self.record(f"train_{label}_{precision}_steps_per_s", rate,
                     flops_per_item(self.student_params, step_tokens, train=True))
@@ -377,6 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="record each measurement's N functions with the most own time (cProfile, main thread)")
     parser.add_argument("--only", default=None, help="run only the measurements whose key contains this")
+    parser.add_argument("--host-workers", type=int, default=None, metavar="N",
+                        help="take prod-st's GPU paths on any device: inference by run_batches and training with N "
+                             "prepare-ahead worker processes (0: one thread; default: what prod-st picks here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense FLOP/s limit (H200: ~790)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_throughput.json"))
@@ -390,6 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prod-st-tp-")))
         os.environ["PROD_ST_CACHE"] = str(work / "cache")  # corpus blocks and teacher scores of this bench only
+        if args.host_workers is not None:  # what host_workers() gives on a GPU, here
+            from prod_st.retrieval import encoding
+            from prod_st.teachers import cross_encoder
+            from prod_st.training import student_training
+
+            for module in (encoding, cross_encoder, student_training):
+                stack.enter_context(mock.patch.object(module, "host_workers", lambda: args.host_workers))
         try:
             with Timer() as t:
                 out = Bench(args, work).run()
@@ -400,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 os.environ["PROD_ST_CACHE"] = before
     out["meta"]["seconds"] = round(t.seconds, 1)
+    out["meta"]["host_workers"] = args.host_workers
     write_json(args.out, out, indent=1)
     for name, proj in out["projection"].items():
         print(f"projection, {name}: {proj['total_gpu_hours']} GPU-h (GPU work only, 8 GPUs as written"

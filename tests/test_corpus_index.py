@@ -140,7 +140,7 @@ def test_faiss_threads_under_a_launcher_are_the_ranks_share_of_the_cores(monkeyp
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
             with caplog.at_level(logging.INFO, logger="prod_st.retrieval.corpus_index"):
                 assert ci.set_faiss_threads() == want == faiss.omp_get_max_threads()
-            assert f"faiss searches with {want} threads ({local} local ranks)" in caplog.text
+            assert f"faiss searches with {want} threads ({cores} cores, {local} local ranks)" in caplog.text
         faiss.omp_set_num_threads(3)
         assert ci.set_faiss_threads() == 3  # once per process
         monkeypatch.delenv("LOCAL_WORLD_SIZE")

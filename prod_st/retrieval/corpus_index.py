@@ -29,7 +29,7 @@ from prod_st.data.doc_ids import DocIds, doc_ids
 from prod_st.retrieval.encoding import encode_texts, is_cosine
 from prod_st.retrieval.exact_search import EXACT, TorchFlatIndex, uses_torch
 from prod_st.util import locks
-from prod_st.util.distributed import barrier, cores_per_local_rank, is_main, rank, shard, world_size
+from prod_st.util.distributed import barrier, is_main, rank, shard, world_size
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
 from prod_st.util.paths import atomic_path, cache_dir, cache_path, load_cached_array
@@ -185,10 +185,11 @@ def set_faiss_threads() -> int:
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if local is None or _faiss_threads:
         return faiss.omp_get_max_threads()
-    threads = cores_per_local_rank()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // max(1, int(local)))
     faiss.omp_set_num_threads(threads)
     _faiss_threads.append(threads)
-    logger.info("faiss searches with %d threads (%s local ranks)", threads, local)
+    logger.info("faiss searches with %d threads (%d cores, %s local ranks)", threads, cores, local)
     return threads
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import cos_sim, dot_score
 
+from prod_st.util.batched_inference import host_workers, run_batches
 from prod_st.util.errors import ProdStError
 
 Role = Literal["query", "document"]
@@ -35,11 +36,25 @@ def similarity_fct(model: SentenceTransformer):
     raise ProdStError(f"similarity {name!r} is not supported for retrieval training; use 'cosine' or 'dot'")
 
 
+def role_prompt(model: SentenceTransformer, role: Role) -> str | None:
+    """The prompt `encode_query` / `encode_document` give a role: the model's "query" prompt (documents: the
+    first of DOCUMENT_PROMPT_NAMES it has), else its default prompt, else none."""
+    prompts = model.prompts or {}
+    names = ("query",) if role == "query" else DOCUMENT_PROMPT_NAMES
+    name = next((n for n in names if n in prompts), model.default_prompt_name)
+    return prompts.get(name) if name else None
+
+
 def encode_texts(
     model: SentenceTransformer, texts: list[str], role: Role, batch_size: int = 64, **kwargs
 ) -> np.ndarray:
     """float32 embeddings of `texts` as queries or documents (the model's prompts and Router route for that
-    role), normalised for cosine models so that an inner product is the model's score."""
+    role), normalised for cosine models so that an inner product is the model's score. On a GPU, a plain model
+    (no Router, no truncate_dim) is run by `run_batches`: the next batches are tokenised while the GPU encodes."""
+    workers = host_workers()
+    if workers is not None and len(texts) > batch_size and not _has_router(model) and model.truncate_dim is None:
+        return run_batches(model, texts, batch_size, output="sentence_embedding", workers=workers,
+                           normalize=is_cosine(model), prompt=role_prompt(model, role), task=role).cpu().numpy()
     encode = model.encode_query if role == "query" else model.encode_document
     return encode(
         texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=is_cosine(model), **kwargs

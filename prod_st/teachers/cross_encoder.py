@@ -11,6 +11,7 @@ from sentence_transformers import CrossEncoder
 from prod_st.teachers.base import Precision, TeacherKind, cache_folder, check_rows, model_name, precision_context
 from prod_st.teachers.cache import ScoreCache
 from prod_st.teachers.sharded import fill_missing_shared
+from prod_st.util.batched_inference import host_workers, run_batches
 from prod_st.util.errors import ProdStError
 from prod_st.util.fingerprint import model_fingerprint, text_key
 from prod_st.util.hub import hub_error
@@ -77,12 +78,18 @@ class CrossEncoderTeacher:
         self.cache = ScoreCache(self.cache_folder / "scores")
 
     def _predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Raw logits of `pairs`; on a GPU by `run_batches` (the next batches tokenised while the GPU scores)."""
+        workers = host_workers()
         with precision_context(self.precision, self.model.device):
-            scores = self.model.predict(
-                pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(), convert_to_tensor=True,
-                show_progress_bar=False,
-            )
-        return scores.float().cpu().numpy()
+            if workers is not None:
+                scores = run_batches(self.model, pairs, self.batch_size, output="scores", workers=workers,
+                                     length=lambda pair: len(pair[0]) + len(pair[1]))
+            else:
+                scores = self.model.predict(
+                    pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(), convert_to_tensor=True,
+                    show_progress_bar=False,
+                )
+        return scores.float().reshape(len(pairs)).cpu().numpy()
 
     def score(
         self, queries: list[str], candidate_lists: list[list[str]], *, progress: bool = True

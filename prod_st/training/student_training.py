@@ -26,7 +26,8 @@ from prod_st.retrieval.encoding import training_roles
 from prod_st.training.resampling import EpochBlockBatchSampler
 from prod_st.training.steps import plan_steps
 from prod_st.util import cost
-from prod_st.util.distributed import barrier, cores_per_local_rank, is_main
+from prod_st.util.batched_inference import host_workers
+from prod_st.util.distributed import barrier, is_main
 from prod_st.util.paths import write_text_atomic, writing
 from prod_st.util.precision import precision_flags
 
@@ -71,21 +72,11 @@ class CompleteCheckpoints(TrainerCallback):
         return control
 
 
-MAX_AUTO_WORKERS = 4  # enough to tokenise a batch of 64 x 17 texts while the GPU trains on the last one
-
-
 def dataloader_workers(setting: int | str) -> int:
     """The trainer's dataloader worker processes for `training.dataloader_num_workers`. `auto`: on a GPU, workers
-    that tokenise and collate the next batches while the GPU trains (up to MAX_AUTO_WORKERS per process, one core
-    of its share left to the process itself): without them the GPU waits for every batch's tokenising. On the
-    CPU 0: there workers would take the cores the training computes on."""
-    if setting != "auto":
-        return int(setting)
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0
-    return max(0, min(MAX_AUTO_WORKERS, cores_per_local_rank() - 1))
+    that tokenise and collate the next batches while the GPU trains (`host_workers`): without them the GPU waits
+    for every batch's tokenising. On the CPU 0: there workers would take the cores the training computes on."""
+    return int(setting) if setting != "auto" else host_workers() or 0
 
 
 def trainer_settings(training) -> dict:

@@ -39,13 +39,6 @@ def world_size() -> int:
     return _dist().get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
 
 
-def cores_per_local_rank() -> int:
-    """This process's share of the cores it may run on: `cores // local ranks` (LOCAL_WORLD_SIZE, set by torchrun
-    and accelerate launch; 1 without a launcher), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
 def is_main() -> bool:
     return rank() == 0
 
