@@ -143,7 +143,9 @@ class Bench:
 
         self.args, self.work, self.device = args, work, args.device
         self.recipe = load_recipe("msmarco-passage")
-        self.sizes, self.shapes = SIZES[args.size], SHAPES[args.size]
+        self.sizes, self.shapes = dict(SIZES[args.size]), SHAPES[args.size]
+        if args.steps:
+            self.sizes.update(steps=args.steps, big_steps=args.steps)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
         self.texts = Texts(self.tokenizer)
         self.doc_len, self.query_len = self.sizes["doc_len"], self.sizes["query_len"]
@@ -283,6 +285,8 @@ class Bench:
         folder = self.work / f"train-{label}-{precision}"
         dataset = labelled_dataset(folder / "train_data", rows, [labels])
         loss = PRODLoss.for_stage(self.student, stage.candidates, stage.loss)
+        if self.args.length_buckets is not None:
+            loss.length_buckets = self.args.length_buckets
         spec = stage.model_copy(update={"max_steps": total, "batch_size": batch})
         training = self.recipe.training.model_copy(update={"precision": precision})
         stamps: list[float] = []
@@ -386,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="record each measurement's N functions with the most own time (cProfile, main thread)")
     parser.add_argument("--only", default=None, help="run only the measurements whose key contains this")
+    parser.add_argument("--length-buckets", type=int, default=None, metavar="N",
+                        help="PRODLoss.length_buckets for the training steps (1: one merged pass, as before)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: the size's)")
     parser.add_argument("--host-workers", type=int, default=None, metavar="N",
                         help="take prod-st's GPU paths on any device: inference by run_batches and training with N "
                              "prepare-ahead worker processes (0: one thread; default: what prod-st picks here)")

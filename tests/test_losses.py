@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 from conftest import as_torchrun_starts, free_port
@@ -443,6 +444,7 @@ def test_config_and_citation():
         "scale": 3.0,
         "similarity_fct": "dot_score",
         "gather_across_devices": False,
+        "length_buckets": 4,
     }
     assert "@inproceedings{lin2023prod" in loss.citation
     assert "2209.13335" in loss.citation
@@ -494,3 +496,38 @@ def test_student_is_scored_with_its_own_similarity(tiny_model_dir, similarity):
     if similarity == "cosine":  # the old behaviour (dot x 20 on unnormalised vectors) gives another loss
         wrong = prod_distill_loss(raw_dot, teacher, temperature=4.0, hard_weight=0.1, kd_weight=0.9, reg_weight=0.0)
         assert wrong["kd"].item() != pytest.approx(want["kd"].item(), rel=1e-3)
+
+
+def test_length_buckets_give_the_merged_forward_embeddings_and_gradients(tiny_model_dir):
+    """Candidates run in length-sorted groups, each trimmed to its own longest row: the embeddings and the
+    gradients of one merged pass padded to the longest document (sentence-transformers' embed_columns), with
+    fewer padded tokens through the model."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+
+    from prod_st.training.losses import length_buckets
+
+    model = SentenceTransformer(tiny_model_dir, device="cpu").eval()  # no dropout: the two paths are comparable
+    rng = np.random.default_rng(0)
+    words = lambda n: " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "tree"], n))
+    columns = [[words(3) for _ in range(8)]] + [[words(int(rng.integers(2, 50))) for _ in range(8)] for _ in range(16)]
+    widths = []
+    model[0].register_forward_pre_hook(lambda module, args: widths.append(tuple(args[0]["input_ids"].shape)))
+
+    def run(embed):
+        model.zero_grad()
+        features = [model.preprocess(texts) for texts in columns]
+        embeddings = embed(model, features)
+        torch.stack(embeddings).pow(2).sum(dim=-1).sqrt().sum().backward()  # a loss of every row
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        return torch.stack(embeddings).detach(), grads
+
+    merged, merged_grads = run(embed_columns)
+    merged_widths, widths[:] = list(widths), []
+    bucketed, bucketed_grads = run(lambda m, f: length_buckets.embed_columns_by_length(m, f, buckets=4))
+    assert bucketed.shape == merged.shape == (17, 8, 32)
+    torch.testing.assert_close(bucketed, merged, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bucketed_grads, merged_grads, atol=1e-4, rtol=1e-3)
+    assert len(merged_widths) == 2 and len(widths) == 5  # queries + one merged pass; queries + 4 groups
+    assert [w[0] for w in widths[1:]] == [32] * 4 and widths[1][1] == merged_widths[1][1]
+    assert sum(r * c for r, c in widths[1:]) < 0.8 * merged_widths[1][0] * merged_widths[1][1]  # less padding

@@ -15,14 +15,8 @@ from prod_st.retrieval.encoding import similarity_fct as own_similarity
 from prod_st.util.citation import PROD_BIBTEX
 
 from .contrastive import score_scale
+from .length_buckets import embed_columns_by_length
 from .prod_distill import prod_distill_loss
-
-try:  # sentence-transformers >= 6: one merged forward for the candidate columns
-    from sentence_transformers.base.losses.merged_forward import embed_columns
-except ImportError:  # pragma: no cover - older releases
-
-    def embed_columns(model: nn.Module, features_list: Iterable[dict[str, Any]]) -> list[Tensor]:
-        return [model(features)["sentence_embedding"] for features in features_list]
 
 
 __all__ = ["PRODLoss"]
@@ -46,6 +40,7 @@ class PRODLoss(nn.Module):
         previous_model: nn.Module | None = None,
         teacher: nn.Module | None = None,
         gather_across_devices: bool = False,
+        length_buckets: int = 4,
     ) -> None:
         """PROD loss (Lin et al., WWW 2023): ``hard_weight * L_hard + kd_weight * L_KD + reg_weight * L_reg``.
 
@@ -80,6 +75,9 @@ class PRODLoss(nn.Module):
             gather_across_devices: in ``"in_batch"`` mode, make every passage of the global (all-rank) batch
                 a candidate; needs the same batch size and column count on every rank. A no-op when
                 torch.distributed is not initialised.
+            length_buckets: the candidate columns run in up to this many forward passes of similar-length
+                documents, each padded to its own longest (``prod_st.training.losses.length_buckets``); 1 = one
+                merged pass padded to the longest document, as sentence-transformers' ``embed_columns``.
 
         Inputs:
             +---------------------------------------------+----------------+------------------------------------+
@@ -110,6 +108,7 @@ class PRODLoss(nn.Module):
         self.similarity_fct = similarity_fct
         self.scale = scale
         self.gather_across_devices = gather_across_devices
+        self.length_buckets = length_buckets
         # Registered as submodules so the trainer moves them to the model's device; frozen so that
         # the trainer's optimizer (which collects the loss's trainable parameters) never updates them.
         self.previous_model = previous_model.requires_grad_(False) if previous_model is not None else None
@@ -136,7 +135,7 @@ class PRODLoss(nn.Module):
         features = list(sentence_features)
         # Models write their outputs into the feature dicts: give the frozen models clean copies.
         pristine = [dict(column) for column in features]
-        embeddings = embed_columns(self.model, features)
+        embeddings = embed_columns_by_length(self.model, features, self.length_buckets)
         previous_embeddings = None
         precomputed = self.candidate_mode == "list" and labels is not None and labels.ndim == 3
         if self.previous_model is not None and self.reg_weight > 0 and not precomputed:
@@ -145,11 +144,10 @@ class PRODLoss(nn.Module):
             labels = torch.stack(self._embed_frozen(self.teacher, pristine), dim=1)
         return self.compute_loss_from_embeddings(embeddings, labels, previous_embeddings)
 
-    @staticmethod
-    def _embed_frozen(model: nn.Module, features: list[dict[str, Tensor]]) -> list[Tensor]:
+    def _embed_frozen(self, model: nn.Module, features: list[dict[str, Tensor]]) -> list[Tensor]:
         model.eval()
         with torch.no_grad():
-            return embed_columns(model, [dict(column) for column in features])
+            return embed_columns_by_length(model, [dict(column) for column in features], self.length_buckets)
 
     def compute_loss_from_embeddings(
         self,
@@ -268,6 +266,7 @@ class PRODLoss(nn.Module):
             "scale": self.scale,
             "similarity_fct": similarity_fct_name(self.similarity_fct),
             "gather_across_devices": self.gather_across_devices,
+            "length_buckets": self.length_buckets,
         }
 
     @property
