@@ -5,6 +5,16 @@ tokens, queries ~9), built from BertConfigs with the packaged all-MiniLM-L6-v2's
 
     python bench/gpu_throughput.py --size full --out bench/out/gpu_throughput.json    # on a GPU (a few minutes)
     python bench/gpu_throughput.py --size small --device cpu --threads 1 --out /tmp/tp.json  # tiny, CPU, ~10 s
+    python bench/gpu_throughput.py --size host --device cpu --profile 15 --out /tmp/host.json  # CPU, ~40 s
+
+host mode: the full texts, batch sizes and counts of full mode through one-layer 32-wide models, so that the rates
+are (nearly) what the host allows: tokenising, collating, dispatching; a GPU cannot go faster than its host feeds
+it. --profile N records each measurement's N functions with the most own time on the main thread (cProfile);
+batch_wait_ms is, per training step, the main thread's wait for its next batch (tokenising and collating unless
+dataloader workers did it ahead): time in which a GPU has nothing to do. --host-workers N takes prod-st's GPU
+paths on any device (inference by prod_st.util.batched_inference.run_batches, training with N dataloader workers);
+--length-buckets N sets PRODLoss.length_buckets (1: one merged pass padded to the longest candidate, as before
+issue 19); --only KEY runs the measurements whose key contains KEY; --steps N overrides the timed steps.
 
 What each rate runs (the functions a run calls, with the recipe's lengths and batch sizes):
 - encode_{fp32,bf16,tf32}_docs_per_s: `corpus_embeddings` (init, every dev evaluation, mining), eval batch 512,
@@ -363,10 +373,11 @@ def projection(rates: dict, recipe) -> dict:
 
     ce12, ce24, de, warmup, dpd = stages["ce12"], stages["ce24"], stages["de"], stages["warmup"], recipe.dpd
     out = {}
+    evaluation = "encode_tf32_docs_per_s" if rates.get("encode_tf32_docs_per_s") else "encode_fp32_docs_per_s"
     for p in ("fp32", "bf16"):
         work = [  # (what, count, rate key): seconds = count / rate
-            ("encode: 6 student corpus encodings + the de teacher's, fp32 (12 layers: 2 x the student's work)",
-             (6 + 2) * D, "encode_fp32_docs_per_s"),
+            ("encode: 6 student corpus encodings + the de teacher's, fp32 (TF32 on a GPU: training.tf32; 12 layers: "
+             "2 x the student's work)", (6 + 2) * D, evaluation),
             ("teacher: de embeddings of stage 1's distinct passages (2 x the student's work)", 2 * pairs(de),
              f"encode_{p}_docs_per_s"),
             ("teacher: ce12 scores of stage 2's distinct pairs", pairs(ce12), f"ce12_{p}_pairs_per_s"),

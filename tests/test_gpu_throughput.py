@@ -54,3 +54,18 @@ def test_small_mode_writes_every_rate(tmp_path):
         6 * params * batch * (tokens["query"] + 16 * tokens["doc"]), rel=0.01)
     for projection in result["projection"].values():  # every line of the schedule got a rate
         assert projection["total_gpu_hours"] > 0 and None not in projection["gpu_hours"].values()
+    assert set(result["batch_wait_ms"]) == {key[:-len("_steps_per_s")] for key in EXPECTED if key.startswith("train")}
+
+
+def test_gpu_paths_profile_and_filter(tmp_path):
+    """--host-workers takes prod-st's GPU paths on the CPU (run_batches, dataloader workers), --only picks
+    measurements, --profile records each one's busiest functions."""
+    out = tmp_path / "throughput.json"
+    result = gpu_throughput.main(["--size", "small", "--device", "cpu", "--threads", "1", "--out", str(out),
+                                  "--workdir", str(tmp_path / "work"), "--only", "fp32", "--host-workers", "1",
+                                  "--length-buckets", "1", "--steps", "2", "--profile", "5"])
+    assert result["errors"] == {} and result["meta"]["host_workers"] == 1
+    assert set(result["rates"]) == {key for key in EXPECTED if "fp32" in key}
+    assert set(result["profile"]) == {"build_student"} | {key[:-len("_per_s")].rsplit("_", 1)[0] for key in
+                                                          result["rates"]}
+    assert all(len(rows) == 5 and rows[0].count("|") == 3 for rows in result["profile"].values())
