@@ -26,12 +26,16 @@ def prompted(tiny_model_dir):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_run_batches_encodes_as_sentence_transformers(prompted, workers, monkeypatch):
     monkeypatch.setattr(bi, "PREFETCH", 2)  # fewer than the batches: the queue fills and drains
+    monkeypatch.setattr(bi, "BATCHES_PER_WORKER", 1)  # 4 batches: 2 worker processes, not a thread
+    forked, loader = [], bi.DataLoader
+    monkeypatch.setattr(bi, "DataLoader", lambda *a, **k: forked.append(k["num_workers"]) or loader(*a, **k))
     for role in ("query", "document"):
         want = encode_texts(prompted, TEXTS, role, batch_size=3)  # sentence-transformers' encode_query / _document
         got = bi.run_batches(prompted, TEXTS, 3, output="sentence_embedding", workers=workers, normalize=True,
                              prompt=role_prompt(prompted, role), task=role)
         assert got.dtype == torch.float32 and got.shape == want.shape == (len(TEXTS), 32)
         np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    assert forked == ([workers] * 2 if workers else [])
     no_prompt = bi.run_batches(prompted, TEXTS, 3, output="sentence_embedding", workers=workers, normalize=True)
     assert not np.allclose(no_prompt.numpy(), want, atol=1e-3)  # the prompt reached the tokenizer
 
@@ -46,8 +50,10 @@ def test_role_prompts_are_sentence_transformers(prompted):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_run_batches_scores_pairs_as_cross_encoder_predict(tiny_model_dir, workers):
+def test_run_batches_scores_pairs_as_cross_encoder_predict(tiny_model_dir, workers, monkeypatch):
     from prod_st.teachers.cross_encoder import load_cross_encoder
+
+    monkeypatch.setattr(bi, "BATCHES_PER_WORKER", 1)
 
     torch.manual_seed(0)
     ce = load_cross_encoder(tiny_model_dir, num_labels=1)
@@ -56,6 +62,12 @@ def test_run_batches_scores_pairs_as_cross_encoder_predict(tiny_model_dir, worke
     got = bi.run_batches(ce, pairs, 4, output="scores", workers=workers, length=lambda p: len(p[0]) + len(p[1]))
     np.testing.assert_allclose(got.reshape(-1).numpy(), want, atol=1e-5)
     assert len(set(np.round(want, 4))) > 1
+
+
+def test_few_batches_take_a_thread_not_processes(prompted, monkeypatch):
+    """A fork per call costs more than a few batches' tokenising: BATCHES_PER_WORKER batches per worker process."""
+    monkeypatch.setattr(bi, "DataLoader", lambda *a, **k: pytest.fail("forked for 4 batches"))
+    assert bi.run_batches(prompted, TEXTS, 3, output="sentence_embedding", workers=4).shape == (len(TEXTS), 32)
 
 
 def test_host_workers_only_with_a_gpu(monkeypatch):

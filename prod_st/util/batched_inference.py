@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 PREFETCH = 4  # batches tokenised ahead of the GPU (per worker process, or by the thread)
+BATCHES_PER_WORKER = 8  # a worker process (a fork of this one) only for this many batches or more: a thread else
 MAX_AUTO_WORKERS = 4  # enough to tokenise a training batch of 64 x 17 texts while the GPU trains on the last one
 
 
@@ -64,17 +65,19 @@ def _threaded(batches: list[np.ndarray], prepare: _Prepare) -> Iterator[tuple[np
 def prepared_batches(model: torch.nn.Module, inputs: Sequence, batch_size: int, *, length: Callable[[object], int],
                      workers: int, **kwargs) -> Iterator[tuple[np.ndarray, dict]]:
     """(input indices, features on the host) per batch of `batch_size` inputs, longest first, prepared ahead by
-    `workers` processes (0: one thread). `kwargs` go to `model.preprocess` (a prompt, a task)."""
+    up to `workers` processes, one per BATCHES_PER_WORKER batches (none: one thread). `kwargs` go to
+    `model.preprocess` (a prompt, a task)."""
     order = np.argsort([-length(x) for x in inputs], kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     pin = torch.cuda.is_available()
+    workers = min(workers, len(batches) // BATCHES_PER_WORKER)
     if workers <= 0:
         yield from _threaded(batches, _Prepare(model, inputs, kwargs, pin=pin))
         return
     # forked workers must not touch CUDA: the DataLoader pins their batches in this process
     context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
     yield from DataLoader(batches, batch_size=None, collate_fn=_Prepare(model, inputs, kwargs, pin=False),
-                          num_workers=min(workers, len(batches)), prefetch_factor=PREFETCH, pin_memory=pin,
+                          num_workers=workers, prefetch_factor=PREFETCH, pin_memory=pin,
                           multiprocessing_context=context)
 
 
