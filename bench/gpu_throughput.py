@@ -12,14 +12,16 @@ are (nearly) what the host allows: tokenising, collating, dispatching; a GPU can
 it. --profile N records each measurement's N functions with the most own time on the main thread (cProfile);
 batch_wait_ms is, per training step, the main thread's wait for its next batch (tokenising and collating unless
 dataloader workers did it ahead): time in which a GPU has nothing to do. --host-workers N takes prod-st's GPU
-paths on any device (inference by prod_st.util.batched_inference.run_batches, training with N dataloader workers);
+paths on any device (inference by prod_st.util.batched_inference.run_batches, training with N dataloader workers;
+`off`: the paths before issue 19, sentence-transformers' own loops, also on a GPU);
 --length-buckets N sets PRODLoss.length_buckets (1: one merged pass padded to the longest candidate, as before
 issue 19); --only KEY runs the measurements whose key contains KEY; --steps N overrides the timed steps.
 
 What each rate runs (the functions a run calls, with the recipe's lengths and batch sizes):
 - encode_{fp32,bf16,tf32}_docs_per_s: `corpus_embeddings` (init, every dev evaluation, mining), eval batch 512,
   float16 blocks; bf16 under `precision_context` (how a bi-encoder teacher encodes); tf32 (CUDA only) with
-  torch.set_float32_matmul_precision("high"), which prod-st does NOT set: what fp32 evaluation would gain.
+  torch.set_float32_matmul_precision("high"): what a run's fp32 evaluation gets from `training.tf32` (default on;
+  the bench's other fp32 rows run with TF32 off, torch's default).
 - ce{12,24}_{bf16,fp32}_pairs_per_s: `CrossEncoderTeacher.score` (cold cache, 16 candidates per query).
 - train_{list_x8,list,inbatch}_{bf16,fp32}_steps_per_s: `train_stage` (the runner's call, through
   `train_student` and its SentenceTransformerTrainer) with `PRODLoss.for_stage` of the ce12 / de stage on
@@ -75,7 +77,7 @@ SIZES = {"full": {"docs": 30_000, "warm_docs": 2048, "ce12_bf16": 16_000, "ce12_
          "small": {"docs": 48, "warm_docs": 8, "ce12_bf16": 32, "ce12_fp32": 32, "ce24_bf16": 32, "ce24_fp32": 32,
                    "warm_steps": 1, "steps": 2, "big_steps": 2,
                    "doc_len": (16, 4, 8, 24), "query_len": (6, 2, 3, 10),
-                   "batches": {"list_x8": 8, "list": 2, "inbatch": 4}},
+                   "batches": {"list_x8": 8, "list": 2, "inbatch": 4}, "eval_batch": 8},
          # full texts and batches through tiny models: the rates a host (tokenising, collating, dispatching) allows
          "host": {"docs": 8192, "warm_docs": 1024, "ce12_bf16": 4096, "ce12_fp32": 4096, "ce24_bf16": 2048,
                   "ce24_fp32": 2048, "warm_steps": 2, "steps": 12, "big_steps": 6,
@@ -231,7 +233,8 @@ class Bench:
         docs = self.texts.make(self.sizes["docs"], self.doc_len)  # fresh texts: never in the corpus cache
         corpus = datasets.Dataset.from_dict({"_id": [str(i) for i in range(len(docs))], "title": [""] * len(docs),
                                              "text": docs})
-        batch, dtype = self.recipe.eval.batch_size, self.recipe.eval.corpus_dtype
+        batch = self.sizes.get("eval_batch", self.recipe.eval.batch_size)  # small: several batches, as in full
+        dtype = self.recipe.eval.corpus_dtype
         before = torch.get_float32_matmul_precision()
         with precision_context("bf16" if precision == "bf16" else "fp32", self.device):
             try:
@@ -404,9 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length-buckets", type=int, default=None, metavar="N",
                         help="PRODLoss.length_buckets for the training steps (1: one merged pass, as before)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: the size's)")
-    parser.add_argument("--host-workers", type=int, default=None, metavar="N",
+    parser.add_argument("--host-workers", type=lambda v: v if v == "off" else int(v), default=None, metavar="N",
                         help="take prod-st's GPU paths on any device: inference by run_batches and training with N "
-                             "prepare-ahead worker processes (0: one thread; default: what prod-st picks here)")
+                             "prepare-ahead worker processes (0: one thread; default: what prod-st picks here; off: "
+                             "sentence-transformers' own loops and no dataloader workers, as before issue 19)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense FLOP/s limit (H200: ~790)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_throughput.json"))
@@ -426,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             from prod_st.training import student_training
 
             for module in (encoding, cross_encoder, student_training):
-                stack.enter_context(mock.patch.object(module, "host_workers", lambda: args.host_workers))
+                workers = None if args.host_workers == "off" else args.host_workers
+                stack.enter_context(mock.patch.object(module, "host_workers", lambda workers=workers: workers))
         try:
             with Timer() as t:
                 out = Bench(args, work).run()

@@ -57,15 +57,34 @@ def test_small_mode_writes_every_rate(tmp_path):
     assert set(result["batch_wait_ms"]) == {key[:-len("_steps_per_s")] for key in EXPECTED if key.startswith("train")}
 
 
-def test_gpu_paths_profile_and_filter(tmp_path):
+def spy_run_batches(monkeypatch) -> list:
+    from prod_st.retrieval import encoding
+
+    calls, run = [], encoding.run_batches
+    monkeypatch.setattr(encoding, "run_batches", lambda *a, **k: calls.append(k["workers"]) or run(*a, **k))
+    return calls
+
+
+def test_gpu_paths_profile_and_filter(tmp_path, monkeypatch):
     """--host-workers takes prod-st's GPU paths on the CPU (run_batches, dataloader workers), --only picks
     measurements, --profile records each one's busiest functions."""
-    out = tmp_path / "throughput.json"
+    out, calls = tmp_path / "throughput.json", spy_run_batches(monkeypatch)
     result = gpu_throughput.main(["--size", "small", "--device", "cpu", "--threads", "1", "--out", str(out),
                                   "--workdir", str(tmp_path / "work"), "--only", "fp32", "--host-workers", "1",
                                   "--length-buckets", "1", "--steps", "2", "--profile", "5"])
     assert result["errors"] == {} and result["meta"]["host_workers"] == 1
+    assert calls and set(calls) == {1}  # the corpus encoding went through run_batches
     assert set(result["rates"]) == {key for key in EXPECTED if "fp32" in key}
     assert set(result["profile"]) == {"build_student"} | {key[:-len("_per_s")].rsplit("_", 1)[0] for key in
                                                           result["rates"]}
     assert all(len(rows) == 5 and rows[0].count("|") == 3 for rows in result["profile"].values())
+
+
+def test_host_workers_off_takes_sentence_transformers_loops(tmp_path, monkeypatch):
+    """--host-workers off: the paths before issue 19 (no run_batches), so that one GPU run measures both."""
+    calls = spy_run_batches(monkeypatch)
+    result = gpu_throughput.main(["--size", "small", "--device", "cpu", "--threads", "1", "--out",
+                                  str(tmp_path / "tp.json"), "--workdir", str(tmp_path / "work"), "--only",
+                                  "encode_fp32", "--host-workers", "off"])
+    assert result["errors"] == {} and result["meta"]["host_workers"] == "off"
+    assert set(result["rates"]) == {"encode_fp32_docs_per_s"} and calls == []
