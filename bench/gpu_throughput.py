@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
             from prod_st.teachers import cross_encoder
             from prod_st.training import student_training
 
+            workers = None if args.host_workers == "off" else args.host_workers
             for module in (encoding, cross_encoder, student_training):
-                workers = None if args.host_workers == "off" else args.host_workers
                 stack.enter_context(mock.patch.object(module, "host_workers", lambda workers=workers: workers))
         try:
             with Timer() as t:
